@@ -1,0 +1,164 @@
+"""Text for calibration and perplexity: named sources defined in calib/*.yaml, or a user's file:PATH.
+
+Every source has two parts that never overlap: `calib` (calibration, and LoRA recovery's training text)
+and `eval` (held-out perplexity). A user's file is used whole for whichever part it is given to.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import yaml
+
+from .errors import LLMPruneError
+from .models import hub_reachable
+from .resources import bundled_dir
+
+PARTS = ("calib", "eval")
+
+
+def source_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in bundled_dir("llmprune.calib").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def source_definition(name: str) -> dict:
+    definition = bundled_dir("llmprune.calib") / f"{name}.yaml"
+    if not definition.is_file():
+        raise LLMPruneError(
+            f"unknown text source '{name}': choose one of {', '.join(source_names())}, or file:PATH (.txt or .jsonl)"
+        )
+    return yaml.safe_load(definition.read_text())
+
+
+def check_source(source: str) -> None:
+    """Fail before the model loads on a source that cannot be read: a missing file, an unknown name,
+    a Hub dataset while the Hub is out of reach."""
+    if source.startswith("file:"):
+        path = Path(source.removeprefix("file:")).expanduser()
+        if not path.is_file():
+            raise LLMPruneError(f"no such text file: {path}")
+    elif source_definition(source)["kind"] == "hub_dataset" and not hub_reachable():
+        raise LLMPruneError(_offline_message(source_definition(source)))
+
+
+def _offline_message(definition: dict) -> str:
+    offline = ", ".join(s for s in source_names() if source_definition(s)["kind"] != "hub_dataset")
+    return (f"cannot reach the Hugging Face Hub to download '{definition['name']}' ({definition['path']}). "
+            f"Offline, use {offline} or file:PATH")
+
+
+def load_text(source: str, part: str) -> str:
+    """The text of one part of a source, as one string."""
+    assert part in PARTS
+    if source.startswith("file:"):
+        return _read_user_file(Path(source.removeprefix("file:")).expanduser())
+    definition = source_definition(source)
+    if definition["kind"] == "wikipedia_dump":
+        calib, held_out = _wikipedia_parts(source)
+        return calib if part == "calib" else held_out
+    return _hub_dataset_text(definition, part)
+
+
+def _read_user_file(path: Path) -> str:
+    if not path.is_file():
+        raise LLMPruneError(f"no such text file: {path}")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if "text" not in record:
+                    raise LLMPruneError(f"{path}:{number}: a .jsonl line needs a 'text' field")
+                texts.append(record["text"])
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=2)
+def _wikipedia_parts(source: str) -> tuple[str, str]:
+    definition = source_definition(source)
+    found = importlib.util.find_spec(definition["package"])
+    if found is None or found.origin is None:
+        raise LLMPruneError(f"the '{source}' text ships inside {definition['package']}: {definition['install']}")
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    dump = Path(found.origin).parent / definition["file"]
+    clean, split = definition["clean"], definition["split"]
+    parts: dict[bool, list[str]] = {False: [], True: []}
+    with bz2.open(dump) as stream:
+        for title, markup, _ in extract_pages(stream):
+            article = _article_prose(filter_wiki(markup), clean["min_line_words"])
+            if len(article) >= clean["min_article_chars"]:
+                held_out = int(hashlib.sha256(title.encode()).hexdigest(), 16) % 100 < split["eval_percent"]
+                parts[held_out].append(article)
+    return definition["join"].join(parts[False]), definition["join"].join(parts[True])
+
+
+_HEADING = re.compile(r"^=+\s*(.*?)\s*=+$")
+
+
+def _article_prose(text: str, min_line_words: int) -> str:
+    """Keep headings and lines of prose; drop what filter_wiki leaves of tables, lists and infoboxes."""
+    kept = []
+    for line in text.replace("'''", "").replace("''", "").splitlines():
+        line = line.strip()
+        heading = _HEADING.match(line)
+        if heading:
+            kept.append(heading.group(1))
+        elif len(line.split()) >= min_line_words and not line.startswith(("|", "!", "{", "}", "*", "#", ":", ";")):
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def _hub_dataset_text(definition: dict, part: str) -> str:
+    import datasets
+
+    split = definition[f"{part}_split"]
+    if not hub_reachable():
+        raise LLMPruneError(_offline_message(definition))
+    kwargs = {"split": split}
+    if "data_files" in definition:
+        kwargs["data_files"] = {split: definition["data_files"][split]}
+    dataset = datasets.load_dataset(definition["path"], definition.get("config"), **kwargs)
+    limit = definition.get(f"{part}_max_docs")
+    if limit:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return definition["join"].join(dataset[definition["field"]])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """All tokens of a text as one 1-D tensor (no special tokens: windows are cut from the middle anyway)."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens, drawn with a local generator (no global seeding)."""
+    if nsamples < 1 or seqlen < 1:
+        raise LLMPruneError("--nsamples and --seqlen must be at least 1")
+    if nsamples * seqlen > tokens.numel():
+        raise LLMPruneError(
+            f"{nsamples} x {seqlen} calibration tokens asked, but the calibration text holds {tokens.numel()}: "
+            f"lower --nsamples or --seqlen, or use a larger --calib source"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int = 0) -> torch.Tensor:
+    """Non-overlapping windows over the joined text (the papers' protocol); 0 means all of them."""
+    count = tokens.numel() // seqlen
+    if count == 0:
+        raise LLMPruneError(f"the evaluation text holds {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows:
+        count = min(count, max_windows)
+    return tokens[: count * seqlen].view(count, seqlen)

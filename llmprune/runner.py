@@ -1,0 +1,327 @@
+"""The layer-by-layer runner: the whole data flow of a prune, in the order it happens.
+
+    capture the inputs of layer 0, and the keyword arguments the model gives each layer
+    for each decoder layer:
+        move it to the device
+        pass 1: stream the calibration batches through it, hooks accumulating input statistics
+        prune its linears from those statistics (one solve per group of linears sharing an input)
+        pass 2: stream the batches through the pruned layer: its outputs are the next layer's inputs
+        move it back
+
+Only the current layer is on the device; the rest of the model stays where it was loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import PruneConfig
+from .errors import LLMPruneError
+from .masks import pruned_count
+from .methods import Method, get_method
+from .models import decoder_layers, linears, set_weight_matrix, weight_matrix
+from .owl import outlier_ratio, owl_sparsities
+from .statistics import InputStatistic
+
+
+class _StopForward(Exception):
+    """Raised from a hook once everything needed from a forward pass has been seen."""
+
+
+@dataclass
+class LayerCalls:
+    """What the model passes its decoder layers, batch by batch: layer 0's hidden states, and for every
+    layer its own positional and keyword arguments (sliding-window models give layers different masks)."""
+
+    hidden: torch.Tensor  # (nsamples, seqlen, hidden) on the device; overwritten layer by layer
+    batches: list[slice]
+    args: list[list[tuple]]  # [batch][layer] -> positional args after hidden_states
+    kwargs: list[list[dict]]  # [batch][layer] -> keyword args
+
+
+@dataclass
+class PruneReport:
+    """What a prune did: per-linear results, per-layer targets and wall time per phase."""
+
+    method: str
+    sparsity: float
+    pattern: str
+    allocation: str
+    layers: list[dict] = field(default_factory=list)
+    layer_sparsity: list[float] = field(default_factory=list)
+    seconds: dict = field(default_factory=lambda: defaultdict(float))
+
+    @property
+    def achieved_sparsity(self) -> float:
+        zeros = sum(layer["zeros"] for layer in self.layers)
+        return zeros / max(1, sum(layer["numel"] for layer in self.layers))
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "sparsity": self.sparsity, "pattern": self.pattern,
+            "allocation": self.allocation, "achieved_sparsity": self.achieved_sparsity,
+            "layer_sparsity": self.layer_sparsity,
+            "layers": [{k: v for k, v in layer.items() if k not in ("zeros", "numel")} for layer in self.layers],
+            "seconds": dict(self.seconds),
+        }
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LLMPruneError(f"--device '{device}' is not a device: use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LLMPruneError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise LLMPruneError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return resolved
+
+
+@torch.inference_mode()
+def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfig, progress: bool = True) -> PruneReport:
+    """Prune `model` in place, layer by layer. `calibration` is (nsamples, seqlen) token ids; the
+    magnitude method with uniform allocation needs none."""
+    method = get_method(config.method)
+    device = resolve_device(config.device)
+    prefix, layers = decoder_layers(model)
+    targets = [prunable_linears(layer, f"{prefix}.{i}", config) for i, layer in enumerate(layers)]
+    check_prunable(targets, config)
+    report = PruneReport(method.name, config.sparsity, config.pattern, config.allocation)
+    if method.statistic is None and config.allocation == "uniform":
+        calls = None  # no data flows: every layer is pruned from its weights alone
+    else:
+        if calibration is None:
+            raise LLMPruneError(f"method '{method.name}' needs calibration data")
+        start = time.perf_counter()
+        calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress)
+        report.seconds["capture"] += _elapsed(start, device)
+    report.layer_sparsity = allocate_sparsity(layers, targets, calls, config, device, report, progress)
+
+    bar = tqdm(total=len(layers), desc="pruning", unit="layer", disable=not progress)
+    for i, layer in enumerate(layers):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        statistics = {}
+        if calls is not None and method.statistic is not None:
+            bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: statistics")
+            start = time.perf_counter()
+            statistics = collect_statistics(layer, i, calls, targets[i], method.statistic)
+            report.seconds["statistics"] += _elapsed(start, device)
+        start = time.perf_counter()
+        for group in share_groups(targets[i], statistics):
+            bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: {'+'.join(n.rsplit('.', 1)[-1] for n in group)}")
+            prune_group(group, targets[i], statistics.get(group[0]), method, report.layer_sparsity[i], config, report)
+        report.seconds["solve"] += _elapsed(start, device)
+        if statistics and i + 1 < len(layers):
+            bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: propagate")
+            start = time.perf_counter()
+            propagate(layer, i, calls)
+            report.seconds["propagate"] += _elapsed(start, device)
+        layer.to(home)
+        bar.update()
+    bar.close()
+    return report
+
+
+def prunable_linears(layer: nn.Module, prefix: str, config: PruneConfig) -> dict[str, nn.Module]:
+    """The layer's linears by full name, minus those --skip keeps dense."""
+    skip = re.compile(config.skip) if config.skip else None
+    found = {f"{prefix}.{name}": module for name, module in linears(layer).items()}
+    return {name: m for name, m in found.items() if not (skip and skip.search(name))}
+
+
+def check_prunable(targets: list[dict[str, nn.Module]], config: PruneConfig) -> None:
+    """Fail before any work on what cannot be pruned as asked."""
+    if not any(targets):
+        raise LLMPruneError("no linear layer is left to prune (check --skip)")
+    for layer in targets:
+        for name, module in layer.items():
+            weight = weight_matrix(module)
+            if config.nm and weight.shape[1] % config.nm[1]:
+                raise LLMPruneError(
+                    f"{name} has {weight.shape[1]} inputs, not divisible by M={config.nm[1]} of --pattern "
+                    f"{config.pattern}: choose another pattern or --skip this module"
+                )
+            if not torch.isfinite(weight).all():
+                raise LLMPruneError(f"{name} has NaN or Inf weights: the model file is damaged")
+
+
+def capture_layer_calls(model, layers, calibration, batch_size, device, progress) -> LayerCalls:
+    """Run the model's own forward with every decoder layer replaced by a recorder, so that only the
+    embeddings run: layer 0's inputs and each layer's own arguments are kept, and the last layer stops it."""
+    batches = [slice(s, min(s + batch_size, len(calibration))) for s in range(0, len(calibration), batch_size)]
+    hidden, all_args, all_kwargs = [], [], []
+    moved: dict[int, object] = {}  # tensors shared between layers are moved to the device once
+
+    def recorder(index):
+        def forward(hidden_states, *args, **kwargs):
+            if index == 0:
+                hidden.append(hidden_states.to(device))
+            all_args[-1].append(_to_device(args, device, moved))
+            all_kwargs[-1].append(_to_device(kwargs, device, moved))
+            if index == len(layers) - 1:
+                raise _StopForward
+            return hidden_states
+
+        return forward
+
+    model_device = next(model.parameters()).device
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        for batch in tqdm(batches, desc="capturing layer inputs", unit="batch", disable=not progress):
+            all_args.append([])
+            all_kwargs.append([])
+            try:
+                model(input_ids=calibration[batch].to(model_device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+    return LayerCalls(torch.cat(hidden), batches, all_args, all_kwargs)
+
+
+def _to_device(value, device, moved):
+    if isinstance(value, torch.Tensor):
+        if id(value) not in moved:
+            moved[id(value)] = (value, value.to(device))  # keep the source alive so its id stays unique
+        return moved[id(value)][1]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device, moved) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device, moved) for k, v in value.items()}
+    return value
+
+
+def _run(layer, index, calls, batch):
+    out = layer(calls.hidden[calls.batches[batch]], *calls.args[batch][index], **calls.kwargs[batch][index])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def collect_statistics(layer, index, calls, targets, kind, write_outputs=False) -> dict[str, torch.Tensor]:
+    """Pass 1. Linears that read the very same input tensor (q/k/v, gate/up) share one statistic,
+    accumulated once. The forward stops as soon as the last linear has seen its input, unless the
+    outputs are wanted too (`write_outputs`: a dense layer's outputs are the next layer's inputs)."""
+    names = {module: name for name, module in targets.items()}
+    statistics: dict[str, InputStatistic] = {}
+    leader: dict[str, str] = {}  # linear -> the linear whose statistic it shares
+    previous: list = [None, None]  # (input tensor, name) of the linear called just before
+    order: list[str] = []
+
+    def hook(module, args):
+        name, x = names[module], args[0]
+        if name not in leader:
+            order.append(name)
+            leader[name] = leader[previous[1]] if x is previous[0] else name
+        if leader[name] == name:
+            statistics.setdefault(name, InputStatistic(kind, x.shape[-1], x.device)).add(x)
+        previous[:] = [x, name]
+        if stop_after and name == stop_after:
+            raise _StopForward
+
+    stop_after = None
+    handles = [module.register_forward_pre_hook(hook) for module in targets.values()]
+    try:
+        for batch in range(len(calls.batches)):
+            try:
+                out = _run(layer, index, calls, batch)
+                if write_outputs:
+                    calls.hidden[calls.batches[batch]] = out
+            except _StopForward:
+                pass
+            previous[:] = [None, None]
+            if not write_outputs:
+                stop_after = order[-1] if order else None  # learnt from the first, complete, batch
+    finally:
+        for handle in handles:
+            handle.remove()
+    finals = {name: stat.finalize() for name, stat in statistics.items()}
+    for name, value in finals.items():
+        if not torch.isfinite(value).all():
+            raise LLMPruneError(f"the calibration statistics of {name} hold NaN or Inf: the activations "
+                                f"overflow in this dtype; try --dtype float32")
+    return {name: finals[leader[name]] for name in leader}
+
+
+def share_groups(targets: dict[str, nn.Module], statistics: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Group linears that share one statistic object (and so one solve); each alone without statistics."""
+    groups: dict[int, list[str]] = {}
+    for name in targets:
+        key = id(statistics[name]) if name in statistics else id(name)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def prune_group(group, targets, statistic, method: Method, sparsity, config, report) -> None:
+    """Stack the group's weights (same input width), prune them in one call, verify, write back."""
+    modules = [targets[name] for name in group]
+    weights = [weight_matrix(m) for m in modules]
+    rows = [w.shape[0] for w in weights]
+    stacked = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float()
+    new_weight, keep = method.fn(stacked, statistic, sparsity, config, segments=rows)
+    for name, module, new, kept in zip(group, modules, new_weight.split(rows), keep.split(rows)):
+        verify_mask(name, new, kept, method, sparsity, config)
+        set_weight_matrix(module, new)
+        zeros = int((weight_matrix(module) == 0).sum())
+        report.layers.append({"name": name, "shape": list(new.shape), "sparsity": sparsity,
+                              "achieved_sparsity": zeros / new.numel(), "zeros": zeros, "numel": new.numel()})
+
+
+def verify_mask(name, weight, keep, method: Method, sparsity, config) -> None:
+    """Every pruned linear carries exactly the requested pattern; anything else is a bug, said loudly."""
+    rows, cols = keep.shape
+    if config.nm:
+        n, m = config.nm
+        exact = bool((keep.reshape(rows, cols // m, m).sum(-1) == n).all())
+    elif method.compares == "row":
+        exact = bool((keep.sum(1) == cols - pruned_count(cols, sparsity)).all())
+    else:
+        exact = int((~keep).sum()) == pruned_count(rows * cols, sparsity)
+    if not exact or bool((weight[~keep] != 0).any()):
+        raise LLMPruneError(f"internal error: {name} does not carry the requested {config.pattern} pattern "
+                            f"at sparsity {sparsity:g}; please report this")
+
+
+def propagate(layer, index, calls) -> None:
+    """Pass 2: each batch's output replaces its input in place; it is the next layer's input."""
+    for batch, rows in enumerate(calls.batches):
+        calls.hidden[rows] = _run(layer, index, calls, batch)
+
+
+def allocate_sparsity(layers, targets, calls, config, device, report, progress) -> list[float]:
+    """Per-layer sparsity: the same everywhere, or OWL's outlier-weighted allocation, which needs the
+    dense model's statistics of every layer: one extra pass, then layer 0's inputs are restored."""
+    if config.allocation == "uniform":
+        return [config.sparsity] * len(layers)
+    start = time.perf_counter()
+    layer0_inputs = calls.hidden.clone()
+    ratios, sizes = [], []
+    for i, layer in enumerate(tqdm(layers, desc="OWL: dense statistics", unit="layer", disable=not progress)):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        norms = collect_statistics(layer, i, calls, targets[i], "input_norms", write_outputs=True)
+        scores = torch.cat([(weight_matrix(m).float().abs() * norms[name]).flatten() for name, m in targets[i].items()])
+        ratios.append(outlier_ratio(scores, config.owl_m))
+        sizes.append(scores.numel())
+        layer.to(home)
+    calls.hidden.copy_(layer0_inputs)
+    report.seconds["allocation"] += _elapsed(start, device)
+    return owl_sparsities(ratios, sizes, config.sparsity, config.owl_lambda)
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+    return time.perf_counter() - start

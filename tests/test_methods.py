@@ -1,0 +1,108 @@
+"""The pruning methods and masks on hand-made and small random tensors, against independent computations."""
+
+import pytest
+import torch
+
+from llmprune.config import PruneConfig
+from llmprune.masks import nm_mask, row_mask
+from llmprune.methods import get_method
+from llmprune.methods.sparsegpt import inverse_hessian_factor
+
+
+def run(method, weight, statistic, **config):
+    cfg = PruneConfig(method=method, **config)
+    return get_method(method).fn(weight, statistic, cfg.sparsity, cfg)
+
+
+def test_wanda_and_magnitude_choose_differently():
+    weight = torch.tensor([[1.0, -2.0, 3.0, 4.0], [4.0, 3.0, -2.0, 1.0]])
+    norms = torch.tensor([10.0, 1.0, 1.0, 0.1])  # the first input is loud, the last one nearly silent
+    _, keep_magnitude = run("magnitude", weight, None, sparsity=0.5)
+    _, keep_wanda = run("wanda", weight, norms, sparsity=0.5)
+    # magnitude drops the smallest |W| of each row; wanda the smallest |W| * ||X||: [10, 2, 3, .4], [40, 3, 2, .1]
+    assert keep_magnitude.tolist() == [[False, False, True, True], [True, True, False, False]]
+    assert keep_wanda.tolist() == [[True, False, True, False], [True, True, False, False]]
+    new, _ = run("wanda", weight, norms, sparsity=0.5)
+    assert new.tolist() == [[1.0, 0.0, 3.0, 0.0], [4.0, 3.0, 0.0, 0.0]]
+
+
+def test_ties_break_by_position():
+    scores = torch.ones(2, 8)
+    assert row_mask(scores, 0.5).tolist() == [[False] * 4 + [True] * 4] * 2
+    assert nm_mask(scores, 2, 4).tolist() == [[False, False, True, True] * 2] * 2
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_masks_exact(n, m):
+    keep = nm_mask(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)), n, m)
+    assert (keep.view(32, -1, m).sum(-1) == n).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.7, 0.93])
+def test_row_mask_exact(sparsity):
+    scores = torch.randn(16, 100, generator=torch.Generator().manual_seed(1))
+    keep = row_mask(scores, sparsity)
+    pruned = round(100 * sparsity)
+    assert ((~keep).sum(1) == pruned).all()
+    # the pruned ones are exactly the lowest scores of their row
+    assert (scores[~keep].view(16, pruned).max(1).values <= scores[keep].view(16, -1).min(1).values).all()
+
+
+def layer_problem(rows=16, cols=24, tokens=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=g)
+    mixing = torch.randn(cols, cols, generator=g) / cols**0.5  # correlated inputs: where OBS updates pay off
+    x = torch.randn(tokens, cols, generator=g) @ (torch.eye(cols) + mixing)
+    return weight, x, 2 / tokens * x.t() @ x
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(pattern):
+    weight, x, hessian = layer_problem()
+    norms = x.norm(dim=0)
+    error = {}
+    for method, stat in [("magnitude", None), ("wanda", norms), ("sparsegpt", hessian)]:
+        new, keep = run(method, weight, stat, sparsity=None if pattern != "unstructured" else 0.5,
+                        pattern=pattern, blocksize=8)
+        assert (~keep).sum() == weight.numel() // 2  # the same mask budget for all three
+        assert (new[~keep] == 0).all()
+        error[method] = float(((x @ weight.t() - x @ new.t()) ** 2).sum())
+    assert error["sparsegpt"] < error["wanda"] and error["sparsegpt"] < error["magnitude"]
+
+
+def test_sparsegpt_single_column_matches_closed_form_obs_update():
+    """Pruning only w_0 of a 1-row problem: w' = w - (w_0 / [H^-1]_00) H^-1 e_0 (H damped as configured)."""
+    _, _, hessian = layer_problem(rows=1, cols=8, seed=3)
+    weight = torch.tensor([[0.01, 2.0, -1.5, 1.0, 3.0, -2.5, 1.2, 2.2]])  # w_0 is by far the cheapest to drop
+    new, keep = run("sparsegpt", weight, hessian, sparsity=1 / 8, blocksize=8, percdamp=0.01)
+    h = hessian.double()
+    h_inv = torch.linalg.inv(h + 0.01 * torch.diag(h).mean() * torch.eye(8, dtype=torch.float64))
+    expected = weight.double()[0] - weight[0, 0] / h_inv[0, 0] * h_inv[:, 0]
+    assert keep.tolist() == [[False] + [True] * 7]
+    assert new[0, 0] == 0
+    torch.testing.assert_close(new[0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sparsegpt_nothing_pruned_changes_nothing():
+    weight, _, hessian = layer_problem()
+    new, keep = run("sparsegpt", weight, hessian, sparsity=0.0)
+    assert keep.all() and torch.equal(new, weight)
+
+
+def test_sparsegpt_stacked_segments_prune_each_matrix_exactly():
+    """q/k/v stacked on one Hessian: each stacked matrix loses exactly its own share."""
+    weight, _, hessian = layer_problem(rows=20, cols=24)
+    cfg = PruneConfig(method="sparsegpt", sparsity=0.6, blocksize=8)
+    new, keep = get_method("sparsegpt").fn(weight, hessian, 0.6, cfg, segments=[12, 4, 4])
+    assert [int((~k).sum()) for k in keep.split([12, 4, 4])] == [round(12 * 24 * 0.6), round(4 * 24 * 0.6),
+                                                              round(4 * 24 * 0.6)]
+
+
+def test_inverse_hessian_factor_retries_with_more_damping():
+    singular = torch.zeros(4, 4)
+    singular[0, 0] = 1.0
+    singular[1, 1] = 1.0
+    singular[2, 3] = singular[3, 2] = 5.0  # diag 0 on 2, 3 is "dead"; the off-diagonal makes it indefinite
+    with pytest.warns(UserWarning, match="retrying"):
+        upper = inverse_hessian_factor(singular, percdamp=0.01)
+    assert torch.isfinite(upper).all() and torch.equal(upper, upper.triu())

@@ -1,0 +1,36 @@
+"""Tiny random decoders of several families, built from configs (no download), for exactness tests."""
+
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 128
+
+
+def tiny_model(family: str, layers: int = 3, hidden: int = 64, seed: int = 0, intermediate: int | None = None):
+    torch.manual_seed(seed)
+    intermediate = intermediate or 2 * hidden
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
+    elif family == "opt":
+        model = OPTForCausalLM(OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                                         num_attention_heads=4, vocab_size=VOCAB, word_embed_proj_dim=hidden,
+                                         max_position_embeddings=128))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=128,
+                                           bos_token_id=0, eos_token_id=0))
+    elif family == "gpt_neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                                 num_hidden_layers=layers, num_attention_heads=4, vocab_size=VOCAB))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+# The module each family applies after its last decoder layer (hidden_states[-1] is taken after it).
+FINAL_NORM = {"llama": "model.norm", "qwen2": "model.norm", "opt": "model.decoder.final_layer_norm",
+              "gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
