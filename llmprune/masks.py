@@ -1,7 +1,7 @@
 """Mask selection over score tensors. A mask is boolean, True where a weight is kept.
 
-Every selection prunes the lowest scores and breaks ties by position (stable sorts): dequantized
-weights tie often, and the same inputs must give the same mask.
+Every selection prunes the lowest scores and breaks ties by position: dequantized weights tie
+often, and the same inputs must give the same mask.
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ def pruned_count(total: int, sparsity: float) -> int:
 
 
 def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Keep-mask over the last dim of `scores`, pruning the `count` lowest entries of each row."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if count > 0:
-        order = torch.sort(scores, dim=-1, stable=True).indices
-        keep.scatter_(-1, order[..., :count], False)
-    return keep
+    """Keep-mask over the last dim of `scores`, pruning the `count` lowest entries of each row.
+
+    The same mask as a stable sort (ties pruned in order of position), in linear time: everything
+    below the count-th smallest value goes, then as many of the entries equal to it as are still needed.
+    """
+    if count <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = scores.kthvalue(count, dim=-1, keepdim=True).values
+    below = scores < threshold
+    at = scores == threshold
+    still_needed = count - below.sum(-1, keepdim=True)
+    return ~(below | (at & (at.cumsum(-1) <= still_needed)))
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .methods import get_method
 from .models import load_model, resolve_model
 from .output import atomic_directory, check_output
 from .perplexity import perplexity
-from .runner import resolve_device
+from .runner import check_model, resolve_device
 from .runner import prune as prune_layers
 
 
@@ -33,7 +33,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 
 def peak_rss_bytes() -> int:
+    """The process's high-water mark of resident memory."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux
+        return None
 
 
 def run(config: RunConfig, progress: bool = True, command: str | None = None) -> dict:
@@ -55,7 +64,8 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None) ->
     _say(progress, f"loading {config.model} ({dtype})")
     model, tokenizer, source = load_model(config.model, dtype, config.trust_remote_code)
     seconds["load"] = time.perf_counter() - clock
-    rss_loaded = peak_rss_bytes()
+    check_model(model, pc)
+    rss_loaded = current_rss_bytes()
 
     clock = time.perf_counter()
     calibration = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +28,9 @@ from .methods import Method, get_method
 from .models import decoder_layers, linears, set_weight_matrix, weight_matrix
 from .owl import outlier_ratio, owl_sparsities
 from .statistics import InputStatistic
+
+
+PHASES = ("capture", "allocation", "statistics", "solve", "propagate")
 
 
 class _StopForward(Exception):
@@ -56,7 +58,7 @@ class PruneReport:
     allocation: str
     layers: list[dict] = field(default_factory=list)
     layer_sparsity: list[float] = field(default_factory=list)
-    seconds: dict = field(default_factory=lambda: defaultdict(float))
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @property
     def achieved_sparsity(self) -> float:
@@ -94,9 +96,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
     magnitude method with uniform allocation needs none."""
     method = get_method(config.method)
     device = resolve_device(config.device)
-    prefix, layers = decoder_layers(model)
-    targets = [prunable_linears(layer, f"{prefix}.{i}", config) for i, layer in enumerate(layers)]
-    check_prunable(targets, config)
+    layers, targets = check_model(model, config)
     report = PruneReport(method.name, config.sparsity, config.pattern, config.allocation)
     if method.statistic is None and config.allocation == "uniform":
         calls = None  # no data flows: every layer is pruned from its weights alone
@@ -141,8 +141,10 @@ def prunable_linears(layer: nn.Module, prefix: str, config: PruneConfig) -> dict
     return {name: m for name, m in found.items() if not (skip and skip.search(name))}
 
 
-def check_prunable(targets: list[dict[str, nn.Module]], config: PruneConfig) -> None:
-    """Fail before any work on what cannot be pruned as asked."""
+def check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
+    """Find the decoder layers and the linears to prune; fail before any work on what cannot be pruned as asked."""
+    prefix, layers = decoder_layers(model)
+    targets = [prunable_linears(layer, f"{prefix}.{i}", config) for i, layer in enumerate(layers)]
     if not any(targets):
         raise LLMPruneError("no linear layer is left to prune (check --skip)")
     for layer in targets:
@@ -155,6 +157,7 @@ def check_prunable(targets: list[dict[str, nn.Module]], config: PruneConfig) -> 
                 )
             if not torch.isfinite(weight).all():
                 raise LLMPruneError(f"{name} has NaN or Inf weights: the model file is damaged")
+    return layers, targets
 
 
 def capture_layer_calls(model, layers, calibration, batch_size, device, progress) -> LayerCalls:

@@ -106,3 +106,15 @@ def test_inverse_hessian_factor_retries_with_more_damping():
     with pytest.warns(UserWarning, match="retrying"):
         upper = inverse_hessian_factor(singular, percdamp=0.01)
     assert torch.isfinite(upper).all() and torch.equal(upper, upper.triu())
+
+
+@pytest.mark.parametrize("levels", [3, 1000])
+def test_selection_equals_a_stable_sort(levels):
+    """The linear-time selection prunes exactly what a stable sort would: the lowest, ties by position."""
+    from llmprune.masks import _prune_lowest
+
+    scores = torch.randint(0, levels, (64, 96), generator=torch.Generator().manual_seed(2)).float()
+    for count in (1, 17, 48, 95):
+        expected = torch.ones_like(scores, dtype=torch.bool)
+        expected.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[:, :count], False)
+        assert torch.equal(_prune_lowest(scores, count), expected)

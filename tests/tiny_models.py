@@ -7,12 +7,13 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
 VOCAB = 128
 
 
-def tiny_model(family: str, layers: int = 3, hidden: int = 64, seed: int = 0, intermediate: int | None = None):
+def tiny_model(family: str, layers: int = 3, hidden: int = 64, seed: int = 0, intermediate: int | None = None,
+               vocab: int = VOCAB):
     torch.manual_seed(seed)
     intermediate = intermediate or 2 * hidden
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
@@ -34,3 +35,21 @@ def tiny_model(family: str, layers: int = 3, hidden: int = 64, seed: int = 0, in
 # The module each family applies after its last decoder layer (hidden_states[-1] is taken after it).
 FINAL_NORM = {"llama": "model.norm", "qwen2": "model.norm", "opt": "model.decoder.final_layer_norm",
               "gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
+
+
+def save_tiny_model_dir(path, intermediate: int | None = None, nan: bool = False):
+    """A tiny Llama saved as a local Hugging Face directory, with a byte-level BPE tokenizer trained offline."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 20], vocab_size=300,
+                            min_frequency=1, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    model = tiny_model("llama", intermediate=intermediate, vocab=len(tokenizer))
+    if nan:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,273 @@
+"""Benchmark llmprune on one model: held-out perplexity, achieved sparsity, wall time per phase and memory
+for every method x pattern x allocation, with each prune's time as a multiple of a bare-forward floor.
+
+    python scripts/bench_prune.py [--model llama] [--quick] [--out results] [--rows FILTER]
+
+Writes <out>/bench.json (everything), <out>/bench.md (a table) and <out>/bench.png (ppl against sparsity).
+The model is loaded once; its dense weights are restored before every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+import llmprune
+from llmprune import LLMPruneError, PruneConfig, prune
+from llmprune.data import calibration_windows, eval_windows, load_text, tokenize
+from llmprune.models import decoder_layers, load_model
+from llmprune.perplexity import perplexity
+from llmprune.pipeline import peak_rss_bytes, resolve_dtype
+from llmprune.runner import _elapsed, capture_layer_calls, propagate, resolve_device
+
+TEXT, SEED, BATCH_SIZE = "wiki", 0, PruneConfig().batch_size
+METHODS = ("magnitude", "wanda", "sparsegpt")
+# (sparsity, pattern) per mode; N:M patterns imply their sparsity. OWL rows: {method: sparsities}.
+FULL = {"shapes": [(0.5, "unstructured"), (0.6, "unstructured"), (0.7, "unstructured"), (None, "2:4"), (None, "4:8")],
+        "owl": {m: (0.6, 0.7) for m in METHODS}, "nsamples": 32, "seqlen": 512, "eval_windows": 40}
+QUICK = {"shapes": [(0.5, "unstructured"), (None, "2:4")],
+         "owl": {"wanda": (0.7,)}, "nsamples": 4, "seqlen": 128, "eval_windows": 4}
+NM_MARKERS = {"2:4": "^", "4:8": "s"}
+PHASES = ("capture", "statistics", "solve", "propagate", "allocation")  # PruneReport.seconds keys
+
+FIELDS = {  # written into bench.json, so that every number says what it is
+    "ppl": "perplexity on the held-out part of the text, non-overlapping windows of seqlen tokens",
+    "achieved_sparsity": "fraction of zeros over all pruned linears, counted after the prune",
+    "seconds": "wall seconds: capture/statistics/solve/propagate/allocation are the library's own phases; "
+               "prune is the whole prune() call; evaluate is the perplexity pass",
+    "x_floor": "seconds.prune / floor.two_pass_s",
+    "floor": "a bare dense forward of the calibration batches through the decoder layers (capture layer-0 "
+             "inputs, then every layer over every batch; inference_mode, no hooks), timed once after a warm-up",
+    "peak_rss_bytes": "the process's RSS high-water mark (ru_maxrss) after the row: it never decreases, so it "
+                      "includes the loaded model, the dense copy and every earlier row",
+    "peak_rss_increase_bytes": "how much this row raised the high-water mark; 0 means it stayed under an "
+                               "earlier peak, not that it allocated nothing",
+    "rss_after_bytes": "the current RSS (/proc/self/statm) after the row",
+    "memory": "rss_after_load: current RSS once the model is loaded; peak_rss_after_load: the high-water mark "
+              "then (loading may peak above what it keeps); peak_rss_before_rows: after reading the text, "
+              "copying the dense weights, timing the floor and evaluating the dense model",
+}
+
+
+def row_name(config: PruneConfig) -> str:
+    shape = config.pattern if config.nm else f"{config.sparsity:.0%}"
+    return f"{config.method}-{shape}-{config.allocation}"
+
+
+def matrix(mode: dict, **common) -> list[PruneConfig]:
+    """Every row of a mode, grouped by method; PruneConfig validates each before the model loads."""
+    rows = []
+    for method in METHODS:
+        rows += [PruneConfig(method=method, sparsity=s, pattern=p, **common) for s, p in mode["shapes"]]
+        rows += [PruneConfig(method=method, sparsity=s, allocation="owl", **common) for s in mode["owl"].get(method, ())]
+    return rows
+
+
+def select_rows(rows: list[PruneConfig], pattern: str | None) -> list[PruneConfig]:
+    if pattern is None:
+        return rows
+    try:
+        selected = [row for row in rows if re.search(pattern, row_name(row))]
+    except re.error as err:
+        raise SystemExit(f"--rows {pattern!r} is not a regular expression: {err}") from None
+    if not selected:
+        raise SystemExit(f"--rows {pattern!r} matches none of: {', '.join(map(row_name, rows))}")
+    return selected
+
+
+def current_rss_bytes() -> int:
+    """Resident memory now (ru_maxrss only gives the high-water mark). Linux, like peak_rss_bytes."""
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+@torch.inference_mode()
+def bare_forward(model, calibration: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(capture s, layers s) of one dense pass, each layer moved to the device as prune() does.
+    The phases are read with the runner's own clock, so ratios compare like with like."""
+    _, layers = decoder_layers(model)
+    start = time.perf_counter()
+    calls = capture_layer_calls(model, layers, calibration, BATCH_SIZE, device, progress=False)
+    captured = _elapsed(start, device)
+    start = time.perf_counter()
+    for i, layer in enumerate(layers):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        propagate(layer, i, calls)
+        layer.to(home)
+    return captured, _elapsed(start, device)
+
+
+def time_floor(model, calibration: torch.Tensor, device: torch.device) -> dict:
+    bare_forward(model, calibration[:BATCH_SIZE], device)  # warm-up: thread pool, allocator, lazy inits
+    capture_s, layers_s = bare_forward(model, calibration, device)
+    one_pass = capture_s + layers_s
+    return {"capture_s": capture_s, "layers_s": layers_s, "one_pass_s": one_pass, "two_pass_s": 2 * one_pass}
+
+
+def bench_row(model, config: PruneConfig, calibration, windows, device, floor: dict) -> dict:
+    peak_before = peak_rss_bytes()
+    start = time.perf_counter()
+    report = prune(model, calibration, config, progress=False)
+    prune_s = _elapsed(start, device)
+    start = time.perf_counter()
+    ppl = perplexity(model, windows, device, progress=False)
+    evaluate_s = time.perf_counter() - start
+    seconds = {phase: report.seconds.get(phase, 0.0) for phase in PHASES} | {"prune": prune_s, "evaluate": evaluate_s}
+    peak_after = peak_rss_bytes()
+    return {"name": row_name(config), "method": config.method, "pattern": config.pattern, "sparsity": config.sparsity,
+            "allocation": config.allocation, "ppl": ppl, "achieved_sparsity": report.achieved_sparsity,
+            "layer_sparsity": report.layer_sparsity, "seconds": seconds, "x_floor": prune_s / floor["two_pass_s"],
+            "peak_rss_bytes": peak_after, "peak_rss_increase_bytes": peak_after - peak_before,
+            "rss_after_bytes": current_rss_bytes()}
+
+
+def dense_row(model, windows, device) -> dict:
+    start = time.perf_counter()
+    ppl = perplexity(model, windows, device, progress=False)
+    return {"name": "dense", "method": "dense", "pattern": "-", "sparsity": 0.0, "allocation": "-", "ppl": ppl,
+            "achieved_sparsity": None, "layer_sparsity": None, "seconds": {"evaluate": time.perf_counter() - start},
+            "x_floor": None, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_increase_bytes": None,
+            "rss_after_bytes": current_rss_bytes()}
+
+
+def machine_info(device: torch.device) -> dict:
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "llmprune": llmprune.__version__,
+            "load_average_at_start": os.getloadavg()}  # other processes distort timings: see how busy it was
+
+
+def markdown(results: dict) -> str:
+    floor, calib = results["floor"], results["calibration"]
+    lines = [f"# llmprune benchmark: {results['model']}", "",
+             f"Calibration {calib['nsamples']} x {calib['seqlen']} tokens of `{TEXT}`; perplexity on "
+             f"{results['evaluation']['windows']} held-out windows. Floor (two bare passes): "
+             f"{floor['two_pass_s']:.2f} s. Peak RSS is the process high-water mark after the row.", "",
+             "| method | pattern | allocation | ppl | achieved | prune s | x floor | peak RSS MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for row in results["rows"]:
+        pattern = f"{row['sparsity']:.0%} unstructured" if row["pattern"] == "unstructured" else row["pattern"]
+        pruned = row["method"] != "dense"
+        cells = [row["method"], pattern, row["allocation"], f"{row['ppl']:.2f}",
+                 f"{row['achieved_sparsity']:.3f}" if pruned else "-",
+                 f"{row['seconds']['prune']:.1f}" if pruned else "-", f"{row['x_floor']:.1f}" if pruned else "-",
+                 f"{row['peak_rss_bytes'] / 2**20:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """ppl against sparsity: a line per method+allocation (unstructured), a marker per N:M row, dense as a reference."""
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)  # a private Agg canvas: no pyplot, no global backend state
+    axes = figure.subplots()
+    colours = {method: f"C{i}" for i, method in enumerate(METHODS)}
+    pruned = [row for row in results["rows"] if row["method"] != "dense" and math.isfinite(row["ppl"])]
+    for method in METHODS:
+        for allocation, style in (("uniform", "-"), ("owl", "--")):
+            points = sorted((r["sparsity"], r["ppl"]) for r in pruned if r["method"] == method
+                            and r["allocation"] == allocation and r["pattern"] == "unstructured")
+            if points:
+                sparsities, ppls = zip(*points, strict=True)
+                axes.plot(sparsities, ppls, style, marker="o", color=colours[method], label=f"{method} ({allocation})")
+        for row in (r for r in pruned if r["method"] == method and r["pattern"] != "unstructured"):
+            axes.scatter(row["sparsity"], row["ppl"], marker=NM_MARKERS.get(row["pattern"], "D"), s=60,
+                         color=colours[method], zorder=3, label=f"{method} {row['pattern']}")
+    axes.axhline(results["dense_ppl"], color="black", linestyle=":", label=f"dense ({results['dense_ppl']:.2f})")
+    axes.set(yscale="log", xlabel="sparsity", ylabel="held-out perplexity (log scale)", title=results["model"])
+    axes.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)
+
+
+def write_atomically(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def write_json(out: Path, results: dict) -> None:
+    write_atomically(out / "bench.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama", help="anything load_model accepts: an alias, a local HF dir, a .gguf")
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration, 4 eval windows, 7 rows")
+    p.add_argument("--out", default="results", help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--rows", metavar="REGEX", help="only rows whose method-pattern-allocation name matches, "
+                   "e.g. wanda, 2:4, owl, sparsegpt-60%%")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 32; --quick 4)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration and eval window (default 512; --quick 128)")
+    p.add_argument("--eval-windows", type=int, help="held-out perplexity windows, 0 = all (default 40; --quick 4)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    mode = QUICK if args.quick else FULL
+    nsamples, seqlen, eval_count = (mode[key] if getattr(args, key) is None else getattr(args, key)
+                                    for key in ("nsamples", "seqlen", "eval_windows"))
+    device = resolve_device(args.device)
+    rows = select_rows(matrix(mode, nsamples=nsamples, seqlen=seqlen, seed=SEED, device=args.device), args.rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer, _ = load_model(args.model, resolve_dtype("auto", device))
+    memory = {"rss_after_load_bytes": current_rss_bytes(), "peak_rss_after_load_bytes": peak_rss_bytes()}
+    calibration = calibration_windows(tokenize(tokenizer, load_text(TEXT, "calib")), nsamples, seqlen, SEED)
+    windows = eval_windows(tokenize(tokenizer, load_text(TEXT, "eval")), seqlen, eval_count)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    floor = time_floor(model, calibration, device)
+    print(f"floor: one bare pass {floor['one_pass_s']:.2f} s (capture {floor['capture_s']:.2f} s + layers "
+          f"{floor['layers_s']:.2f} s); two passes {floor['two_pass_s']:.2f} s", flush=True)
+
+    dense = dense_row(model, windows, device)
+    memory["peak_rss_before_rows_bytes"] = peak_rss_bytes()
+    results = {"complete": False, "model": args.model, "architecture": type(model).__name__,
+               "dtype": str(next(model.parameters()).dtype), "machine": machine_info(device),
+               "calibration": {"source": TEXT, "part": "calib", "nsamples": nsamples, "seqlen": seqlen,
+                               "seed": SEED, "batch_size": BATCH_SIZE},
+               "evaluation": {"source": TEXT, "part": "eval", "windows": len(windows), "seqlen": seqlen},
+               "floor": floor, "dense_ppl": dense["ppl"], "memory": memory, "fields": FIELDS, "rows": [dense]}
+    write_json(out, results)  # and after every row: an interrupted run keeps what it measured
+    bar = tqdm(rows, desc="bench", unit="row")
+    for config in bar:
+        bar.set_postfix_str(row_name(config))
+        model.load_state_dict(dense_state)
+        row = bench_row(model, config, calibration, windows, device, floor)
+        results["rows"].append(row)
+        tqdm.write(f"{row['name']}: ppl {row['ppl']:.2f}, achieved {row['achieved_sparsity']:.3f}, "
+                   f"prune {row['seconds']['prune']:.1f} s = {row['x_floor']:.1f} x floor")
+        write_json(out, results)
+
+    results["complete"] = True
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    write_json(out, results)
+    table = markdown(results)
+    write_atomically(out / "bench.md", lambda p: p.write_text(table))
+    write_atomically(out / "bench.png", lambda p: plot(results, p))
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except LLMPruneError as err:  # a user's mistake (bad --model, too little text): the message, no traceback
+        raise SystemExit(f"bench_prune: error: {err}") from None

@@ -1,0 +1,91 @@
+"""scripts/bench_prune.py: its --quick mode end to end on a tiny random Llama, and its row selection."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from llmprune.data import load_text
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_prune.py"
+QUICK_ROWS = {"dense", "magnitude-50%-uniform", "magnitude-2:4-uniform", "wanda-50%-uniform", "wanda-2:4-uniform",
+              "wanda-70%-owl", "sparsegpt-50%-uniform", "sparsegpt-2:4-uniform"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The script as a module (scripts/ is not a package), so main() runs in this process."""
+    spec = importlib.util.spec_from_file_location("bench_prune", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model gains nothing from threads, and on a shared CPU OpenMP's waits for descheduled threads make
+    its small matmuls ~100x slower: one thread keeps the test fast whatever else runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer random Llama with a byte-level BPE tokenizer trained offline on a slice of the wiki text:
+    byte-level, so any text tokenizes without unknowns; its vocabulary sizes the model's embeddings."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([load_text("wiki", "calib")[:20_000]], vocab_size=600, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_quick_run_writes_every_row(bench, tiny_llama_dir, tmp_path, one_thread):
+    out = tmp_path / "results"
+    bench.main(["--model", str(tiny_llama_dir), "--quick", "--out", str(out)])
+
+    results = json.loads((out / "bench.json").read_text())
+    assert results["complete"]
+    assert results["floor"]["one_pass_s"] > 0
+    assert results["floor"]["two_pass_s"] == pytest.approx(2 * results["floor"]["one_pass_s"])
+    assert {"cpu_count", "torch_threads", "torch", "transformers"} <= results["machine"].keys()
+    rows = {row["name"]: row for row in results["rows"]}
+    assert rows.keys() == QUICK_ROWS
+    assert rows["dense"]["ppl"] == results["dense_ppl"]
+    for name, row in rows.items():
+        assert math.isfinite(row["ppl"]) and row["ppl"] > 1, name
+        if name != "dense":
+            assert row["achieved_sparsity"] == pytest.approx(row["sparsity"], abs=0.02), name
+            assert row["x_floor"] == pytest.approx(row["seconds"]["prune"] / results["floor"]["two_pass_s"])
+            assert row["peak_rss_increase_bytes"] >= 0
+    assert len(set(rows["wanda-70%-owl"]["layer_sparsity"])) == 2  # OWL gave the two layers different targets
+
+    table = (out / "bench.md").read_text()
+    assert "| method | pattern | allocation | ppl | achieved | prune s | x floor | peak RSS MiB |" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(QUICK_ROWS)
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    assert not list(out.glob(".*partial"))  # every write was renamed into place
+
+
+def test_row_selection(bench):
+    full = bench.matrix(bench.FULL)
+    assert len(full) == 3 * 5 + 3 * 2  # every method x pattern, plus OWL at 60% and 70%
+    assert all(config.pattern == "unstructured" for config in full if config.allocation == "owl")
+    assert [bench.row_name(c) for c in bench.select_rows(full, "sparsegpt-.*owl")] == \
+        ["sparsegpt-60%-owl", "sparsegpt-70%-owl"]
+    assert len(bench.select_rows(full, "wanda")) == 7
+    with pytest.raises(SystemExit, match="matches none"):
+        bench.select_rows(full, "nonexistent")

@@ -1,0 +1,137 @@
+"""Bad input: one readable line naming the fix, a non-zero exit, and no output left behind."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmprune.cli import main
+from llmprune.errors import LLMPruneError
+from llmprune.output import atomic_directory
+from tiny_models import save_tiny_model_dir
+
+FAST = ["--nsamples", "2", "--seqlen", "16", "--eval-windows", "2", "--quiet"]
+
+
+def fails(capsys, args, message, tmp_path=None):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert message in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    if tmp_path is not None:
+        assert not (tmp_path / "out").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
+    (["--pattern", "2-4"], "must be 'unstructured' or N:M"),
+    (["--pattern", "4:4"], "needs 0 < N < M"),
+    (["--pattern", "2:4", "--sparsity", "0.6"], "drop --sparsity or set it to 0.5"),
+    (["--nsamples", "0"], "--nsamples must be at least 1"),
+    (["--seqlen", "0"], "--seqlen must be at least 1"),
+    (["--model", "./no/such/dir"], "no such model directory or file"),
+    (["--model", "missing.gguf"], "no such GGUF file"),
+    (["--calib", "file:/no/such.txt"], "no such text file"),
+    (["--calib", "wikipedia"], "unknown text source 'wikipedia'"),
+    (["--device", "cuda"], "no CUDA GPU is available"),
+    (["--device", "tpu9"], "is not a device"),
+])
+def test_bad_input_fails_before_work(capsys, tmp_path, args, message):
+    fails(capsys, args + ["--output", str(tmp_path / "out")], message, tmp_path)
+
+
+def test_unknown_method(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--method", "obs"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'obs'" in capsys.readouterr().err
+
+
+def test_hub_id_and_hub_dataset_offline(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails(capsys, ["--model", "someone/some-model"], "Offline, use the embedded model (--model llama)")
+    fails(capsys, ["--calib", "c4"], "Offline, use wiki or file:PATH")
+    fails(capsys, ["--eval", "wikitext2"], "Offline, use wiki or file:PATH")
+
+
+def test_existing_output_needs_overwrite(capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    fails(capsys, ["--output", str(tmp_path / "out")], "pass --overwrite to replace it")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_gguf_without_gguf_package(capsys, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    fails(capsys, ["--model", str(tmp_path / "m.gguf"), "--method", "magnitude", "--eval", "none"],
+          "pip install gguf")
+
+
+def test_width_not_divisible_and_nan_weights(capsys, tmp_path):
+    odd = save_tiny_model_dir(tmp_path / "odd", intermediate=132)
+    fails(capsys, ["--model", str(odd), "--pattern", "4:8", *FAST, "--output", str(tmp_path / "out")],
+          "down_proj has 132 inputs, not divisible by M=8", tmp_path)
+    broken = save_tiny_model_dir(tmp_path / "nan", nan=True)
+    fails(capsys, ["--model", str(broken), *FAST, "--output", str(tmp_path / "out")], "NaN or Inf weights", tmp_path)
+
+
+def test_more_tokens_than_the_text_holds(capsys, tmp_path, tiny_dir):
+    (tmp_path / "small.txt").write_text("The quick brown fox. " * 10)
+    fails(capsys, ["--model", str(tiny_dir), "--calib", f"file:{tmp_path / 'small.txt'}", "--nsamples", "64",
+                   "--seqlen", "64", "--eval", "none", "--output", str(tmp_path / "out")],
+          "lower --nsamples or --seqlen", tmp_path)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out", overwrite=False) as staging:
+            (staging / "half.bin").write_bytes(b"x")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_when_complete(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(LLMPruneError):
+        with atomic_directory(tmp_path / "out", overwrite=True):
+            raise LLMPruneError("failed mid-way")
+    assert (tmp_path / "out" / "old.txt").exists()
+    with atomic_directory(tmp_path / "out", overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_cli_subprocess_on_a_local_model(tmp_path, tiny_dir):
+    """The real `python -m llmprune` on a local HF directory: exit 0, a summary, a loadable output."""
+    (tmp_path / "text.jsonl").write_text("\n".join('{"text": "The quick brown fox jumps over the lazy dog."}'
+                                                   for _ in range(200)))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "llmprune", "--model", str(tiny_dir), "--method", "sparsegpt",
+                           "--pattern", "2:4", "--calib", f"file:{tmp_path / 'text.jsonl'}",
+                           "--eval", f"file:{tmp_path / 'text.jsonl'}", *FAST, "--output", str(out)],
+                          capture_output=True, text=True, env=os.environ)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "achieved sparsity over 21 pruned linears: 0.500000" in done.stdout
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    again = subprocess.run([sys.executable, "-m", "llmprune", "--model", str(tiny_dir), "--output", str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr
+
+
+def test_help_documents_every_option():
+    done = subprocess.run([sys.executable, "-m", "llmprune", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for option in ("--model", "--method", "--sparsity", "--pattern", "--calib", "--nsamples", "--seqlen", "--seed",
+                   "--eval", "--device", "--dtype", "--output", "--overwrite", "--skip", "--blocksize",
+                   "--percdamp", "2:4 keeps 2 of 4", "(default: 0.01)", "(default: 128)"):
+        assert option in done.stdout, option
