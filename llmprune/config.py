@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import LLMPruneError
 from .methods import get_method
+from .recover import RecoverConfig
 
 ALLOCATIONS = ("uniform", "owl")
 
@@ -91,17 +92,39 @@ class PruneConfig:
 
 @dataclass
 class RunConfig:
-    """A whole run: which model and text, what to evaluate, where to write. `prune` holds the algorithm."""
+    """A whole run: which model and text, what to evaluate, where to write. `prune` holds the algorithm,
+    `recovery` the LoRA settings used when `recover` is "lora"."""
 
     model: str = "llama"
     prune: PruneConfig = field(default_factory=PruneConfig)
     calib: str = "wiki"
     eval: str = "wiki"
     eval_windows: int = 40
+    tasks: str | None = None
+    limit: int | None = None
+    num_fewshot: int = 0
+    eval_batch_size: int = 16
+    recover: str | None = None
+    recovery: RecoverConfig = field(default_factory=RecoverConfig)
+    keep_adapter: bool = False
     dtype: str = "auto"
     output: str | None = None
     overwrite: bool = False
+    push_to_hub: str | None = None
+    private: bool = False
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.eval_windows < 0:
+            raise LLMPruneError("--eval-windows must be 0 (all) or more")
+        if self.limit is not None and self.limit < 1:
+            raise LLMPruneError(f"--limit must be at least 1 document per task (got {self.limit})")
+        if self.recover not in (None, "lora"):
+            raise LLMPruneError(f"--recover must be lora (got '{self.recover}')")
+        if self.recover and self.prune.sparsity == 0:
+            raise LLMPruneError("--recover lora with --sparsity 0 has nothing to recover: prune first")
+        if self.push_to_hub and not self.output:
+            raise LLMPruneError("--push-to-hub uploads the --output directory: give --output DIR too")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

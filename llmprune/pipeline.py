@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -21,7 +24,10 @@ from .methods import get_method
 from .models import load_model, resolve_model
 from .output import atomic_directory, check_output
 from .perplexity import perplexity
+from .publish import check_push, push, write_model_card
+from .recover import recover_lora
 from .runner import check_model, resolve_device
+from .zeroshot import evaluate_zero_shot, resolve_tasks
 from .runner import prune as prune_layers
 
 
@@ -52,6 +58,9 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None) ->
     pc = config.prune
     if config.output:
         check_output(config.output, config.overwrite)
+    if config.push_to_hub:
+        check_push(config.push_to_hub)
+    tasks = resolve_tasks(config.tasks) if config.tasks else None
     device = resolve_device(pc.device)
     resolve_model(config.model)  # a mistyped path fails now, not after the text is read
     method = get_method(pc.method)
@@ -81,6 +90,7 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None) ->
         windows = eval_windows(tokenize(tokenizer, load_text(config.eval, "eval")), pc.seqlen, config.eval_windows)
         ppl = {"dataset": config.eval, "seqlen": pc.seqlen, "windows": len(windows),
                "dense": perplexity(model, windows, device, progress, desc="perplexity (dense)")}
+    zero_shot_dense = _zero_shot(model, tokenizer, tasks, config, progress, "dense")
     seconds["evaluate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -92,6 +102,19 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None) ->
     clock = time.perf_counter()
     if ppl is not None:
         ppl["pruned"] = perplexity(model, windows, device, progress, desc="perplexity (pruned)")
+    seconds["evaluate"] += time.perf_counter() - clock
+
+    recovery, adapter_dir = None, None
+    if config.recover:
+        clock = time.perf_counter()
+        if config.keep_adapter:  # trained before the output exists; moved into it with the rest
+            adapter_dir = Path(tempfile.mkdtemp(prefix="llmprune-adapter-"))
+        recovery = _recover(model, tokenizer, pruned, config, progress, adapter_dir)
+        seconds["recover"] = time.perf_counter() - clock
+        if ppl is not None:
+            ppl["recovered"] = perplexity(model, windows, device, progress, desc="perplexity (recovered)")
+    clock = time.perf_counter()
+    zero_shot = _zero_shot(model, tokenizer, tasks, config, progress, "recovered" if recovery else "pruned")
     seconds["evaluate"] += time.perf_counter() - clock
 
     summary = pruned.to_dict()
@@ -111,6 +134,9 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None) ->
         "layer_sparsity": summary["layer_sparsity"],
         "layers": summary["layers"],
         "perplexity": ppl,
+        "zero_shot_dense": zero_shot_dense,
+        "zero_shot": zero_shot,
+        "recovery": recovery,
         "seconds": seconds,
         "prune_phases": summary["seconds"],
         "rss_after_load_bytes": rss_loaded,
@@ -121,18 +147,46 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None) ->
         "command": command,
     }
     seconds["total"] = time.perf_counter() - started  # saving excluded: it is the same for every method
-    if config.output:
-        _say(progress, f"writing {config.output}")
-        save_output(model, tokenizer, config, report)
+    try:
+        if config.output:
+            _say(progress, f"writing {config.output}")
+            save_output(model, tokenizer, config, report, adapter_dir)
+    finally:
+        if adapter_dir is not None:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+    if config.push_to_hub:
+        _say(progress, f"pushing {config.output} to {config.push_to_hub}")
+        report["pushed_to"] = push(config.output, config.push_to_hub, private=config.private)
     return report
 
 
-def save_output(model, tokenizer, config: RunConfig, report: dict) -> None:
+def _zero_shot(model, tokenizer, tasks, config: RunConfig, progress: bool, which: str) -> dict | None:
+    if not tasks:
+        return None
+    _say(progress, f"zero-shot ({which}): {', '.join(tasks)}")
+    return evaluate_zero_shot(model, tokenizer, tasks, limit=config.limit, num_fewshot=config.num_fewshot,
+                              batch_size=config.eval_batch_size, seed=config.prune.seed)
+
+
+def _recover(model, tokenizer, pruned, config: RunConfig, progress: bool, adapter_dir: Path | None) -> dict:
+    """LoRA on the calibration source's training part (never the held-out part), keeping the masks."""
+    rc = config.recovery
+    tokens = tokenize(tokenizer, load_text(config.calib, "calib"))
+    train_ids = calibration_windows(tokens, rc.steps * rc.batch, rc.seqlen, rc.seed)
+    linears = {layer["name"]: model.get_submodule(layer["name"]) for layer in pruned.layers}
+    _, stats = recover_lora(model, train_ids, rc, pruned_linears=linears, progress=progress, adapter_dir=adapter_dir)
+    return stats
+
+
+def save_output(model, tokenizer, config: RunConfig, report: dict, adapter_dir: Path | None = None) -> None:
     with atomic_directory(config.output, config.overwrite) as staging:
+        if adapter_dir is not None:
+            shutil.copytree(adapter_dir, staging / "adapter")  # the unmerged LoRA adapter (peft format)
         model.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
         config.save(staging / "llmprune_config.json")
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_model_card(staging, report)
 
 
 def _say(progress: bool, message: str) -> None:

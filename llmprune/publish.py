@@ -215,14 +215,10 @@ def _count(n: int) -> str:
 # ---------------------------------------------------------------- push
 
 
-def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, token: str | None = None) -> str:
-    """Upload an llmprune output directory to the Hub model repo `repo_id` (created if needed); returns its URL.
-
-    Everything is checked before the first request, and nothing in `output_dir` is written, on success or failure.
-    An untouched llmprune card is published with `repo_id` in its loading snippet; an edited one as it is.
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+def check_push(repo_id: str, token: str | None = None) -> str:
+    """Check the repo id and find the token (argument, HF_TOKEN, then the stored login) before any work;
+    a pruning run calls this first so that a long run cannot end in a refused push."""
+    from huggingface_hub import get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not re.fullmatch(r"[^/]+/[^/]+", repo_id or ""):
@@ -231,11 +227,24 @@ def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revisio
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise LLMPruneError(f"--repo-id owner/name: {exc}") from None
-    output_dir = Path(output_dir)
-    report = _read_output(output_dir)
     token = token or os.environ.get("HF_TOKEN") or get_token()
     if not token:
         raise LLMPruneError("no Hugging Face token: set HF_TOKEN to a token with write access, or run `hf auth login`")
+    return token
+
+
+def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload an llmprune output directory to the Hub model repo `repo_id` (created if needed); returns its URL.
+
+    Everything is checked before the first request, and nothing in `output_dir` is written, on success or failure.
+    An untouched llmprune card is published with `repo_id` in its loading snippet; an edited one as it is.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    token = check_push(repo_id, token)
+    output_dir = Path(output_dir)
+    report = _read_output(output_dir)
 
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
                   for name, content in _files_to_upload(output_dir, report, repo_id)]

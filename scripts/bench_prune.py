@@ -29,7 +29,7 @@ from llmprune import LLMPruneError, PruneConfig, prune
 from llmprune.data import calibration_windows, eval_windows, load_text, tokenize
 from llmprune.models import decoder_layers, load_model
 from llmprune.perplexity import perplexity
-from llmprune.pipeline import peak_rss_bytes, resolve_dtype
+from llmprune.pipeline import current_rss_bytes, peak_rss_bytes, resolve_dtype
 from llmprune.runner import _elapsed, capture_layer_calls, propagate, resolve_device
 
 TEXT, SEED, BATCH_SIZE = "wiki", 0, PruneConfig().batch_size
@@ -85,12 +85,6 @@ def select_rows(rows: list[PruneConfig], pattern: str | None) -> list[PruneConfi
     if not selected:
         raise SystemExit(f"--rows {pattern!r} matches none of: {', '.join(map(row_name, rows))}")
     return selected
-
-
-def current_rss_bytes() -> int:
-    """Resident memory now (ru_maxrss only gives the high-water mark). Linux, like peak_rss_bytes."""
-    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
 @torch.inference_mode()

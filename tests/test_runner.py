@@ -12,7 +12,7 @@ from llmprune.models import decoder_layers, linears, weight_matrix
 from llmprune.runner import capture_layer_calls, collect_statistics, propagate
 from tiny_models import FINAL_NORM, VOCAB, tiny_model
 
-FAMILIES = ["llama", "qwen2", "opt", "gpt2", "gpt_neox"]
+FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox", "gemma3"]
 
 
 def tokens(n=6, seqlen=24, seed=0):

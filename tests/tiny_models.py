@@ -1,8 +1,9 @@
 """Tiny random decoders of several families, built from configs (no download), for exactness tests."""
 
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 VOCAB = 128
 
@@ -21,6 +22,16 @@ def tiny_model(family: str, layers: int = 3, hidden: int = 64, seed: int = 0, in
         model = OPTForCausalLM(OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
                                          num_attention_heads=4, vocab_size=VOCAB, word_embed_proj_dim=hidden,
                                          max_position_embeddings=128))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                                 num_hidden_layers=layers, num_attention_heads=4,
+                                                 num_key_value_heads=2, vocab_size=vocab, sliding_window=8))
+    elif family == "gemma3":  # sliding-window and global layers: each gets its own mask and rotary embeddings
+        model = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                                   num_hidden_layers=layers, num_attention_heads=4,
+                                                   num_key_value_heads=2, head_dim=16, vocab_size=vocab,
+                                                   sliding_window=8, layer_types=["sliding_attention", "full_attention"]
+                                                   * (layers // 2) + ["sliding_attention"] * (layers % 2)))
     elif family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=128,
                                            bos_token_id=0, eos_token_id=0))
@@ -33,7 +44,7 @@ def tiny_model(family: str, layers: int = 3, hidden: int = 64, seed: int = 0, in
 
 
 # The module each family applies after its last decoder layer (hidden_states[-1] is taken after it).
-FINAL_NORM = {"llama": "model.norm", "qwen2": "model.norm", "opt": "model.decoder.final_layer_norm",
+FINAL_NORM = {"llama": "model.norm", "mistral": "model.norm", "gemma3": "model.norm", "qwen2": "model.norm", "opt": "model.decoder.final_layer_norm",
               "gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
 
 

@@ -1,0 +1,216 @@
+"""LoRA recovery: the sparsity pattern survives training and merging, and training actually helps."""
+
+import bz2
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from llmprune.errors import LLMPruneError
+from llmprune.models import decoder_layers, is_linear, load_model, weight_matrix
+from llmprune.recover import MaskedLoraLinear, RecoverConfig, masked_lora_config, recover_lora
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    """GPT-2 stores its linears as Conv1D with (in, out) weights."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                                bos_token_id=0, eos_token_id=0)).eval()
+
+
+def prune_rows_by_magnitude(model, sparsity: float = 0.5) -> dict[str, nn.Module]:
+    """Zero the smallest |w| of every output row of every linear in the decoder layers."""
+    prefix, layers = decoder_layers(model)
+    pruned = {}
+    for name, module in layers.named_modules():
+        if is_linear(module):
+            weight = weight_matrix(module)  # (out, in) view of the stored weight
+            drop = weight.abs().argsort(dim=1)[:, : int(weight.shape[1] * sparsity)]
+            weight.scatter_(1, drop, 0.0)
+            pruned[f"{prefix}.{name}"] = module
+    return pruned
+
+
+@torch.no_grad()
+def mean_loss(model, ids: torch.Tensor) -> float:
+    return model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+
+
+@pytest.fixture
+def pruned_tiny():
+    model = tiny_llama()
+    pruned = prune_rows_by_magnitude(model)
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    return model, pruned, windows
+
+
+def test_recovery_keeps_mask_lowers_loss_and_changes_weights(pruned_tiny, tmp_path):
+    model, pruned, windows = pruned_tiny
+    before = {name: module.weight.detach().clone() for name, module in pruned.items()}
+    loss_before = mean_loss(model, windows)
+    config = RecoverConfig(steps=30, lr=1e-2, batch=2, seqlen=32)
+
+    merged, stats = recover_lora(model, windows, config, pruned_linears=pruned, progress=False,
+                                 adapter_dir=tmp_path / "adapter")
+
+    assert merged is model and type(merged) is LlamaForCausalLM
+    for name, module in pruned.items():
+        assert torch.equal(module.weight != 0, before[name] != 0), name
+    assert any(not torch.equal(module.weight, before[name]) for name, module in pruned.items())
+    assert mean_loss(merged, windows) < loss_before - 0.3
+    assert not merged.training
+    assert not any(p.requires_grad for p in merged.parameters())
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert not hasattr(merged, "peft_config")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert stats["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert stats["tokens"] == 30 * 2 * 32 and stats["loss_last"] < stats["loss_first"]
+
+
+def test_recovery_is_deterministic_and_leaves_global_rng_alone():
+    results = []
+    for _ in range(2):
+        model = tiny_llama()
+        prune_rows_by_magnitude(model)
+        windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(123)
+        merged, _ = recover_lora(model, windows, RecoverConfig(steps=3, lr=1e-2, batch=2, seqlen=16), progress=False)
+        draw_after = torch.rand(1)
+        torch.manual_seed(123)
+        assert torch.equal(draw_after, torch.rand(1))
+        results.append(merged.model.layers[0].mlp.down_proj.weight)
+    assert torch.equal(*results)
+
+
+def test_only_targets_are_trained(pruned_tiny):
+    model, pruned, windows = pruned_tiny
+    before = {name: module.weight.detach().clone() for name, module in pruned.items()}
+    _, stats = recover_lora(model, windows, RecoverConfig(steps=2, lr=1e-2, batch=2, seqlen=32, targets=["v_proj"]),
+                            pruned_linears=pruned, progress=False)
+    changed = {name.rsplit(".", 1)[-1] for name, module in pruned.items() if not torch.equal(module.weight, before[name])}
+    assert changed == {"v_proj"} and stats["targets"] == ["v_proj"]
+
+
+def test_gpt2_conv1d_linears_keep_their_mask():
+    model = tiny_gpt2()
+    pruned = prune_rows_by_magnitude(model)
+    before = {name: module.weight.detach().clone() for name, module in pruned.items()}
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    loss_before = mean_loss(model, windows)
+    # pruned_linears=None: found from the zeros in the decoder layers
+    merged, stats = recover_lora(model, windows, RecoverConfig(steps=30, lr=1e-2, batch=2, seqlen=32), progress=False)
+    assert stats["targets"] == ["c_attn", "c_proj", "c_fc"]
+    for name, module in pruned.items():
+        assert torch.equal(module.weight != 0, before[name] != 0), name
+        assert not torch.equal(module.weight, before[name]), name
+    assert mean_loss(merged, windows) < loss_before - 0.3
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_masked_lora_trains_exactly_the_model_it_merges(build):
+    """The training forward (masked delta) equals the merged sparse model; plain LoRA would merge densely."""
+    model = build()
+    pruned = prune_rows_by_magnitude(model)
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    masks = {name: module.weight != 0 for name, module in pruned.items()}
+    peft_model = get_peft_model(model, masked_lora_config(RecoverConfig(r=4, alpha=8), list(pruned)))
+    lora_layers = [module for module in peft_model.modules() if isinstance(module, MaskedLoraLinear)]
+    assert len(lora_layers) == len(pruned)
+    with torch.no_grad():
+        for module in lora_layers:
+            nn.init.normal_(module.lora_B["default"].weight, std=0.1)  # peft starts B at 0: make the delta real
+        logits_training = peft_model(windows).logits
+    merged = peft_model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(windows).logits, logits_training, rtol=1e-4, atol=1e-4)
+    modules = dict(merged.named_modules())
+    for name, mask in masks.items():
+        assert torch.equal(modules[name].weight != 0, mask), name
+
+
+def test_unknown_target_lists_valid_names(pruned_tiny):
+    model, pruned, windows = pruned_tiny
+    with pytest.raises(LLMPruneError, match="valid pruned linears are q_proj, k_proj, v_proj, o_proj, gate_proj"):
+        recover_lora(model, windows, RecoverConfig(steps=1, batch=1, seqlen=32, targets=["q_proj", "qkv"]),
+                     pruned_linears=pruned, progress=False)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def test_windows_must_match_seqlen(pruned_tiny):
+    model, pruned, windows = pruned_tiny
+    with pytest.raises(LLMPruneError, match="seqlen=64"):
+        recover_lora(model, windows, RecoverConfig(steps=1, batch=1, seqlen=64), pruned_linears=pruned, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "hint"),
+    [
+        ({"steps": 0}, "--recover-steps"),
+        ({"batch": -1}, "--recover-batch"),
+        ({"seqlen": 1}, "--recover-seqlen"),
+        ({"r": 0}, "--lora-r"),
+        ({"r": 2.5}, "--lora-r"),
+        ({"lr": 0.0}, "--recover-lr"),
+        ({"lr": float("nan")}, "--recover-lr"),
+        ({"alpha": -16}, "--lora-alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"targets": []}, "--lora-targets"),
+        ({"targets": "q_proj"}, "--lora-targets"),
+    ],
+)
+def test_bad_config_values_name_the_fix(kwargs, hint):
+    with pytest.raises(LLMPruneError, match=hint):
+        RecoverConfig(**kwargs)
+
+
+def wiki_articles() -> list[str]:
+    import gensim
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    dump = Path(gensim.__file__).parent / "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    with bz2.open(dump) as handle:
+        return [filter_wiki(text) for _, text, _ in extract_pages(handle) if len(text) > 5000]
+
+
+def token_windows(tokenizer, texts: list[str], seqlen: int) -> torch.Tensor:
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    count = ids.numel() // seqlen
+    return ids[: count * seqlen].view(count, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor) -> float:
+    return math.exp(sum(mean_loss(model, window[None]) for window in windows) / len(windows))
+
+
+@pytest.mark.slow
+def test_recovery_lowers_heldout_perplexity_of_pruned_smollm2():
+    model, tokenizer, _ = load_model("llama")
+    pruned = prune_rows_by_magnitude(model)
+    masks = {name: module.weight != 0 for name, module in pruned.items()}
+    articles = wiki_articles()
+    train = token_windows(tokenizer, articles[:10], 256)
+    heldout = token_windows(tokenizer, articles[-4:], 256)[:8]
+    ppl_before = perplexity(model, heldout)
+
+    merged, stats = recover_lora(model, train, RecoverConfig(steps=12, lr=5e-4, batch=1, seqlen=256),
+                                 pruned_linears=pruned, progress=False)
+
+    ppl_after = perplexity(merged, heldout)
+    print(f"held-out ppl {ppl_before:.1f} -> {ppl_after:.1f}; {stats}")
+    assert ppl_after < 0.9 * ppl_before
+    for name, module in pruned.items():
+        assert torch.equal(module.weight != 0, masks[name]), name
