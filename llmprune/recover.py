@@ -95,19 +95,21 @@ class MaskedLoraLinear(PeftLoraLinear):
         # Wrapping happens before training, so this is the pruned pattern. Not persistent: adapters stay plain LoRA.
         self.register_buffer("keep_mask", self.get_base_layer().weight != 0, persistent=False)
 
+    def masked_delta(self, adapter: str) -> torch.Tensor:
+        return (super().get_delta_weight(adapter) * self.keep_mask).to(self.get_base_layer().weight.dtype)
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        weight = self.get_base_layer().weight
-        delta = (super().get_delta_weight(adapter) * self.keep_mask).to(weight.dtype)
-        # A kept weight that lands exactly on 0 (an exact cancellation, plausible in bf16) would change the
-        # pattern; leave that one weight untouched instead.
-        return delta.masked_fill((weight + delta) == 0, 0)
+        """The delta peft merges. A kept weight that would land exactly on 0 (an exact cancellation, plausible in
+        bf16) would change the pattern: it keeps its value instead. Merge-time only: it costs ~15% of a step."""
+        delta = self.masked_delta(adapter)
+        return delta.masked_fill((self.get_base_layer().weight + delta) == 0, 0)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
         (adapter,) = self.active_adapters
         base = self.get_base_layer()
-        delta = self.get_delta_weight(adapter)
+        delta = self.masked_delta(adapter)
         dropout = self.lora_dropout[adapter]
         if isinstance(dropout, nn.Identity):
             # One matmul with the effective sparse weight: the backward needs only one extra (weight-gradient) matmul.

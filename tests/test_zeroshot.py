@@ -6,7 +6,6 @@ import importlib.util
 
 import datasets
 import pytest
-import torch
 
 from llmprune.errors import LLMPruneError
 from llmprune.zeroshot import OFFLINE_TASKS, SUITES, evaluate_zero_shot, resolve_tasks, task_dir
@@ -148,18 +147,8 @@ def test_evaluate_rejects_bad_requests_before_touching_the_model(monkeypatch):
         evaluate_zero_shot(None, None, ["piqa"], offline=True)
 
 
-def prune_rows_by_magnitude_(layers: torch.nn.Module, sparsity: float) -> None:
-    """Zero the `sparsity` fraction of smallest |W| in every output row of every nn.Linear."""
-    for linear in (m for m in layers.modules() if isinstance(m, torch.nn.Linear)):
-        weight = linear.weight.data
-        # Stable sort: dequantized GGUF weights tie often, and ties must fall the same way every run.
-        order = weight.abs().sort(dim=1, stable=True).indices
-        smallest = order[:, : int(weight.shape[1] * sparsity)]
-        weight.scatter_(1, smallest, 0.0)
-
-
 @pytest.mark.slow
-def test_dense_model_beats_chance_and_magnitude_pruning_hurts():
+def test_dense_model_beats_chance_and_magnitude_pruning_hurts(embedded):
     """SmolLM2-135M on the first 100 documents of each task: 2 x 599 loglikelihood requests.
 
     Measured: dense arc_easy acc 0.49, piqa 0.65; 80% magnitude-pruned 0.27 and 0.49 (chance: 0.25, 0.5).
@@ -167,9 +156,10 @@ def test_dense_model_beats_chance_and_magnitude_pruning_hurts():
     With 100 documents a binomial standard error is ~0.05, so the bounds sit about 4 (arc_easy) and
     2 (piqa) standard errors above chance.
     """
-    from llmprune.models import load_model
+    from llmprune import PruneConfig, prune
 
-    model, tokenizer, _ = load_model("llama")
+    model, tokenizer, dense_state = embedded
+    model.load_state_dict(dense_state)
     tasks, limit = ["arc_easy", "piqa"], 100
     dense = evaluate_zero_shot(model, tokenizer, tasks, limit=limit, offline=True)
     assert dense["offline"] and dense["skipped"] == {} and dense["limit"] == limit
@@ -177,6 +167,7 @@ def test_dense_model_beats_chance_and_magnitude_pruning_hurts():
     assert dense["tasks"]["arc_easy"]["acc"] >= 0.44
     assert dense["tasks"]["piqa"]["acc"] >= 0.60
 
-    prune_rows_by_magnitude_(model.model.layers, 0.8)  # in place: the dense scores are taken
+    prune(model, None, PruneConfig(method="magnitude", sparsity=0.8), progress=False)
     pruned = evaluate_zero_shot(model, tokenizer, tasks, limit=limit, offline=True)
+    model.load_state_dict(dense_state)
     assert pruned["mean_acc"] <= dense["mean_acc"] - 0.10  # measured gap: 0.57 -> 0.38
