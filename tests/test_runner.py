@@ -157,3 +157,18 @@ def test_owl_gives_the_outlier_layer_lower_sparsity():
     sizes = [sum(m.weight.numel() for m in linears(layer).values()) for layer in model.model.layers]
     assert sum(s * n for s, n in zip(sparsities, sizes)) / sum(sizes) == pytest.approx(0.7, abs=1e-9)
     assert report.achieved_sparsity == pytest.approx(0.7, abs=1e-3)
+
+
+def test_a_method_that_misses_the_pattern_is_caught(monkeypatch):
+    """The runner verifies every mask: a method pruning one weight too few is an error, not a quiet result."""
+    from llmprune.methods import METHODS, Method
+    from llmprune.methods.magnitude import magnitude
+
+    def off_by_one(weight, statistic, sparsity, config, segments=None):
+        new, keep = magnitude(weight, statistic, sparsity, config)
+        keep[0, keep[0].logical_not().nonzero()[0]] = True  # restore one pruned weight
+        return new, keep
+
+    monkeypatch.setitem(METHODS, "magnitude", Method("magnitude", None, "row", off_by_one, ""))
+    with pytest.raises(LLMPruneError, match="internal error: .*q_proj"):
+        prune(tiny_model("llama"), None, PruneConfig(method="magnitude"), progress=False)
