@@ -118,3 +118,12 @@ def test_selection_equals_a_stable_sort(levels):
         expected = torch.ones_like(scores, dtype=torch.bool)
         expected.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[:, :count], False)
         assert torch.equal(_prune_lowest(scores, count), expected)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8)])
+def test_nm_mask_equals_a_stable_sort_per_group(n, m):
+    scores = torch.randint(0, 3, (16, 8 * m), generator=torch.Generator().manual_seed(5)).float()  # many ties
+    grouped = scores.view(16, -1, m)
+    expected = torch.ones_like(grouped, dtype=torch.bool)
+    expected.scatter_(-1, torch.sort(grouped, dim=-1, stable=True).indices[..., : m - n], False)
+    assert torch.equal(nm_mask(scores, n, m), expected.view(16, -1))

@@ -80,6 +80,19 @@ def test_recovery_keeps_mask_lowers_loss_and_changes_weights(pruned_tiny, tmp_pa
     assert stats["tokens"] == 30 * 2 * 32 and stats["loss_last"] < stats["loss_first"]
 
 
+def test_bfloat16_model_keeps_dtype_and_mask():
+    model = tiny_llama().to(torch.bfloat16)
+    pruned = prune_rows_by_magnitude(model)
+    masks = {name: module.weight != 0 for name, module in pruned.items()}
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    loss_before = mean_loss(model, windows)
+    merged, _ = recover_lora(model, windows, RecoverConfig(steps=30, lr=1e-2, batch=2, seqlen=32),
+                             pruned_linears=pruned, progress=False)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(module.weight != 0, masks[name]) for name, module in pruned.items())
+    assert mean_loss(merged, windows) < loss_before - 0.3
+
+
 def test_recovery_is_deterministic_and_leaves_global_rng_alone():
     results = []
     for _ in range(2):
