@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import traceback
@@ -130,6 +131,7 @@ def prune_command(argv: list[str]) -> int:
     from .summary import format_summary
 
     args = prune_parser().parse_args(argv)
+    go_offline(args)
     prune_config = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, skip=args.skip,
@@ -159,6 +161,16 @@ def add_zero_shot_options(group, batch_size: int) -> None:
     group.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     group.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt")
     group.add_argument("--eval-batch-size", type=int, default=batch_size, help="lm-eval batch size")
+    group.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub: models from "
+                       "local files or the cache, tasks from llmprune's offline copies (others are skipped); "
+                       "the default probes the Hub for 3 s when something is not available locally")
+
+
+def go_offline(args) -> None:
+    """--offline: the Hub clients and our own checks all read these (ours and `datasets` import lazily)."""
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 def eval_command(argv: list[str]) -> int:
@@ -182,6 +194,7 @@ def eval_command(argv: list[str]) -> int:
                    "a directory, else ./eval.json)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = p.parse_args(argv)
+    go_offline(args)
     ppl = tuple(s for s in args.ppl.split(",") if s and s != "none")
     config = EvalConfig(model=args.model, baseline=args.baseline, ppl=ppl, tasks=args.tasks, limit=args.limit,
                         num_fewshot=args.num_fewshot, seed=args.seed, seqlen=args.seqlen,

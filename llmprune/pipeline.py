@@ -21,7 +21,7 @@ from . import __version__
 from .config import RunConfig
 from .data import calibration_windows, check_source, eval_windows, load_text, tokenize
 from .methods import get_method
-from .models import load_model, resolve_model
+from .models import load_model, resolve_model, weight_matrix
 from .output import atomic_directory, check_output
 from .perplexity import perplexity
 from .publish import check_push, push, write_model_card
@@ -51,8 +51,11 @@ def current_rss_bytes() -> int | None:
         return None
 
 
-def run(config: RunConfig, progress: bool = True, command: str | None = None) -> dict:
-    """Run the whole job described by `config`; returns the report (also written to --output)."""
+def run(config: RunConfig, progress: bool = True, command: str | None = None, dense_cache: dict | None = None) -> dict:
+    """Run the whole job described by `config`; returns the report (also written to --output).
+
+    `dense_cache`: a dict kept by a caller that runs several configs of one model (a sweep); the dense
+    model's perplexity and zero-shot scores are computed once and reused while their settings match."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     pc = config.prune
@@ -65,7 +68,8 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None) ->
     resolve_model(config.model)  # a mistyped path fails now, not after the text is read
     method = get_method(pc.method)
     needs_calibration = method.statistic is not None or pc.allocation != "uniform"
-    for source in ([config.calib] if needs_calibration else []) + ([config.eval] if config.eval != "none" else []):
+    sources = [config.calib] if needs_calibration or config.recover else []
+    for source in sources + ([config.eval] if config.eval != "none" else []):
         check_source(source)
 
     clock = time.perf_counter()
@@ -77,20 +81,26 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None) ->
     rss_loaded = current_rss_bytes()
 
     clock = time.perf_counter()
-    calibration = None
-    if needs_calibration:
+    calibration, calib_tokens = None, None
+    if needs_calibration or config.recover:
         _say(progress, f"calibration text: {config.calib}")
-        calibration = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")),
-                                          pc.nsamples, pc.seqlen, pc.seed)
+        calib_tokens = tokenize(tokenizer, load_text(config.calib, "calib"))  # recovery trains on it too
+    if needs_calibration:
+        calibration = calibration_windows(calib_tokens, pc.nsamples, pc.seqlen, pc.seed)
     seconds["calibrate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     ppl = None
+    dense_key = (config.model, dtype, str(device), config.eval, pc.seqlen, config.eval_windows, tuple(tasks or ()),
+                 config.limit, config.num_fewshot, pc.seed, config.eval_batch_size)
+    dense = dense_cache.get(dense_key) if dense_cache is not None else None
     if config.eval != "none":
         windows = eval_windows(tokenize(tokenizer, load_text(config.eval, "eval")), pc.seqlen, config.eval_windows)
-        ppl = {"dataset": config.eval, "seqlen": pc.seqlen, "windows": len(windows),
-               "dense": perplexity(model, windows, device, progress, desc="perplexity (dense)")}
-    zero_shot_dense = _zero_shot(model, tokenizer, tasks, config, progress, "dense")
+        dense_ppl = dense["ppl"] if dense else perplexity(model, windows, device, progress, desc="perplexity (dense)")
+        ppl = {"dataset": config.eval, "seqlen": pc.seqlen, "windows": len(windows), "dense": dense_ppl}
+    zero_shot_dense = dense["zero_shot"] if dense else _zero_shot(model, tokenizer, tasks, config, progress, "dense")
+    if dense_cache is not None:
+        dense_cache[dense_key] = {"ppl": ppl and ppl["dense"], "zero_shot": zero_shot_dense}
     seconds["evaluate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -109,7 +119,9 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None) ->
         clock = time.perf_counter()
         if config.keep_adapter:  # trained before the output exists; moved into it with the rest
             adapter_dir = Path(tempfile.mkdtemp(prefix="llmprune-adapter-"))
-        recovery = _recover(model, tokenizer, pruned, config, progress, adapter_dir)
+        recovery = _recover(model, calib_tokens, pruned, config, progress, adapter_dir)
+        if adapter_dir is not None:
+            recovery["adapter"] = "adapter"  # its folder in the output (save_output copies it there)
         seconds["recover"] = time.perf_counter() - clock
         if ppl is not None:
             ppl["recovered"] = perplexity(model, windows, device, progress, desc="perplexity (recovered)")
@@ -168,13 +180,14 @@ def _zero_shot(model, tokenizer, tasks, config: RunConfig, progress: bool, which
                               batch_size=config.eval_batch_size, seed=config.prune.seed)
 
 
-def _recover(model, tokenizer, pruned, config: RunConfig, progress: bool, adapter_dir: Path | None) -> dict:
+def _recover(model, calib_tokens, pruned, config: RunConfig, progress: bool, adapter_dir: Path | None) -> dict:
     """LoRA on the calibration source's training part (never the held-out part), keeping the masks."""
     rc = config.recovery
-    tokens = tokenize(tokenizer, load_text(config.calib, "calib"))
-    train_ids = calibration_windows(tokens, rc.steps * rc.batch, rc.seqlen, rc.seed)
+    train_ids = calibration_windows(calib_tokens, rc.steps * rc.batch, rc.seqlen, rc.seed)
     linears = {layer["name"]: model.get_submodule(layer["name"]) for layer in pruned.layers}
     _, stats = recover_lora(model, train_ids, rc, pruned_linears=linears, progress=progress, adapter_dir=adapter_dir)
+    weights = [weight_matrix(module) for module in linears.values()]  # counted again: the merged weights
+    stats["achieved_sparsity"] = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return stats
 
 

@@ -249,6 +249,10 @@ def _plot_metric_vs_sparsity(runs: list[Run], path: Path, metric: str) -> bool:
     values += _dense_lines(axes, [(run, _metric(run, metric, "dense")) for run in runs], metric)
 
     axes.xaxis.set_major_formatter(PercentFormatter(1.0))
+    low, high = axes.get_xlim()
+    if high - low < 0.1:  # runs at (nearly) one sparsity: show 10 points, not the 1e-6 rounding between them
+        middle = (low + high) / 2
+        axes.set_xlim(middle - 0.05, middle + 0.05)
     axes.set_xlabel("achieved sparsity")
     if metric == "perplexity":
         _log_axis(axes, values)

@@ -150,7 +150,13 @@ def _recovery(recovery: dict | None) -> str:
     if not recovery:
         return ""
     items = [f"- {key}: {value}" for key, value in recovery.items() if not isinstance(value, (dict, list))]
-    return "\n".join(["## Recovery", "", *items])
+    lines = ["## Recovery", "", *items]
+    if recovery.get("adapter"):
+        lines += ["", f"The unmerged LoRA adapter is in `{recovery['adapter']}/` (peft format), for inspection or further "
+                  "training. Its low-rank update is dense: applied with plain peft (to this model or the base one) it "
+                  "would fill the pruned zeros again. llmprune trained and merged it through the pruning mask, and "
+                  "the weights in this folder are that result: load them, not the adapter, to get the sparse model."]
+    return "\n".join(lines)
 
 
 def _usage(target: str) -> str:
@@ -166,7 +172,9 @@ def _storage_note(pattern: str) -> str:
             "and runs at the same speed with standard kernels. Speedups need sparse kernels or a sparse-aware runtime.")
     if pattern == "2:4":
         note += (" The 2:4 pattern of this model can be accelerated by the sparse tensor cores of NVIDIA Ampere and "
-                 "newer GPUs (for example with `torch.sparse.to_sparse_semi_structured`).")
+                 "newer GPUs (for example with `torch.sparse.to_sparse_semi_structured`), but only large matrix "
+                 "products gain: on an H100 with PyTorch 2.11 a 11008 x 4096 product over 32k tokens ran 1.2x "
+                 "faster, and products of a small model's size ran slower than dense.")
     else:
         note += " Only the 2:4 pattern is accelerated by the sparse tensor cores of NVIDIA Ampere and newer GPUs."
     return note

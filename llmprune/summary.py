@@ -23,7 +23,9 @@ def format_summary(report: dict) -> str:
              f"target sparsity {report['sparsity']:.4g}, allocation {report['allocation']}", "",
              "layer  target  achieved"]
     lines += [f"{i:>5}  {target:6.4f}  {achieved:8.4f}" for i, target, achieved in decoder_layer_sparsity(report)]
-    lines += ["", f"achieved sparsity over {len(report['layers'])} pruned linears: {report['achieved_sparsity']:.6f}"]
+    lines += ["", f"achieved sparsity over {len(report['layers'])} pruned linears: {report['achieved_sparsity']:.6f}"
+              + (f" (after LoRA recovery: {report['recovery']['achieved_sparsity']:.6f})"
+                 if "achieved_sparsity" in (report.get("recovery") or {}) else "")]
     ppl = report.get("perplexity")
     if ppl:
         lines.append(f"perplexity ({ppl['dataset']}, {ppl['windows']} x {ppl['seqlen']}): "

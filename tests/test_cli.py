@@ -58,6 +58,18 @@ def test_hub_id_and_hub_dataset_offline(capsys, monkeypatch):
     fails(capsys, ["--eval", "wikitext2"], "Offline, use wiki or file:PATH")
 
 
+def test_offline_flag_never_contacts_the_hub(capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test: --offline sets both for the process
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    connections = []
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: connections.append(a) or 1 / 0)
+    fails(capsys, ["--offline", "--model", "someone/some-model"], "Offline, use the embedded model (--model llama)")
+    fails(capsys, ["--offline", "--calib", "c4"], "Offline, use wiki or file:PATH")
+    assert connections == []
+
+
 def test_existing_output_needs_overwrite(capsys, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("precious")

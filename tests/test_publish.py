@@ -140,6 +140,14 @@ def test_card_of_a_minimal_2_4_report():
     assert "| 9.00 | 12.00 | 10.50 |" in card
     assert "Ampere" in card and "to_sparse_semi_structured" in card
     assert "## Sparsity per layer" not in card and "Zero-shot" not in card
+    assert "adapter" not in card
+
+
+def test_card_warns_that_the_kept_adapter_is_dense():
+    recovery = {"steps": 10, "lr": 5e-4, "r": 8}
+    assert "adapter" not in model_card({"method": "wanda", "sparsity": 0.5, "recovery": recovery})
+    card = model_card({"method": "wanda", "sparsity": 0.5, "recovery": {**recovery, "adapter": "adapter"}})
+    assert "`adapter/`" in card and "would fill the pruned zeros again" in card
 
 
 def test_output_reloads_with_from_pretrained(output):

@@ -1,0 +1,234 @@
+"""GPU checks and timings, for a machine with a CUDA GPU (nothing here runs in CI).
+
+Three parts, each printing a table and writing into one JSON file:
+
+1. `agreement`: tiny random decoders of several families pruned on the CPU and on the GPU (float32):
+   the fraction of identical mask entries, and the relative difference of the pruned models' logits.
+   The CUDA path must choose (almost) the same weights as the CPU path the tests check.
+2. `prune`: wall time per phase of Wanda and SparseGPT on random Llama-shaped models on the GPU, at the
+   papers' 128 x 2048 calibration, with the floor (two bare forwards of the same batches through the
+   decoder layers) for the ratio.
+3. `sparse24`: real 2:4 speed. The 2:4 masks llmprune writes are handed to PyTorch's semi-structured
+   sparse kernels (`to_sparse_semi_structured`); each linear's matmul and a whole decoder forward are
+   timed dense and sparse, and the sparse results checked against the dense product of the pruned
+   weights.
+
+Weights are random (no network on GPU machines, and speed does not depend on their values); quality
+numbers come from `scripts/bench_prune.py` on the real embedded model.
+
+    python scripts/bench_gpu.py --out results/gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from llmprune.config import PruneConfig  # noqa: E402
+from llmprune.models import decoder_layers, linears, weight_matrix  # noqa: E402
+from llmprune.runner import prune  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+
+SHAPES = {  # (hidden, intermediate, heads, kv heads): the embedded model's and LLaMA-7B's layer shapes
+    "smollm2-135m": (576, 1536, 9, 3),
+    "llama-7b": (4096, 11008, 32, 32),
+}
+
+
+def random_llama(shape: str, layers: int, dtype: torch.dtype) -> LlamaForCausalLM:
+    hidden, intermediate, heads, kv_heads = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=32000,
+                         max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # initialise on the GPU (fast), then park on the CPU: the runner moves layers
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.cpu().eval()
+
+
+def agreement(rows: list) -> None:
+    print("\n== CPU vs CUDA: same masks? (tiny random models, float32, 16 x 64 calibration)")
+    print(f"{'family':10} {'method':10} {'pattern':12} {'mask agree':>11} {'logit rel diff':>15}")
+    calibration = torch.randint(0, 128, (16, 64), generator=torch.Generator().manual_seed(0))
+    for family in ["llama", "gemma3", "opt", "gpt2"]:
+        for method in ["magnitude", "wanda", "sparsegpt"]:
+            for pattern in ["unstructured", "2:4"]:
+                pruned = {}
+                for device in ["cpu", "cuda"]:
+                    model = tiny_model(family)
+                    prune(model, calibration, PruneConfig(method=method, pattern=pattern, device=device),
+                          progress=False)
+                    pruned[device] = model
+                masks = [(weight_matrix(a) != 0) == (weight_matrix(b) != 0) for a, b in
+                         zip(_all_linears(pruned["cpu"]), _all_linears(pruned["cuda"]))]
+                agree = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+                with torch.no_grad():
+                    a, b = (pruned[d](calibration[:4]).logits for d in ("cpu", "cuda"))
+                diff = float((a - b).norm() / a.norm())
+                print(f"{family:10} {method:10} {pattern:12} {agree:11.6f} {diff:15.2e}")
+                rows.append({"family": family, "method": method, "pattern": pattern, "mask_agreement": agree,
+                             "logit_rel_diff": diff})
+
+
+def _all_linears(model):
+    _, layers = decoder_layers(model)
+    return [m for layer in layers for m in linears(layer).values()]
+
+
+@torch.inference_mode()
+def floor_seconds(model, calibration, batch_size) -> float:
+    """Two bare forwards of the calibration batches through the decoder layers, layer by layer as the
+    runner does (each layer moved to the GPU once), with inputs captured by the runner itself."""
+    from llmprune.runner import _run, capture_layer_calls
+
+    _, layers = decoder_layers(model)
+    calls = capture_layer_calls(model, layers, calibration, batch_size, torch.device("cuda"), progress=False)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, layer in enumerate(layers):
+        layer.to("cuda")
+        for _ in range(2):
+            outs = [_run(layer, i, calls, b) for b in range(len(calls.batches))]
+        for b, rows in enumerate(calls.batches):
+            calls.hidden[rows] = outs[b]
+        layer.to("cpu")
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def prune_timings(rows: list, nsamples: int, seqlen: int) -> None:
+    print(f"\n== prune on the GPU: seconds per phase, {nsamples} x {seqlen} calibration (random bf16 weights)")
+    print(f"{'model':22} {'method':10} {'pattern':12} {'capture':>8} {'stats':>8} {'solve':>8} {'propag':>8} "
+          f"{'total':>8} {'floor':>7} {'x floor':>8} {'peak GPU GiB':>13}")
+    calibration = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    for shape, layers in [("smollm2-135m", 30), ("llama-7b", 4)]:
+        base = random_llama(shape, layers, torch.bfloat16)
+        floor = floor_seconds(copy.deepcopy(base), calibration, 8)
+        for method, pattern in [("wanda", "unstructured"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")]:
+            model = copy.deepcopy(base)
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            report = prune(model, calibration, PruneConfig(method=method, pattern=pattern, device="cuda",
+                                                           nsamples=nsamples, seqlen=seqlen), progress=False)
+            total = time.perf_counter() - start
+            s = report.seconds
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            name = f"{shape} ({layers} layers)"
+            print(f"{name:22} {method:10} {pattern:12} {s['capture']:8.2f} {s['statistics']:8.2f} {s['solve']:8.2f} "
+                  f"{s['propagate']:8.2f} {total:8.2f} {floor:7.2f} {total / floor:8.2f} {peak:13.2f}")
+            rows.append({"model": shape, "layers": layers, "method": method, "pattern": pattern,
+                         "seconds": dict(s), "total_seconds": total, "floor_seconds": floor,
+                         "achieved_sparsity": report.achieved_sparsity, "peak_gpu_gib": peak})
+            del model
+        del base
+
+
+def bench(fn, warmup=5, repeat=30) -> float:
+    """Median milliseconds of `fn`, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def sparse24(rows: list, token_counts: list[int]) -> None:
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    print("\n== 2:4 on the GPU: llmprune's 2:4 masks through PyTorch's semi-structured kernels (F.linear), fp16")
+    print(f"{'shape':14} {'tokens':>7} {'linear':10} {'out x in':>14} {'dense ms':>9} {'2:4 ms':>9} {'speedup':>8} "
+          f"{'rel err':>9}")
+    for shape in ["smollm2-135m", "llama-7b"]:
+        model = random_llama(shape, 1, torch.float16)
+        prune(model, None, PruneConfig(method="magnitude", pattern="2:4", device="cuda"), progress=False)
+        _, layers = decoder_layers(model)
+        rotary_emb = model.model.rotary_emb.cuda()
+        for tokens in token_counts:
+            layer = copy.deepcopy(layers[0]).cuda()
+            x = torch.randn(tokens, SHAPES[shape][0], device="cuda", dtype=torch.float16)
+            x_down = torch.randn(tokens, SHAPES[shape][1], device="cuda", dtype=torch.float16)
+            for name, module in linears(layer).items():
+                short = name.rsplit(".", 1)[-1]
+                weight = module.weight.detach()
+                sparse = to_sparse_semi_structured(weight)  # refuses anything that is not exactly 2:4
+                backend = type(sparse).__name__.removeprefix("SparseSemiStructuredTensor") or "default"
+                inputs = x_down if short == "down_proj" else x
+                dense_ms = bench(lambda: F.linear(inputs, weight))
+                sparse_ms = bench(lambda: F.linear(inputs, sparse))
+                ref = F.linear(inputs.float(), weight.float())
+                err = float((F.linear(inputs, sparse).float() - ref).norm() / ref.norm())
+                print(f"{shape:14} {tokens:7d} {short:10} {str(tuple(weight.shape)):>14} {dense_ms:9.3f} "
+                      f"{sparse_ms:9.3f} {dense_ms / sparse_ms:8.2f} {err:9.1e}")
+                rows.append({"model": shape, "linear": short, "shape": list(weight.shape), "tokens": tokens,
+                             "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
+                             "rel_err": err, "backend": backend})
+            # a whole decoder layer (sequences of 2048): every linear's weight swapped for its 2:4 form
+            batch = torch.randn(max(1, tokens // 2048), min(tokens, 2048), SHAPES[shape][0], device="cuda",
+                                dtype=torch.float16)
+            position_ids = torch.arange(batch.shape[1], device="cuda").expand(batch.shape[0], -1)
+            rotary = rotary_emb(batch, position_ids)
+
+            def forward():
+                out = layer(batch, position_embeddings=rotary, attention_mask=None, position_ids=position_ids)
+                return out[0] if isinstance(out, tuple) else out
+
+            with torch.inference_mode():
+                dense_out, dense_ms = forward(), bench(forward)
+                for module in linears(layer).values():
+                    module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight.detach()),
+                                                       requires_grad=False)
+                assert all(isinstance(m.weight, SparseSemiStructuredTensor) for m in linears(layer).values())
+                sparse_out, sparse_ms = forward(), bench(forward)
+            err = float((sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm())
+            print(f"{shape:14} {tokens:7d} {'layer':10} {'':>14} {dense_ms:9.3f} {sparse_ms:9.3f} "
+                  f"{dense_ms / sparse_ms:8.2f} {err:9.1e}")
+            rows.append({"model": shape, "linear": "whole decoder layer", "tokens": tokens, "dense_ms": dense_ms,
+                         "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms, "rel_err": err})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/gpu.json", help="JSON file for every figure printed")
+    parser.add_argument("--parts", default="agreement,prune,sparse24", help="comma-separated parts to run")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--tokens", default="2048,32768", help="tokens per matmul in the 2:4 timings, comma list")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA GPU")
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "transformers": __import__("transformers").__version__, "python": platform.python_version()}
+    parts = args.parts.split(",")
+    if "agreement" in parts:
+        agreement(results.setdefault("agreement", []))
+    if "prune" in parts:
+        prune_timings(results.setdefault("prune", []), args.nsamples, args.seqlen)
+    if "sparse24" in parts:
+        sparse24(results.setdefault("sparse24", []), [int(t) for t in args.tokens.split(",")])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
