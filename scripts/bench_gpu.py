@@ -35,10 +35,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llmprune.config import PruneConfig  # noqa: E402
 from llmprune.models import decoder_layers, linears, weight_matrix  # noqa: E402
-from llmprune.runner import prune  # noqa: E402
+from llmprune.errors import LLMPruneError  # noqa: E402
+from llmprune.runner import prune, resolve_device  # noqa: E402
+from bench_prune import time_floor  # noqa: E402  (the CPU benchmark's floor, timed the same way)
 from tiny_models import tiny_model  # noqa: E402
 
 SHAPES = {  # (hidden, intermediate, heads, kv heads): the embedded model's and LLaMA-7B's layer shapes
@@ -47,18 +50,18 @@ SHAPES = {  # (hidden, intermediate, heads, kv heads): the embedded model's and 
 }
 
 
-def random_llama(shape: str, layers: int, dtype: torch.dtype) -> LlamaForCausalLM:
+def random_llama(shape: str, layers: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
     hidden, intermediate, heads, kv_heads = SHAPES[shape]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=32000,
                          max_position_embeddings=4096)
     torch.manual_seed(0)
-    with torch.device("cuda"):  # initialise on the GPU (fast), then park on the CPU: the runner moves layers
+    with device:  # initialise on the GPU (fast), then park on the CPU: the runner moves layers
         model = LlamaForCausalLM(config).to(dtype)
     return model.cpu().eval()
 
 
-def agreement(rows: list) -> None:
+def agreement(rows: list, device: torch.device) -> None:
     print("\n== CPU vs CUDA: same masks? (tiny random models, float32, 16 x 64 calibration)")
     print(f"{'family':10} {'method':10} {'pattern':12} {'mask agree':>11} {'logit rel diff':>15}")
     calibration = torch.randint(0, 128, (16, 64), generator=torch.Generator().manual_seed(0))
@@ -66,16 +69,16 @@ def agreement(rows: list) -> None:
         for method in ["magnitude", "wanda", "sparsegpt"]:
             for pattern in ["unstructured", "2:4"]:
                 pruned = {}
-                for device in ["cpu", "cuda"]:
+                for where in ("cpu", str(device)):
                     model = tiny_model(family)
-                    prune(model, calibration, PruneConfig(method=method, pattern=pattern, device=device),
+                    prune(model, calibration, PruneConfig(method=method, pattern=pattern, device=where),
                           progress=False)
-                    pruned[device] = model
+                    pruned[where] = model
                 masks = [(weight_matrix(a) != 0) == (weight_matrix(b) != 0) for a, b in
-                         zip(_all_linears(pruned["cpu"]), _all_linears(pruned["cuda"]))]
+                         zip(_all_linears(pruned["cpu"]), _all_linears(pruned[str(device)]))]
                 agree = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
                 with torch.no_grad():
-                    a, b = (pruned[d](calibration[:4]).logits for d in ("cpu", "cuda"))
+                    a, b = (pruned[d](calibration[:4]).logits for d in ("cpu", str(device)))
                 diff = float((a - b).norm() / a.norm())
                 print(f"{family:10} {method:10} {pattern:12} {agree:11.6f} {diff:15.2e}")
                 rows.append({"family": family, "method": method, "pattern": pattern, "mask_agreement": agree,
@@ -87,45 +90,24 @@ def _all_linears(model):
     return [m for layer in layers for m in linears(layer).values()]
 
 
-@torch.inference_mode()
-def floor_seconds(model, calibration, batch_size) -> float:
-    """Two bare forwards of the calibration batches through the decoder layers, layer by layer as the
-    runner does (each layer moved to the GPU once), with inputs captured by the runner itself."""
-    from llmprune.runner import _run, capture_layer_calls
-
-    _, layers = decoder_layers(model)
-    calls = capture_layer_calls(model, layers, calibration, batch_size, torch.device("cuda"), progress=False)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i, layer in enumerate(layers):
-        layer.to("cuda")
-        for _ in range(2):
-            outs = [_run(layer, i, calls, b) for b in range(len(calls.batches))]
-        for b, rows in enumerate(calls.batches):
-            calls.hidden[rows] = outs[b]
-        layer.to("cpu")
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def prune_timings(rows: list, nsamples: int, seqlen: int) -> None:
+def prune_timings(rows: list, nsamples: int, seqlen: int, device: torch.device) -> None:
     print(f"\n== prune on the GPU: seconds per phase, {nsamples} x {seqlen} calibration (random bf16 weights)")
     print(f"{'model':22} {'method':10} {'pattern':12} {'capture':>8} {'stats':>8} {'solve':>8} {'propag':>8} "
           f"{'total':>8} {'floor':>7} {'x floor':>8} {'peak GPU GiB':>13}")
     calibration = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     for shape, layers in [("smollm2-135m", 30), ("llama-7b", 4)]:
-        base = random_llama(shape, layers, torch.bfloat16)
-        floor = floor_seconds(copy.deepcopy(base), calibration, 8)
+        base = random_llama(shape, layers, torch.bfloat16, device)
+        floor = time_floor(copy.deepcopy(base), calibration, device)["two_pass_s"]
         for method, pattern in [("wanda", "unstructured"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")]:
             model = copy.deepcopy(base)
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
             start = time.perf_counter()
-            report = prune(model, calibration, PruneConfig(method=method, pattern=pattern, device="cuda",
+            report = prune(model, calibration, PruneConfig(method=method, pattern=pattern, device=str(device),
                                                            nsamples=nsamples, seqlen=seqlen), progress=False)
             total = time.perf_counter() - start
             s = report.seconds
-            peak = torch.cuda.max_memory_allocated() / 2**30
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
             name = f"{shape} ({layers} layers)"
             print(f"{name:22} {method:10} {pattern:12} {s['capture']:8.2f} {s['statistics']:8.2f} {s['solve']:8.2f} "
                   f"{s['propagate']:8.2f} {total:8.2f} {floor:7.2f} {total / floor:8.2f} {peak:13.2f}")
@@ -151,21 +133,21 @@ def bench(fn, warmup=5, repeat=30) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def sparse24(rows: list, token_counts: list[int]) -> None:
+def sparse24(rows: list, token_counts: list[int], device: torch.device) -> None:
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
     print("\n== 2:4 on the GPU: llmprune's 2:4 masks through PyTorch's semi-structured kernels (F.linear), fp16")
     print(f"{'shape':14} {'tokens':>7} {'linear':10} {'out x in':>14} {'dense ms':>9} {'2:4 ms':>9} {'speedup':>8} "
           f"{'rel err':>9}")
     for shape in ["smollm2-135m", "llama-7b"]:
-        model = random_llama(shape, 1, torch.float16)
-        prune(model, None, PruneConfig(method="magnitude", pattern="2:4", device="cuda"), progress=False)
+        model = random_llama(shape, 1, torch.float16, device)
+        prune(model, None, PruneConfig(method="magnitude", pattern="2:4", device=str(device)), progress=False)
         _, layers = decoder_layers(model)
-        rotary_emb = model.model.rotary_emb.cuda()
+        rotary_emb = model.model.rotary_emb.to(device)
         for tokens in token_counts:
-            layer = copy.deepcopy(layers[0]).cuda()
-            x = torch.randn(tokens, SHAPES[shape][0], device="cuda", dtype=torch.float16)
-            x_down = torch.randn(tokens, SHAPES[shape][1], device="cuda", dtype=torch.float16)
+            layer = copy.deepcopy(layers[0]).to(device)
+            x = torch.randn(tokens, SHAPES[shape][0], device=device, dtype=torch.float16)
+            x_down = torch.randn(tokens, SHAPES[shape][1], device=device, dtype=torch.float16)
             for name, module in linears(layer).items():
                 short = name.rsplit(".", 1)[-1]
                 weight = module.weight.detach()
@@ -182,9 +164,9 @@ def sparse24(rows: list, token_counts: list[int]) -> None:
                              "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
                              "rel_err": err, "backend": backend})
             # a whole decoder layer (sequences of 2048): every linear's weight swapped for its 2:4 form
-            batch = torch.randn(max(1, tokens // 2048), min(tokens, 2048), SHAPES[shape][0], device="cuda",
+            batch = torch.randn(max(1, tokens // 2048), min(tokens, 2048), SHAPES[shape][0], device=device,
                                 dtype=torch.float16)
-            position_ids = torch.arange(batch.shape[1], device="cuda").expand(batch.shape[0], -1)
+            position_ids = torch.arange(batch.shape[1], device=device).expand(batch.shape[0], -1)
             rotary = rotary_emb(batch, position_ids)
 
             def forward():
@@ -212,18 +194,25 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--tokens", default="2048,32768", help="tokens per matmul in the 2:4 timings, comma list")
+    parser.add_argument("--device", default="cuda", help="the CUDA device to measure: cuda, cuda:N")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_gpu.py needs a CUDA GPU")
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    if not torch.cuda.is_available() or not args.device.startswith("cuda"):  # CUDA events, CUDA's 2:4 kernels
+        sys.exit("bench_gpu.py measures a CUDA GPU: run it where one is, with --device cuda or cuda:N")
+    try:
+        device = resolve_device(args.device)
+    except LLMPruneError as err:
+        sys.exit(f"bench_gpu.py: {err}")
+    if device.index is not None:
+        torch.cuda.set_device(device)  # the events and synchronisations below address the current device
+    results = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "transformers": __import__("transformers").__version__, "python": platform.python_version()}
     parts = args.parts.split(",")
     if "agreement" in parts:
-        agreement(results.setdefault("agreement", []))
+        agreement(results.setdefault("agreement", []), device)
     if "prune" in parts:
-        prune_timings(results.setdefault("prune", []), args.nsamples, args.seqlen)
+        prune_timings(results.setdefault("prune", []), args.nsamples, args.seqlen, device)
     if "sparse24" in parts:
-        sparse24(results.setdefault("sparse24", []), [int(t) for t in args.tokens.split(",")])
+        sparse24(results.setdefault("sparse24", []), [int(t) for t in args.tokens.split(",")], device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
