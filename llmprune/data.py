@@ -149,9 +149,13 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
             f"{nsamples} x {seqlen} calibration tokens asked, but the calibration text holds {tokens.numel()}: "
             f"lower --nsamples or --seqlen, or use a larger --calib source"
         )
+    return torch.stack([tokens[s : s + seqlen] for s in calibration_starts(tokens.numel(), nsamples, seqlen, seed)])
+
+
+def calibration_starts(ntokens: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
+    """Where calibration_windows cuts its windows, for callers that must keep clear of them."""
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=generator)
-    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    return torch.randint(0, ntokens - seqlen + 1, (nsamples,), generator=generator).tolist()
 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int = 0) -> torch.Tensor:

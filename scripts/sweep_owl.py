@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from llmprune import PruneConfig, prune
-from llmprune.data import calibration_windows, eval_windows, load_text, tokenize
+from llmprune.data import calibration_starts, calibration_windows, eval_windows, load_text, tokenize
 from llmprune.models import load_model
 from llmprune.perplexity import perplexity
 
@@ -40,8 +40,7 @@ def validation_windows(tokens: torch.Tensor, calibration_starts: list[int], coun
 
 def make_windows(tokenizer, base: PruneConfig, validation_count: int) -> dict[str, torch.Tensor]:
     calib_tokens = tokenize(tokenizer, load_text("wiki", "calib"))
-    generator = torch.Generator().manual_seed(base.seed)  # the starts calibration_windows draws
-    starts = torch.randint(0, calib_tokens.numel() - base.seqlen + 1, (base.nsamples,), generator=generator).tolist()
+    starts = calibration_starts(calib_tokens.numel(), base.nsamples, base.seqlen, base.seed)
     return {"calibration": calibration_windows(calib_tokens, base.nsamples, base.seqlen, base.seed),
             "validation": validation_windows(calib_tokens, starts, validation_count, base.seqlen),
             "held_out": eval_windows(tokenize(tokenizer, load_text("wiki", "eval")), base.seqlen, 40)}
