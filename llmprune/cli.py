@@ -13,11 +13,11 @@ import sys
 import traceback
 
 from .config import PruneConfig, RunConfig
-from .data import source_names
+from .inputs.data import source_names
 from .errors import LLMPruneError
-from .methods import METHODS
-from .models import ALIASES
-from .recover import RecoverConfig
+from .pruning.methods import METHODS
+from .inputs.models import ALIASES
+from .recovery.lora import RecoverConfig
 
 EPILOG = """\
 patterns:
@@ -128,7 +128,7 @@ def prune_parser() -> argparse.ArgumentParser:
 
 def prune_command(argv: list[str]) -> int:
     from .pipeline import run
-    from .summary import format_summary
+    from .output.summary import format_summary
 
     args = prune_parser().parse_args(argv)
     go_offline(args)
@@ -174,7 +174,7 @@ def go_offline(args) -> None:
 
 
 def eval_command(argv: list[str]) -> int:
-    from .evaluate import EvalConfig, comparison_table, evaluate, results_path
+    from .evaluation.evaluate import EvalConfig, comparison_table, evaluate, results_path
 
     p = argparse.ArgumentParser(prog="python -m llmprune eval", description="Evaluate a model (an llmprune "
                                 "output, an alias, a Hub id, a .gguf) and optionally a baseline beside it.",
@@ -214,14 +214,14 @@ def report_command(argv: list[str]) -> int:
     p.add_argument("--out", default="llmprune-report", help="folder for report.md and the PNGs")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = p.parse_args(argv)
-    from .plots import write_report
+    from .output.plots import write_report
 
     print(f"wrote {write_report(args.runs, args.out)}")
     return 0
 
 
 def push_command(argv: list[str]) -> int:
-    from .publish import push
+    from .output.publish import push
 
     p = argparse.ArgumentParser(prog="python -m llmprune push", description="Upload an llmprune output "
                                 "directory to a Hugging Face Hub model repo (created if needed). The token "

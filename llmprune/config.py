@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LLMPruneError
-from .methods import get_method
-from .recover import RecoverConfig
+from .pruning.methods import get_method
+from .recovery.lora import RecoverConfig
 
 ALLOCATIONS = ("uniform", "owl")
 

@@ -19,16 +19,16 @@ import transformers
 
 from . import __version__
 from .config import RunConfig
-from .data import calibration_windows, check_source, eval_windows, load_text, tokenize
-from .methods import get_method
-from .models import load_model, resolve_model, weight_matrix
-from .output import atomic_directory, check_output
-from .perplexity import perplexity
-from .publish import check_push, push, write_model_card
-from .recover import recover_lora
-from .runner import check_model, resolve_device
-from .zeroshot import evaluate_zero_shot, resolve_tasks
-from .runner import prune as prune_layers
+from .inputs.data import calibration_windows, check_source, eval_windows, load_text, tokenize
+from .pruning.methods import get_method
+from .inputs.models import load_model, resolve_model, weight_matrix
+from .output.atomic import atomic_directory, check_output
+from .evaluation.perplexity import perplexity
+from .output.publish import check_push, push, write_model_card
+from .recovery.lora import recover_lora
+from .pruning.runner import check_model, resolve_device
+from .evaluation.zeroshot import evaluate_zero_shot, resolve_tasks
+from .pruning.runner import prune as prune_layers
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:

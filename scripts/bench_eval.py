@@ -4,9 +4,9 @@
 
 Two evaluations of one model, each timed against a bare `model(input_ids)` loop over the very same tokens:
 
-- perplexity: `llmprune.perplexity.perplexity` on the held-out `wiki` windows (40 x 512 by default),
+- perplexity: `llmprune.evaluation.perplexity.perplexity` on the held-out `wiki` windows (40 x 512 by default),
   against the bare loop one window at a time and batched (does batching pay on this machine?);
-- zero-shot: `llmprune.zeroshot.evaluate_zero_shot` (lm-eval's `simple_evaluate` on the in-memory
+- zero-shot: `llmprune.evaluation.zeroshot.evaluate_zero_shot` (lm-eval's `simple_evaluate` on the in-memory
   model) on arc_easy and piqa, against a bare loop over the requests lm-eval scored: each request's
   context + continuation minus its last token, as lm-eval feeds them, sorted by length and batched
   as lm-eval batches them (right-padded, `--eval-batch-size`).
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 import llmprune
-from llmprune.data import eval_windows, load_text, tokenize
-from llmprune.models import load_model
-from llmprune.perplexity import perplexity
-from llmprune.zeroshot import evaluate_zero_shot
+from llmprune.inputs.data import eval_windows, load_text, tokenize
+from llmprune.inputs.models import load_model
+from llmprune.evaluation.perplexity import perplexity
+from llmprune.evaluation.zeroshot import evaluate_zero_shot
 
 
 @torch.inference_mode()

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 import llmprune
 from llmprune import LLMPruneError, PruneConfig, prune
-from llmprune.data import calibration_windows, eval_windows, load_text, tokenize
-from llmprune.models import decoder_layers, load_model
-from llmprune.perplexity import perplexity
+from llmprune.inputs.data import calibration_windows, eval_windows, load_text, tokenize
+from llmprune.inputs.models import decoder_layers, load_model
+from llmprune.evaluation.perplexity import perplexity
 from llmprune.pipeline import current_rss_bytes, peak_rss_bytes, resolve_dtype
-from llmprune.runner import _elapsed, capture_layer_calls, propagate, resolve_device
+from llmprune.pruning.runner import _elapsed, capture_layer_calls, propagate, resolve_device
 
 TEXT, SEED, BATCH_SIZE = "wiki", 0, PruneConfig().batch_size
 METHODS = ("magnitude", "wanda", "sparsegpt")

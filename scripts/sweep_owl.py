@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from llmprune import PruneConfig, prune
-from llmprune.data import calibration_starts, calibration_windows, eval_windows, load_text, tokenize
-from llmprune.models import load_model
-from llmprune.perplexity import perplexity
+from llmprune.inputs.data import calibration_starts, calibration_windows, eval_windows, load_text, tokenize
+from llmprune.inputs.models import load_model
+from llmprune.evaluation.perplexity import perplexity
 
 GRID = [(5.0, 0.08), (5.0, 0.04), (5.0, 0.15), (5.0, 0.2), (3.0, 0.08), (7.0, 0.08), (10.0, 0.08), (10.0, 0.15)]
 

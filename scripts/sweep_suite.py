@@ -14,9 +14,9 @@ import argparse
 from pathlib import Path
 
 from llmprune.config import PruneConfig, RunConfig
-from llmprune.evaluate import write_json_atomically
+from llmprune.evaluation.evaluate import write_json_atomically
 from llmprune.pipeline import run
-from llmprune.plots import write_report
+from llmprune.output.plots import write_report
 
 RUNS = [(method, pattern) for method in ("magnitude", "wanda", "sparsegpt") for pattern in ("50%", "2:4")]
 

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, hub_server
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M, loaded once per session (about 30 s); tests restore `dense_state`."""
-    from llmprune.models import load_model
+    from llmprune.inputs.models import load_model
 
     model, tokenizer, source = load_model("llama")
     return model, tokenizer, copy.deepcopy(model.state_dict())

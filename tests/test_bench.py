@@ -10,7 +10,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from llmprune.data import load_text
+from llmprune.inputs.data import load_text
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_prune.py"
 QUICK_ROWS = {"dense", "magnitude-50%-uniform", "magnitude-2:4-uniform", "wanda-50%-uniform", "wanda-2:4-uniform",

@@ -8,7 +8,7 @@ import pytest
 
 from llmprune.cli import main
 from llmprune.errors import LLMPruneError
-from llmprune.output import atomic_directory
+from llmprune.output.atomic import atomic_directory
 from tiny_models import save_tiny_model_dir
 
 FAST = ["--nsamples", "2", "--seqlen", "16", "--eval-windows", "2", "--quiet"]

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmprune import PruneConfig, prune
-from llmprune.data import calibration_windows, eval_windows, load_text, tokenize
-from llmprune.perplexity import perplexity
+from llmprune.inputs.data import calibration_windows, eval_windows, load_text, tokenize
+from llmprune.evaluation.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from llmprune.cli import main
-from llmprune.data import eval_windows
-from llmprune.evaluate import EvalConfig, comparison_table, evaluate
-from llmprune.perplexity import perplexity
+from llmprune.inputs.data import eval_windows
+from llmprune.evaluation.evaluate import EvalConfig, comparison_table, evaluate
+from llmprune.evaluation.perplexity import perplexity
 from tiny_models import tiny_model
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from llmprune.config import PruneConfig
-from llmprune.masks import nm_mask, row_mask
-from llmprune.methods import get_method
-from llmprune.methods.sparsegpt import inverse_hessian_factor
+from llmprune.pruning.masks import nm_mask, row_mask
+from llmprune.pruning.methods import get_method
+from llmprune.pruning.methods.sparsegpt import inverse_hessian_factor
 
 
 def run(method, weight, statistic, **config):
@@ -111,7 +111,7 @@ def test_inverse_hessian_factor_retries_with_more_damping():
 @pytest.mark.parametrize("levels", [3, 1000])
 def test_selection_equals_a_stable_sort(levels):
     """The linear-time selection prunes exactly what a stable sort would: the lowest, ties by position."""
-    from llmprune.masks import _prune_lowest
+    from llmprune.pruning.masks import _prune_lowest
 
     scores = torch.randint(0, levels, (64, 96), generator=torch.Generator().manual_seed(2)).float()
     for count in (1, 17, 48, 95):

@@ -2,7 +2,7 @@
 
 from llmprune import pipeline
 from llmprune.config import PruneConfig, RunConfig
-from llmprune.recover import RecoverConfig
+from llmprune.recovery.lora import RecoverConfig
 
 
 def test_dense_scores_are_shared_across_a_sweep(tmp_path, tiny_dir, monkeypatch):

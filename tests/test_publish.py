@@ -14,7 +14,7 @@ from huggingface_hub import constants
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llmprune.errors import LLMPruneError
-from llmprune.publish import model_card, push, write_model_card
+from llmprune.output.publish import model_card, push, write_model_card
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer  # noqa: E402

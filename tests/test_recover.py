@@ -12,8 +12,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from llmprune.errors import LLMPruneError
-from llmprune.models import decoder_layers, is_linear, weight_matrix
-from llmprune.recover import MaskedLoraLinear, RecoverConfig, masked_lora_config, recover_lora
+from llmprune.inputs.models import decoder_layers, is_linear, weight_matrix
+from llmprune.recovery.lora import MaskedLoraLinear, RecoverConfig, masked_lora_config, recover_lora
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -173,7 +173,7 @@ def test_failed_training_hands_back_the_unwrapped_pruned_model(pruned_tiny, monk
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llmprune.recover._train", interrupted)
+    monkeypatch.setattr("llmprune.recovery.lora._train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         recover_lora(model, windows, RecoverConfig(steps=1, batch=1, seqlen=32), pruned_linears=pruned, progress=False)
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules()) and not hasattr(model, "peft_config")

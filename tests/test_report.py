@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from llmprune.errors import LLMPruneError
-from llmprune.plots import _decoder_layer_sparsity, write_report
+from llmprune.output.plots import _decoder_layer_sparsity, write_report
 
 PNG_MAGIC = b"\x89PNG"
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"

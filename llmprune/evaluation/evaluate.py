@@ -9,11 +9,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import check_source, eval_windows, load_text, tokenize
-from .errors import LLMPruneError
-from .models import load_model, resolve_model
+from ..inputs.data import check_source, eval_windows, load_text, tokenize
+from ..errors import LLMPruneError
+from ..inputs.models import load_model, resolve_model
 from .perplexity import perplexity
-from .runner import resolve_device
+from ..pruning.runner import resolve_device
 from .zeroshot import evaluate_zero_shot, resolve_tasks
 
 
@@ -52,7 +52,7 @@ def results_path(config: EvalConfig) -> Path:
 
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict:
-    from .pipeline import resolve_dtype
+    from ..pipeline import resolve_dtype
 
     for spec in filter(None, (config.model, config.baseline)):
         source = resolve_model(spec)

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import yaml
 
-from .errors import LLMPruneError
+from ..errors import LLMPruneError
 
 CARD_NAME = "README.md"
 # Load snippet target of a card written before anyone knows where the model will be published.

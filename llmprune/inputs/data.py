@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import LLMPruneError
+from ..errors import LLMPruneError
 from .models import hub_reachable
-from .resources import bundled_dir
+from ..resources import bundled_dir
 
 PARTS = ("calib", "eval")
 

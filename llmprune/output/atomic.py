@@ -11,7 +11,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import LLMPruneError
+from ..errors import LLMPruneError
 
 
 def check_output(path: str | Path, overwrite: bool) -> Path:

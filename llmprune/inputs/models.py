@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import LLMPruneError
+from ..errors import LLMPruneError
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, PercentFormatter
 
-from .errors import LLMPruneError
+from ..errors import LLMPruneError
 
 REPORT_NAME = "report.md"
 LAYER_PLOT = "layer_sparsity.png"

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import LLMPruneError
+from ...errors import LLMPruneError
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from llmprune.errors import LLMPruneError
-from llmprune.models import decoder_layers, is_linear
+from llmprune.inputs.models import decoder_layers, is_linear
 
 
 @dataclass

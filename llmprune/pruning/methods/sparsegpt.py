@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from ..errors import LLMPruneError
+from ...errors import LLMPruneError
 from ..masks import lowest_mask, nm_mask, pruned_count
 from . import register
 
