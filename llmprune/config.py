@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LLMPruneError
-from .pruning.methods import get_method
+from .pruning.methods import get_method, get_update
 from .recovery.lora import RecoverConfig
 
 ALLOCATIONS = ("uniform", "owl")
@@ -44,10 +44,13 @@ class PruneConfig:
     allocation: str = "uniform"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
+    update: str = "none"
     device: str | None = None
 
     def __post_init__(self):
         get_method(self.method)
+        if self.update != "none":
+            get_update(self.update)
         nm = parse_pattern(self.pattern)
         if nm:
             implied = 1 - nm[0] / nm[1]

@@ -5,13 +5,15 @@ import torch
 
 from llmprune.config import PruneConfig
 from llmprune.pruning.masks import nm_mask, row_mask
-from llmprune.pruning.methods import get_method
+from llmprune.pruning.methods import LayerTarget, get_method
 from llmprune.pruning.methods.sparsegpt import inverse_hessian_factor
 
 
-def run(method, weight, statistic, **config):
+def run(method, weight, statistic, segments=(), **config):
     cfg = PruneConfig(method=method, **config)
-    return get_method(method).fn(weight, statistic, cfg.sparsity, cfg)
+    found = get_method(method)
+    knobs = {name: getattr(cfg, name) for name in found.knobs}
+    return found.fn(weight, statistic, LayerTarget(cfg.sparsity, cfg.nm, tuple(segments)), **knobs)
 
 
 def test_wanda_and_magnitude_choose_differently():
@@ -92,8 +94,7 @@ def test_sparsegpt_nothing_pruned_changes_nothing():
 def test_sparsegpt_stacked_segments_prune_each_matrix_exactly():
     """q/k/v stacked on one Hessian: each stacked matrix loses exactly its own share."""
     weight, _, hessian = layer_problem(rows=20, cols=24)
-    cfg = PruneConfig(method="sparsegpt", sparsity=0.6, blocksize=8)
-    new, keep = get_method("sparsegpt").fn(weight, hessian, 0.6, cfg, segments=[12, 4, 4])
+    new, keep = run("sparsegpt", weight, hessian, segments=[12, 4, 4], sparsity=0.6, blocksize=8)
     assert [int((~k).sum()) for k in keep.split([12, 4, 4])] == [round(12 * 24 * 0.6), round(4 * 24 * 0.6),
                                                               round(4 * 24 * 0.6)]
 

@@ -89,11 +89,11 @@ def test_linears_sharing_an_input_share_one_statistic():
     calls = capture_layer_calls(model, layers, tokens(), 2, torch.device("cpu"), False)
     targets = {f"l.{n}": m for n, m in linears(layers[0]).items()}
     with torch.inference_mode():
-        stats = collect_statistics(layers[0], 0, calls, targets, "hessian")
+        stats = collect_statistics(layers[0], 0, calls, targets, ("hessian",))
     q, k, v = (stats[f"l.self_attn.{p}_proj"] for p in "qkv")
     assert q is k is v
     assert stats["l.mlp.gate_proj"] is stats["l.mlp.up_proj"]
-    assert stats["l.self_attn.o_proj"] is not q and stats["l.mlp.down_proj"].shape == (128, 128)
+    assert stats["l.self_attn.o_proj"] is not q and stats["l.mlp.down_proj"]["hessian"].shape == (128, 128)
 
 
 def test_batch_size_does_not_change_the_result():

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from ..config import PruneConfig
 from ..errors import LLMPruneError
 from .masks import pruned_count
-from .methods import Method, get_method
+from .methods import LayerTarget, Method, get_method, get_update
 from ..inputs.models import decoder_layers, linears, set_weight_matrix, weight_matrix
 from .owl import outlier_ratio, owl_sparsities
-from .statistics import InputStatistic
+from .statistics import new_statistic
 
 
 PHASES = ("capture", "allocation", "statistics", "solve", "propagate")
@@ -95,10 +95,12 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
     """Prune `model` in place, layer by layer. `calibration` is (nsamples, seqlen) token ids; the
     magnitude method with uniform allocation needs none."""
     method = get_method(config.method)
+    update = get_update(config.update) if config.update != "none" else None
+    kinds = tuple(dict.fromkeys(k for k in (method.statistic, update and update.statistic) if k))
     device = resolve_device(config.device)
     layers, targets = check_model(model, config)
     report = PruneReport(method.name, config.sparsity, config.pattern, config.allocation)
-    if method.statistic is None and config.allocation == "uniform":
+    if not kinds and config.allocation == "uniform":
         calls = None  # no data flows: every layer is pruned from its weights alone
     else:
         if calibration is None:
@@ -113,15 +115,16 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
         home = next(layer.parameters()).device
         layer.to(device)
         statistics = {}
-        if calls is not None and method.statistic is not None:
+        if calls is not None and kinds:
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: statistics")
             start = time.perf_counter()
-            statistics = collect_statistics(layer, i, calls, targets[i], method.statistic)
+            statistics = collect_statistics(layer, i, calls, targets[i], kinds)
             report.seconds["statistics"] += _elapsed(start, device)
         start = time.perf_counter()
         for group in share_groups(targets[i], statistics):
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: {'+'.join(n.rsplit('.', 1)[-1] for n in group)}")
-            prune_group(group, targets[i], statistics.get(group[0]), method, report.layer_sparsity[i], config, report)
+            prune_group(group, targets[i], statistics.get(group[0], {}), method, update, report.layer_sparsity[i],
+                        config, report)
         report.seconds["solve"] += _elapsed(start, device)
         if statistics and i + 1 < len(layers):
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: propagate")
@@ -213,12 +216,12 @@ def _run(layer, index, calls, batch):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def collect_statistics(layer, index, calls, targets, kind, write_outputs=False) -> dict[str, torch.Tensor]:
-    """Pass 1. Linears that read the very same input tensor (q/k/v, gate/up) share one statistic,
-    accumulated once. The forward stops as soon as the last linear has seen its input, unless the
+def collect_statistics(layer, index, calls, targets, kinds, write_outputs=False) -> dict[str, dict]:
+    """Pass 1: {linear: {kind: statistic}}. Linears that read the very same input tensor (q/k/v, gate/up)
+    share one dict of statistics, accumulated once. The forward stops as soon as the last linear has seen its input, unless the
     outputs are wanted too (`write_outputs`: a dense layer's outputs are the next layer's inputs)."""
     names = {module: name for name, module in targets.items()}
-    statistics: dict[str, InputStatistic] = {}
+    statistics: dict[str, dict] = {}
     leader: dict[str, str] = {}  # linear -> the linear whose statistic it shares
     previous: list = [None, None]  # (input tensor, name) of the linear called just before
     order: list[str] = []
@@ -229,7 +232,9 @@ def collect_statistics(layer, index, calls, targets, kind, write_outputs=False) 
             order.append(name)
             leader[name] = leader[previous[1]] if x is previous[0] else name
         if leader[name] == name:
-            statistics.setdefault(name, InputStatistic(kind, x.shape[-1], x.device)).add(x)
+            for kind, statistic in statistics.setdefault(
+                    name, {k: new_statistic(k, x.shape[-1], x.device) for k in kinds}).items():
+                statistic.add(x)
         previous[:] = [x, name]
         if stop_after and name == stop_after:
             raise _StopForward
@@ -250,9 +255,10 @@ def collect_statistics(layer, index, calls, targets, kind, write_outputs=False) 
     finally:
         for handle in handles:
             handle.remove()
-    finals = {name: stat.finalize() for name, stat in statistics.items()}
+    finals = {name: {kind: stat.finalize() for kind, stat in stats.items()} for name, stats in statistics.items()}
     for name, value in finals.items():
-        if not torch.isfinite(value).all():
+        tensors = [t for v in value.values() for t in (v.values() if isinstance(v, dict) else [v])]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
             raise LLMPruneError(f"the calibration statistics of {name} hold NaN or Inf: the activations "
                                 f"overflow in this dtype; try --dtype float32")
     return {name: finals[leader[name]] for name in leader}
@@ -267,13 +273,19 @@ def share_groups(targets: dict[str, nn.Module], statistics: dict[str, torch.Tens
     return list(groups.values())
 
 
-def prune_group(group, targets, statistic, method: Method, sparsity, config, report) -> None:
-    """Stack the group's weights (same input width), prune them in one call, verify, write back."""
+def prune_group(group, targets, statistics, method: Method, update, sparsity, config, report) -> None:
+    """Stack the group's weights (same input width), prune them in one call, re-fit them if an update is
+    asked for, verify, write back. The method sees only this layer's target and its own knobs."""
     modules = [targets[name] for name in group]
     weights = [weight_matrix(m) for m in modules]
     rows = [w.shape[0] for w in weights]
     stacked = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float()
-    new_weight, keep = method.fn(stacked, statistic, sparsity, config, segments=rows)
+    target = LayerTarget(sparsity, config.nm, tuple(rows))
+    knobs = {name: getattr(config, name) for name in method.knobs}
+    new_weight, keep = method.fn(stacked, statistics.get(method.statistic), target, **knobs)
+    if update is not None:
+        knobs = {name: getattr(config, name) for name in update.knobs}
+        new_weight = update.fn(stacked, statistics[update.statistic], keep, **knobs)
     verify_mask(group, new_weight, keep, rows, method, sparsity, config)
     for name, module, new in zip(group, modules, new_weight.split(rows)):
         set_weight_matrix(module, new)
@@ -293,7 +305,7 @@ def verify_mask(group, weight, keep, rows, method: Method, sparsity, config) -> 
     else:
         kept = keep.sum(1).split(rows)
         exact = all(int(k.sum()) == r * cols - pruned_count(r * cols, sparsity) for k, r in zip(kept, rows))
-    if not exact or bool(weight.masked_fill(keep, 0).any()):
+    if not exact or bool(weight.masked_fill(keep, 0).any()) or not bool(torch.isfinite(weight).all()):
         raise LLMPruneError(f"internal error: {', '.join(group)} do not carry the requested {config.pattern} "
                             f"pattern at sparsity {sparsity:g}; please report this")
 
@@ -315,8 +327,9 @@ def allocate_sparsity(layers, targets, calls, config, device, report, progress) 
     for i, layer in enumerate(tqdm(layers, desc="OWL: dense statistics", unit="layer", disable=not progress)):
         home = next(layer.parameters()).device
         layer.to(device)
-        norms = collect_statistics(layer, i, calls, targets[i], "input_norms", write_outputs=True)
-        scores = torch.cat([(weight_matrix(m).float().abs() * norms[name]).flatten() for name, m in targets[i].items()])
+        stats = collect_statistics(layer, i, calls, targets[i], ("input_norms",), write_outputs=True)
+        scores = torch.cat([(weight_matrix(m).float().abs() * stats[name]["input_norms"]).flatten()
+                            for name, m in targets[i].items()])
         ratios.append(outlier_ratio(scores, config.owl_m))
         sizes.append(scores.numel())
         layer.to(home)

@@ -1,31 +1,81 @@
-"""Input statistics of a linear layer, accumulated over calibration tokens in float32.
+"""Statistics of a linear layer's inputs, accumulated over calibration tokens in float32, by kind.
 
-Sums are accumulated in place and scaled once at the end: the same numbers as a running mean,
-without rescaling the accumulator on every batch.
+A kind is a small class registered here: `add(x)` for each batch of inputs (..., features), `finalize()`
+once, returning what a method receives. Sums are accumulated in place and scaled once at the end: the
+same numbers as a running mean, without rescaling the accumulator on every batch. A method that needs a
+new statistic adds one class here and names its kind in `register(..., statistic=KIND)`.
 """
 
 from __future__ import annotations
 
 import torch
 
+STATISTICS: dict[str, type] = {}
 
-class InputStatistic:
-    """kind "input_norms": ||X_j||_2 per input feature (Wanda); kind "hessian": 2/n * X^T X (SparseGPT)."""
 
-    def __init__(self, kind: str, features: int, device: torch.device):
-        self.kind, self.tokens = kind, 0
-        shape = (features, features) if kind == "hessian" else (features,)
-        self.total = torch.zeros(shape, dtype=torch.float32, device=device)
+def register_statistic(kind: str):
+    def decorate(cls):
+        STATISTICS[kind] = cls
+        return cls
+
+    return decorate
+
+
+def new_statistic(kind: str, features: int, device: torch.device):
+    return STATISTICS[kind](features, device)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+@register_statistic("input_norms")
+class InputNorms:
+    """||X_j||_2 per input feature, over every calibration token (Wanda, RIA, OWL)."""
+
+    def __init__(self, features: int, device: torch.device):
+        self.total = torch.zeros(features, dtype=torch.float32, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.tokens += x.shape[0]
-        if self.kind == "hessian":
-            self.total.addmm_(x.t(), x)
-        else:
-            self.total.add_(x.square().sum(0))
+        self.total.add_(_rows(x).square().sum(0))
 
     def finalize(self) -> torch.Tensor:
-        if self.kind == "hessian":
-            return self.total.mul_(2 / self.tokens)
         return self.total.sqrt_()
+
+
+@register_statistic("hessian")
+class Hessian:
+    """2/n X^T X over the n calibration tokens (SparseGPT, ADMM): the layer-wise least-squares Hessian."""
+
+    def __init__(self, features: int, device: torch.device):
+        self.tokens = 0
+        self.total = torch.zeros(features, features, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = _rows(x)
+        self.tokens += x.shape[0]
+        self.total.addmm_(x.t(), x)
+
+    def finalize(self) -> torch.Tensor:
+        return self.total.mul_(2 / self.tokens)
+
+
+@register_statistic("input_moments")
+class InputMoments:
+    """Per input feature, over every token: the mean, the variance and ||X_j||_2, as a dict (DSnoT, FLAP)."""
+
+    def __init__(self, features: int, device: torch.device):
+        self.tokens = 0
+        self.sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(features, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = _rows(x).double()  # variance from sums of squares loses digits in float32 over many tokens
+        self.tokens += x.shape[0]
+        self.sum.add_(x.sum(0))
+        self.sum_sq.add_(x.square().sum(0))
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        mean = self.sum / self.tokens
+        variance = (self.sum_sq / self.tokens - mean.square()).clamp_min(0)
+        return {"mean": mean.float(), "variance": variance.float(), "norms": self.sum_sq.sqrt().float()}

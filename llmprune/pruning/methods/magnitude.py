@@ -4,12 +4,12 @@ from ..masks import nm_mask, row_mask
 from . import register
 
 
-def score_mask(scores, sparsity, config):
+def score_mask(scores, target):
     """The comparison groups every score-based method shares: per output row, or per N:M group."""
-    return nm_mask(scores, *config.nm) if config.nm else row_mask(scores, sparsity)
+    return nm_mask(scores, *target.nm) if target.nm else row_mask(scores, target.sparsity)
 
 
 @register("magnitude", statistic=None, summary="|W|; needs no calibration data")
-def magnitude(weight, statistic, sparsity, config, segments=None):
-    keep = score_mask(weight.abs(), sparsity, config)
+def magnitude(weight, statistic, target):
+    keep = score_mask(weight.abs(), target)
     return weight * keep, keep

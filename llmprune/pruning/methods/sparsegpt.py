@@ -45,18 +45,17 @@ def _block_counts(segments: list[int], cols: int, i1: int, i2: int, sparsity: fl
     return [pruned_count(rows * i2, sparsity) - pruned_count(rows * i1, sparsity) for rows in segments]
 
 
-@register("sparsegpt", statistic="hessian", compares="matrix",
+@register("sparsegpt", statistic="hessian", compares="matrix", knobs=("blocksize", "percdamp"),
           summary="OBS sparse regression with weight updates (Frantar & Alistarh 2023)")
-def sparsegpt(weight, hessian, sparsity, config, segments=None):
+def sparsegpt(weight, hessian, target, blocksize=128, percdamp=0.01):
     w = weight.clone()
     rows, cols = w.shape
-    segments = list(segments or [rows])
+    segments, sparsity, nm = list(target.segments or [rows]), target.sparsity, target.nm
     starts = [sum(segments[:k]) for k in range(len(segments))]
-    hinv = inverse_hessian_factor(hessian, config.percdamp)
+    hinv = inverse_hessian_factor(hessian, percdamp)
     keep = torch.ones_like(w, dtype=torch.bool)
-    nm = config.nm
-    for i1 in range(0, cols, config.blocksize):
-        i2 = min(i1 + config.blocksize, cols)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
         block, hinv_block = w[:, i1:i2], hinv[i1:i2, i1:i2]
         errors = torch.empty_like(block)
         inv_diag_sq = torch.diag(hinv_block) ** 2

@@ -5,6 +5,6 @@ from .magnitude import score_mask
 
 
 @register("wanda", statistic="input_norms", summary="|W| * ||X||_2 per input feature (Sun et al. 2023)")
-def wanda(weight, input_norms, sparsity, config, segments=None):
-    keep = score_mask(weight.abs() * input_norms, sparsity, config)
+def wanda(weight, input_norms, target):
+    keep = score_mask(weight.abs() * input_norms, target)
     return weight * keep, keep
