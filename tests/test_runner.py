@@ -164,8 +164,8 @@ def test_a_method_that_misses_the_pattern_is_caught(monkeypatch):
     from llmprune.pruning.methods import METHODS, Method
     from llmprune.pruning.methods.magnitude import magnitude
 
-    def off_by_one(weight, statistic, sparsity, config, segments=None):
-        new, keep = magnitude(weight, statistic, sparsity, config)
+    def off_by_one(weight, statistic, target):
+        new, keep = magnitude(weight, statistic, target)
         keep[0, keep[0].logical_not().nonzero()[0]] = True  # restore one pruned weight
         return new, keep
 
