@@ -7,7 +7,6 @@ is the entry point for pruning a model already in memory.
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -26,29 +25,10 @@ from .output.atomic import atomic_directory, check_output
 from .evaluation.perplexity import perplexity
 from .output.publish import check_push, push, write_model_card
 from .recovery.lora import recover_lora
-from .pruning.runner import check_model, resolve_device
+from .pruning.runner import check_model
+from .runtime import current_rss_bytes, peak_rss_bytes, resolve_device, resolve_dtype
 from .evaluation.zeroshot import evaluate_zero_shot, resolve_tasks
 from .pruning.runner import prune as prune_layers
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """`auto`: float32 on a CPU (fast there, and exact), bfloat16 on a GPU."""
-    if dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return dtype
-
-
-def peak_rss_bytes() -> int:
-    """The process's high-water mark of resident memory."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def current_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * resource.getpagesize()
-    except OSError:  # not Linux
-        return None
 
 
 def run(config: RunConfig, progress: bool = True, command: str | None = None, dense_cache: dict | None = None) -> dict:

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llmprune.config import PruneConfig  # noqa: E402
 from llmprune.inputs.models import decoder_layers, linears, weight_matrix  # noqa: E402
 from llmprune.errors import LLMPruneError  # noqa: E402
-from llmprune.pruning.runner import prune, resolve_device  # noqa: E402
+from llmprune.pruning.runner import prune  # noqa: E402
+from llmprune.runtime import resolve_device  # noqa: E402
 from bench_prune import time_floor  # noqa: E402  (the CPU benchmark's floor, timed the same way)
 from tiny_models import tiny_model  # noqa: E402
 

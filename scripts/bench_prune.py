@@ -29,8 +29,8 @@ from llmprune import LLMPruneError, PruneConfig, prune
 from llmprune.inputs.data import calibration_windows, eval_windows, load_text, tokenize
 from llmprune.inputs.models import decoder_layers, load_model
 from llmprune.evaluation.perplexity import perplexity
-from llmprune.pipeline import current_rss_bytes, peak_rss_bytes, resolve_dtype
-from llmprune.pruning.runner import _elapsed, capture_layer_calls, propagate, resolve_device
+from llmprune.runtime import current_rss_bytes, elapsed, peak_rss_bytes, resolve_device, resolve_dtype
+from llmprune.pruning.runner import capture_layer_calls, propagate
 
 TEXT, SEED, BATCH_SIZE = "wiki", 0, PruneConfig().batch_size
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -94,14 +94,14 @@ def bare_forward(model, calibration: torch.Tensor, device: torch.device) -> tupl
     _, layers = decoder_layers(model)
     start = time.perf_counter()
     calls = capture_layer_calls(model, layers, calibration, BATCH_SIZE, device, progress=False)
-    captured = _elapsed(start, device)
+    captured = elapsed(start, device)
     start = time.perf_counter()
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
         layer.to(device)
         propagate(layer, i, calls)
         layer.to(home)
-    return captured, _elapsed(start, device)
+    return captured, elapsed(start, device)
 
 
 def time_floor(model, calibration: torch.Tensor, device: torch.device) -> dict:
@@ -115,7 +115,7 @@ def bench_row(model, config: PruneConfig, calibration, windows, device, floor: d
     peak_before = peak_rss_bytes()
     start = time.perf_counter()
     report = prune(model, calibration, config, progress=False)
-    prune_s = _elapsed(start, device)
+    prune_s = elapsed(start, device)
     start = time.perf_counter()
     ppl = perplexity(model, windows, device, progress=False)
     evaluate_s = time.perf_counter() - start

@@ -13,7 +13,7 @@ from ..inputs.data import check_source, eval_windows, load_text, tokenize
 from ..errors import LLMPruneError
 from ..inputs.models import load_model, resolve_model
 from .perplexity import perplexity
-from ..pruning.runner import resolve_device
+from ..runtime import resolve_device, resolve_dtype
 from .zeroshot import evaluate_zero_shot, resolve_tasks
 
 
@@ -52,8 +52,6 @@ def results_path(config: EvalConfig) -> Path:
 
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict:
-    from ..pipeline import resolve_dtype
-
     for spec in filter(None, (config.model, config.baseline)):
         source = resolve_model(spec)
         if not source.is_hub and not source.gguf_file and not any(Path(source.path).glob("*.safetensors")) \

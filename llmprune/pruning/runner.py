@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import PruneConfig
 from ..errors import LLMPruneError
+from ..runtime import elapsed, resolve_device
 from .masks import pruned_count
 from .methods import LayerTarget, Method, get_method, get_update
 from ..inputs.models import decoder_layers, linears, set_weight_matrix, weight_matrix
@@ -75,21 +76,6 @@ class PruneReport:
         }
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise LLMPruneError(f"--device '{device}' is not a device: use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LLMPruneError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise LLMPruneError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return resolved
-
-
 @torch.inference_mode()
 def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfig, progress: bool = True) -> PruneReport:
     """Prune `model` in place, layer by layer. `calibration` is (nsamples, seqlen) token ids; the
@@ -107,7 +93,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
             raise LLMPruneError(f"method '{method.name}' needs calibration data")
         start = time.perf_counter()
         calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress)
-        report.seconds["capture"] += _elapsed(start, device)
+        report.seconds["capture"] += elapsed(start, device)
     report.layer_sparsity = allocate_sparsity(layers, targets, calls, config, device, report, progress)
 
     bar = tqdm(total=len(layers), desc="pruning", unit="layer", disable=not progress)
@@ -119,18 +105,18 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: statistics")
             start = time.perf_counter()
             statistics = collect_statistics(layer, i, calls, targets[i], kinds)
-            report.seconds["statistics"] += _elapsed(start, device)
+            report.seconds["statistics"] += elapsed(start, device)
         start = time.perf_counter()
         for group in share_groups(targets[i], statistics):
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: {'+'.join(n.rsplit('.', 1)[-1] for n in group)}")
             prune_group(group, targets[i], statistics.get(group[0], {}), method, update, report.layer_sparsity[i],
                         config, report)
-        report.seconds["solve"] += _elapsed(start, device)
+        report.seconds["solve"] += elapsed(start, device)
         if statistics and i + 1 < len(layers):
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: propagate")
             start = time.perf_counter()
             propagate(layer, i, calls)
-            report.seconds["propagate"] += _elapsed(start, device)
+            report.seconds["propagate"] += elapsed(start, device)
         layer.to(home)
         bar.update()
     bar.close()
@@ -334,11 +320,5 @@ def allocate_sparsity(layers, targets, calls, config, device, report, progress) 
         sizes.append(scores.numel())
         layer.to(home)
     calls.hidden.copy_(layer0_inputs)
-    report.seconds["allocation"] += _elapsed(start, device)
+    report.seconds["allocation"] += elapsed(start, device)
     return owl_sparsities(ratios, sizes, config.sparsity, config.owl_lambda)
-
-
-def _elapsed(start: float, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
-    return time.perf_counter() - start

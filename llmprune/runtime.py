@@ -1,0 +1,56 @@
+"""Where and in what precision work runs, and what it costs: device and dtype resolution, memory gauges.
+
+Every stage (pruning, evaluation, recovery) asks here, so none imports another stage to borrow a helper.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from .errors import LLMPruneError
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """None: cuda when a GPU is present, else cpu. A device that is not here is an error naming the fix."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LLMPruneError(f"--device '{device}' is not a device: use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LLMPruneError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise LLMPruneError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`auto`: float32 on a CPU (fast there, and exact), bfloat16 on a GPU."""
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return dtype
+
+
+def elapsed(start: float, device: torch.device) -> float:
+    """Seconds since `start`, after the device's queued kernels have finished (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_rss_bytes() -> int:
+    """The process's high-water mark of resident memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux
+        return None
