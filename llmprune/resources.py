@@ -19,3 +19,9 @@ def bundled_dir(package: str) -> Traversable:
         return importlib.resources.files(package)
     except ModuleNotFoundError:
         return Path(__file__).resolve().parent.parent / FOLDERS[package]
+
+
+def source_names() -> list[str]:
+    """The named text sources: calib/*.yaml."""
+    return sorted(p.name.removesuffix(".yaml") for p in bundled_dir("llmprune.calib").iterdir()
+                  if p.name.endswith(".yaml"))

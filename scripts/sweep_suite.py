@@ -3,7 +3,8 @@
     python scripts/sweep_suite.py [--model llama] [--tasks all-offline] [--limit 100] [--out results/suite]
 
 Every run goes through `llmprune.pipeline.run`, as `python -m llmprune` would do it; the dense model's
-perplexity and zero-shot scores are computed once and shared by the runs. Each run's report.json goes to
+perplexity and zero-shot scores are computed by the first run and passed to the others (the runs share
+the model and every evaluation setting, so the dense scores cannot differ). Each run's report.json goes to
 <out>/<method>-<pattern>/ (no weights), and `python -m llmprune report` over them writes <out>/report.md
 (the tables) and its plots.
 """
@@ -14,8 +15,7 @@ import argparse
 from pathlib import Path
 
 from llmprune.config import PruneConfig, RunConfig
-from llmprune.evaluation.evaluate import write_json_atomically
-from llmprune.pipeline import run
+from llmprune.pipeline import DenseScores, run
 from llmprune.output.plots import write_report
 
 RUNS = [(method, pattern) for method in ("magnitude", "wanda", "sparsegpt") for pattern in ("50%", "2:4")]
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
-    dense_cache: dict = {}
+    dense = None
     run_dirs = []
     for spec in args.runs.split(","):
         method, pattern = spec.split(":", 1)
@@ -40,10 +40,11 @@ def main() -> None:
         config = RunConfig(model=args.model, prune=PruneConfig(method=method, **shape), tasks=None if args.tasks == "none" else args.tasks,
                            limit=args.limit or None)
         print(f"== {method} {pattern}", flush=True)
-        report = run(config, command=f"scripts/sweep_suite.py ({method} {pattern})", dense_cache=dense_cache)
+        report = run(config, command=f"scripts/sweep_suite.py ({method} {pattern})", dense=dense)
+        dense = DenseScores(report.perplexity and report.perplexity.dense, report.zero_shot_dense)
         run_dir = out / f"{method}-{pattern.replace('%', 'pct').replace(':', 'of')}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(run_dir / "report.json", report)
+        report.save(run_dir / "report.json")
         run_dirs.append(run_dir)
     print(f"wrote {write_report(run_dirs, out)}")
 

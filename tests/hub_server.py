@@ -91,6 +91,7 @@ class HubServer:
             ("POST", r"/api/validate-yaml", True, self.validate_yaml),
             ("GET", rf"/api/models/{REPO}(?:/revision/(?P<rev>.+))?", True, self.repo_info),
             ("POST", rf"/api/models/{REPO}/branch/(?P<branch>.+)", True, self.create_branch),
+            ("PUT", rf"/api/models/{REPO}/settings", True, self.update_settings),
             ("POST", rf"/api/models/{REPO}/preupload/(?P<rev>.+)", True, self.preupload),
             ("POST", rf"/api/models/{REPO}/commit/(?P<rev>.+)", True, self.commit),
             ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", True, self.lfs_batch),
@@ -99,6 +100,12 @@ class HubServer:
             ("PUT", r"/storage/(?P<oid>[0-9a-f]{64})(?:/(?P<part>\d+))?", False, self.storage_put),
             ("POST", r"/storage/(?P<oid>[0-9a-f]{64})", False, self.storage_complete),
         ]
+
+    def update_settings(self, body: bytes, repo: str) -> dict:
+        payload = json.loads(body)
+        if "private" in payload:
+            self._repo(repo).private = bool(payload["private"])
+        return {}
 
     def create_repo(self, body: bytes) -> dict:
         payload = json.loads(body)

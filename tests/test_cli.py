@@ -31,8 +31,8 @@ def fails(capsys, args, message, tmp_path=None):
     (["--pattern", "2-4"], "must be 'unstructured' or N:M"),
     (["--pattern", "4:4"], "needs 0 < N < M"),
     (["--pattern", "2:4", "--sparsity", "0.6"], "drop --sparsity or set it to 0.5"),
-    (["--nsamples", "0"], "--nsamples must be at least 1"),
-    (["--seqlen", "0"], "--seqlen must be at least 1"),
+    (["--nsamples", "0"], "--nsamples must be an integer of at least 1"),
+    (["--seqlen", "0"], "--seqlen must be an integer of at least 1"),
     (["--model", "./no/such/dir"], "no such model directory or file"),
     (["--model", "missing.gguf"], "no such GGUF file"),
     (["--calib", "file:/no/such.txt"], "no such text file"),
@@ -44,11 +44,13 @@ def test_bad_input_fails_before_work(capsys, tmp_path, args, message):
     fails(capsys, args + ["--output", str(tmp_path / "out")], message, tmp_path)
 
 
-def test_unknown_method(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["--method", "obs"])
-    assert exit_.value.code == 2
-    assert "invalid choice: 'obs'" in capsys.readouterr().err
+def test_unknown_method_is_one_line_pointing_at_help(capsys):
+    assert main(["--method", "obs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown --method 'obs'" in err[0] and "see --help" in err[0], err
+    assert main(["--allocation", "owls"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'owls'" in err[0] and "--help" in err[0], err
 
 
 def test_hub_id_and_hub_dataset_offline(capsys, monkeypatch):
@@ -99,7 +101,7 @@ def test_more_tokens_than_the_text_holds(capsys, tmp_path, tiny_dir):
     (tmp_path / "small.txt").write_text("The quick brown fox. " * 10)
     fails(capsys, ["--model", str(tiny_dir), "--calib", f"file:{tmp_path / 'small.txt'}", "--nsamples", "64",
                    "--seqlen", "64", "--eval", "none", "--output", str(tmp_path / "out")],
-          "lower --nsamples or --seqlen", tmp_path)
+          "lower --nsamples, --seqlen", tmp_path)
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -133,7 +135,7 @@ def test_cli_subprocess_on_a_local_model(tmp_path, tiny_dir):
                            "--eval", f"file:{tmp_path / 'text.jsonl'}", *FAST, "--output", str(out)],
                           capture_output=True, text=True, env=os.environ)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "achieved sparsity over 21 pruned linears: 0.500000" in done.stdout
+    assert "achieved sparsity over 21 pruned linears in 3 layers: 0.500000" in done.stdout
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     again = subprocess.run([sys.executable, "-m", "llmprune", "--model", str(tiny_dir), "--output", str(out)],
                            capture_output=True, text=True)

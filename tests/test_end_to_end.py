@@ -55,7 +55,7 @@ def test_cli_writes_a_model_that_loads_back(embedded, texts, tmp_path):
     done = subprocess.run([sys.executable, "-m", "llmprune", *args], capture_output=True, text=True,
                           env=os.environ | {"TQDM_DISABLE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "achieved sparsity over 210 pruned linears: 0.500000" in done.stdout
+    assert "achieved sparsity over 210 pruned linears in 30 layers: 0.500000" in done.stdout
     report = json.loads((out / "report.json").read_text())
     for key in ("model", "method", "sparsity", "pattern", "calibration", "achieved_sparsity", "layers",
                 "perplexity", "seconds", "peak_rss_bytes", "versions"):

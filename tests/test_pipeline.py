@@ -1,31 +1,28 @@
-"""pipeline.run as a sweep uses it: the dense model's scores are computed once per setting, then shared."""
+"""pipeline.run as a sweep uses it, and its phases' contracts."""
 
 from llmprune import pipeline
-from llmprune.config import PruneConfig, RunConfig
-from llmprune.recovery.lora import RecoverConfig
+from llmprune.config import PruneConfig, RecoverConfig, RunConfig
+from llmprune.evaluation import perplexity as perplexity_module
 
 
-def test_dense_scores_are_shared_across_a_sweep(tmp_path, tiny_dir, monkeypatch):
+def test_dense_scores_passed_in_are_not_recomputed(tmp_path, tiny_dir, monkeypatch):
+    """A sweep passes the first run's dense scores to the next: no dense pass is run again, the pruned one is."""
     text = tmp_path / "text.jsonl"
     text.write_text("\n".join(f'{{"text": "Sentence {i} of a small corpus, with a few more words."}}' for i in range(300)))
     passes = []
-    real = pipeline.perplexity
-    monkeypatch.setattr(pipeline, "perplexity", lambda *a, **k: passes.append(k["desc"]) or real(*a, **k))
+    real = perplexity_module.perplexity
+    monkeypatch.setattr(perplexity_module, "perplexity", lambda *a, **k: passes.append(k["desc"]) or real(*a, **k))
 
-    def config(method, windows=2):
+    def config(method):
         return RunConfig(model=str(tiny_dir), prune=PruneConfig(method=method, nsamples=2, seqlen=16),
-                         calib=f"file:{text}", eval=f"file:{text}", eval_windows=windows)
+                         calib=f"file:{text}", eval=f"file:{text}", eval_windows=2)
 
-    cache: dict = {}
-    first = pipeline.run(config("wanda"), progress=False, dense_cache=cache)
-    second = pipeline.run(config("magnitude"), progress=False, dense_cache=cache)
+    first = pipeline.run(config("wanda"), progress=False)
+    dense = pipeline.DenseScores(first.perplexity.dense, first.zero_shot_dense)
+    second = pipeline.run(config("magnitude"), progress=False, dense=dense)
     assert passes == ["perplexity (dense)", "perplexity (pruned)", "perplexity (pruned)"]
-    assert second["perplexity"]["dense"] == first["perplexity"]["dense"]
-    assert second["perplexity"]["pruned"] != first["perplexity"]["pruned"]
-
-    third = pipeline.run(config("magnitude", windows=3), progress=False, dense_cache=cache)  # another setting
-    assert passes[3:] == ["perplexity (dense)", "perplexity (pruned)"]
-    assert third["perplexity"]["windows"] == 3
+    assert second.perplexity.dense == first.perplexity.dense
+    assert second.perplexity.pruned != first.perplexity.pruned
 
 
 def test_recovery_reports_the_sparsity_it_kept(tmp_path, tiny_dir):
@@ -34,5 +31,5 @@ def test_recovery_reports_the_sparsity_it_kept(tmp_path, tiny_dir):
     report = pipeline.run(RunConfig(model=str(tiny_dir), prune=PruneConfig(method="wanda", nsamples=2, seqlen=16),
                                     calib=f"file:{text}", eval=f"file:{text}", eval_windows=2, recover="lora",
                                     recovery=RecoverConfig(steps=2, batch=1, seqlen=16)), progress=False)
-    assert report["recovery"]["achieved_sparsity"] == report["achieved_sparsity"] > 0.49
-    assert set(report["perplexity"]) >= {"dense", "pruned", "recovered"}
+    assert report.recovery["achieved_sparsity"] == report.achieved_sparsity > 0.49
+    assert None not in (report.perplexity.dense, report.perplexity.pruned, report.perplexity.recovered)

@@ -31,7 +31,7 @@ def prune_half(model: torch.nn.Module) -> list[dict]:
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
             with torch.no_grad():
                 module.weight[torch.rand(module.weight.shape, generator=generator) < 0.5] = 0
-            layers.append({"name": name, "shape": list(module.weight.shape),
+            layers.append({"name": name, "shape": list(module.weight.shape), "sparsity": 0.5,
                            "achieved_sparsity": (module.weight == 0).float().mean().item()})
     return layers
 
@@ -130,9 +130,10 @@ def test_card_front_matter_and_sections(output):
 
 
 def test_card_of_a_minimal_2_4_report():
-    card = model_card({"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "command": "a ```b``` c",
-                       "perplexity": {"dataset": "c4", "seqlen": 128, "windows": 4, "dense": 9.0, "pruned": 12.0,
-                                      "recovered": 10.5}})
+    card = model_card(make_report([], method="sparsegpt", pattern="2:4", command="a ```b``` c", base_model=None,
+                                  license=None, zero_shot=None, zero_shot_dense=None,
+                                  perplexity={"dataset": "c4", "seqlen": 128, "windows": 4, "dense": 9.0,
+                                              "pruned": 12.0, "recovered": 10.5}))
     metadata = front_matter(card)
     assert "base_model" not in metadata and "license" not in metadata
     assert metadata["tags"] == ["pruned", "sparse", "sparsegpt", "2:4", "llmprune"]
@@ -145,8 +146,8 @@ def test_card_of_a_minimal_2_4_report():
 
 def test_card_warns_that_the_kept_adapter_is_dense():
     recovery = {"steps": 10, "lr": 5e-4, "r": 8}
-    assert "adapter" not in model_card({"method": "wanda", "sparsity": 0.5, "recovery": recovery})
-    card = model_card({"method": "wanda", "sparsity": 0.5, "recovery": {**recovery, "adapter": "adapter"}})
+    assert "adapter" not in model_card(make_report([], recovery=recovery))
+    card = model_card(make_report([], recovery={**recovery, "adapter": "adapter"}))
     assert "`adapter/`" in card and "would fill the pruned zeros again" in card
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from llmprune.errors import LLMPruneError
+from llmprune.report import Report
 from llmprune.output.plots import _decoder_layer_sparsity, write_report
 
 PNG_MAGIC = b"\x89PNG"
@@ -74,7 +75,7 @@ def test_report_tables_and_plots(runs, tmp_path):
     assert "Perplexity measured on wiki, 40 windows of 512 tokens." in text
     # Per-task table: the shared dense result once, then each run with zero-shot numbers.
     assert "| model | arc_easy | boolq | mean |" in text
-    assert text.count(f"| dense ({BASE_MODEL}) | 0.550 | 0.620 | 0.585 |") == 1
+    assert text.count(f"| dense ({BASE_MODEL.rsplit('/', 1)[-1]}) | 0.550 | 0.620 | 0.585 |") == 1
     assert "| sparsegpt-24 | 0.410 | 0.580 | 0.495 |" in text
     assert "| wanda-70-owl | 0.370 | 0.520 | 0.445 |" in text
     for png in ["layer_sparsity.png", "ppl_vs_sparsity.png", "accuracy_vs_sparsity.png"]:
@@ -98,7 +99,7 @@ def test_report_keeps_other_files_and_drops_plots_without_data(runs, tmp_path):
 
 def test_decoder_layer_sparsity_weights_linears_by_size(tmp_path):
     run = make_run(tmp_path / "run", "wanda", [0.5, 0.7])
-    report = json.loads((run / "report.json").read_text())
+    report = Report.load(run / "report.json")
     # q and o (4096 each) at target - 0.002, up (16384) at target + 0.004: (2 * -0.002 + 4 * 0.004) / 6 = +0.002.
     assert _decoder_layer_sparsity(report) == pytest.approx({0: 0.502, 1: 0.702})
 

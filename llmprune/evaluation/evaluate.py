@@ -6,10 +6,11 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 from ..inputs.data import check_source, eval_windows, load_text, tokenize
+from ..config import DTYPES, option
 from ..errors import LLMPruneError
 from ..inputs.models import load_model, resolve_model
 from .perplexity import perplexity
@@ -19,21 +20,29 @@ from .zeroshot import evaluate_zero_shot, resolve_tasks
 
 @dataclass
 class EvalConfig:
-    model: str
-    baseline: str | None = None
-    ppl: tuple[str, ...] = ("wiki",)
-    tasks: str | None = None
-    limit: int | None = None
-    num_fewshot: int = 0
-    seed: int = 0
-    seqlen: int = 512
-    eval_windows: int = 40
-    batch_size: int = 16
-    device: str | None = None
-    dtype: str = "auto"
-    results: str | None = None
+    model: str = option(MISSING, "the model to evaluate (an llmprune output, an alias, a Hub id, a .gguf)")
+    baseline: str | None = option(None, "a model to compare with, e.g. the dense one (llama)")
+    ppl: tuple[str, ...] | str = option(("wiki",), "comma list of perplexity sources (wiki, wikitext2, c4, "
+                                        "file:PATH), or none", metavar="SOURCES")
+    tasks: str | None = option(None, "zero-shot tasks through lm-evaluation-harness, comma separated: task "
+                               "names or suites (wanda-suite, all-offline)", group="zero-shot")
+    limit: int | None = option(None, "documents per task (default: all)", group="zero-shot")
+    num_fewshot: int = option(0, "few-shot examples per prompt", group="zero-shot")
+    seed: int = option(0, "lm-eval's seeds")
+    seqlen: int = option(512, "tokens per perplexity window")
+    eval_windows: int = option(40, "perplexity windows; 0 = all")
+    batch_size: int = option(16, "lm-eval batch size", flag="--eval-batch-size", group="zero-shot")
+    device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda if available)")
+    dtype: str = option("auto", "weights' dtype; auto = float32 on CPU, bfloat16 on CUDA", choices=DTYPES)
+    results: str | None = option(None, "where to write the results (default: MODEL/eval.json for a directory, "
+                                 "else ./eval.json)")
+    offline: bool = option(False, "never contact the Hugging Face Hub (models from local files or the cache, "
+                           "tasks from llmprune's offline copies)")
 
     def __post_init__(self):
+        if isinstance(self.ppl, str):
+            self.ppl = tuple(s for s in self.ppl.split(",") if s and s != "none")
+        self.ppl = tuple(self.ppl)
         if self.limit is not None and self.limit < 1:
             raise LLMPruneError(f"--limit must be at least 1 document per task (got {self.limit})")
         if self.seqlen < 1 or self.eval_windows < 0:

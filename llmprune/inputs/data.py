@@ -19,14 +19,9 @@ import yaml
 
 from ..errors import LLMPruneError
 from .models import hub_reachable
-from ..resources import bundled_dir
+from ..resources import bundled_dir, source_names
 
 PARTS = ("calib", "eval")
-
-
-def source_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in bundled_dir("llmprune.calib").iterdir()
-                  if p.name.endswith(".yaml"))
 
 
 def source_definition(name: str) -> dict:
@@ -38,13 +33,18 @@ def source_definition(name: str) -> dict:
     return yaml.safe_load(definition.read_text())
 
 
-def check_source(source: str) -> None:
-    """Fail before the model loads on a source that cannot be read: a missing file, an unknown name,
-    a Hub dataset while the Hub is out of reach."""
+def check_source(source: str, part: str = "calib", min_tokens: int = 1) -> None:
+    """Fail before the model loads on a source that cannot serve: a missing, unreadable, non-UTF-8, empty or
+    too short file, a .jsonl with a bad line, an unknown name, a Hub dataset while the Hub is out of reach.
+    `min_tokens` is checked against the file's bytes: no tokenizer makes more tokens than bytes."""
     if source.startswith("file:"):
         path = Path(source.removeprefix("file:")).expanduser()
-        if not path.is_file():
-            raise LLMPruneError(f"no such text file: {path}")
+        text = _read_user_file(path)
+        size = len(text.encode("utf-8"))
+        if size < min_tokens:
+            flags = "--seqlen" if part == "eval" else "--nsamples, --seqlen or the --recover-* budget"
+            raise LLMPruneError(f"{path} holds {size} bytes, fewer than the {min_tokens} tokens asked of it: "
+                                f"use a longer text, or lower {flags}")
     elif source_definition(source)["kind"] == "hub_dataset" and not hub_reachable():
         raise LLMPruneError(_offline_message(source_definition(source)))
 
@@ -68,18 +68,42 @@ def load_text(source: str, part: str) -> str:
 
 
 def _read_user_file(path: Path) -> str:
+    """A user's .txt (UTF-8), or .jsonl with one {"text": ...} object per line; every failure names the fix.
+    Read once per version of the file (preflight checks it, then the phases use it)."""
     if not path.is_file():
         raise LLMPruneError(f"no such text file: {path}")
+    stat = path.stat()
+    return _read_checked(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _read_checked(path: Path, mtime_ns: int, size: int) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise LLMPruneError(f"cannot read {path}: {err.strerror}; check its permissions") from None
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LLMPruneError(f"{path} is not UTF-8 text (byte {err.start} is invalid): convert it, e.g. with "
+                            f"iconv -t utf-8") from None
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                if "text" not in record:
-                    raise LLMPruneError(f"{path}:{number}: a .jsonl line needs a 'text' field")
-                texts.append(record["text"])
-        return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+            except json.JSONDecodeError as err:
+                raise LLMPruneError(f"{path}:{number}: not a JSON object ({err.msg}); each .jsonl line must be "
+                                    '{"text": "..."}') from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise LLMPruneError(f'{path}:{number}: a .jsonl line needs a "text" field holding a string')
+            texts.append(record["text"])
+        content = "\n\n".join(texts)
+    if not content.strip():
+        raise LLMPruneError(f"{path} holds no text: give a file with prose in it")
+    return content
 
 
 @lru_cache(maxsize=2)

@@ -100,6 +100,59 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, spec, base_model=spec, is_hub=True)
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def check_model_files(source: ModelSource, seqlens: dict[str, int], trust_remote_code: bool = False) -> None:
+    """Before loading: a local directory must hold a causal decoder whose positions cover the asked sequence
+    lengths, and safetensors files that are whole. (GGUF files and Hub ids are checked by the loader.)"""
+    if source.is_hub or source.gguf_file:
+        return
+    folder = Path(source.path)
+    for shard in sorted(folder.glob("*.safetensors")):
+        check_safetensors(shard)
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise LLMPruneError(f"{folder}/config.json cannot be read as a model config: {str(err).splitlines()[0]}") \
+            from None
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(
+        name.endswith(("ForCausalLM", "LMHeadModel")) for name in (config.architectures or []))
+    if not causal:
+        raise LLMPruneError(f"{folder} holds a '{config.model_type}' model, not a causal decoder: llmprune prunes "
+                            "models that AutoModelForCausalLM loads (Llama, Mistral, Qwen2, OPT, GPT-2...)")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = next((getattr(text_config, key) for key in POSITION_KEYS if getattr(text_config, key, None)), None)
+    for flag, seqlen in seqlens.items():
+        if limit and seqlen > limit:
+            raise LLMPruneError(f"{flag} {seqlen} is longer than the model's {limit} positions: set {flag} {limit} "
+                                "or less")
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes: a file cut short
+    (an interrupted download or copy) or with a damaged header is caught here, not by a crash mid-load."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as stream:
+            (header_size,) = struct.unpack("<Q", stream.read(8))
+            if header_size > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(stream.read(header_size))
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise LLMPruneError(f"{path} is not a valid safetensors file ({err}): re-download or re-save it") from None
+    if 8 + header_size + end != size:
+        raise LLMPruneError(f"{path} is truncated or damaged ({size} bytes, its header describes "
+                            f"{8 + header_size + end}): re-download or re-save it")
+
+
 def _offline_hint(what: str) -> str:
     return (
         f"cannot reach the Hugging Face Hub ({hub_endpoint()}) to download {what}. Offline, use the embedded "

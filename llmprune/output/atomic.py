@@ -1,17 +1,21 @@
 """Output directories are written atomically: built in a temporary folder beside the target, then renamed.
 
 A failed or interrupted run leaves no half-written output, and an existing one survives unless
---overwrite is given, in which case it is replaced only once the new one is complete.
+--overwrite is given, in which case it is replaced only once the new one is complete. Outputs get
+ordinary permissions (folders 0755, files 0644 under the usual umask), not the 0700 of a temp folder.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import LLMPruneError
+
+WRITTEN: list[str] = []  # outputs completed by this process, so an interruption afterwards can say they exist
 
 
 def check_output(path: str | Path, overwrite: bool) -> Path:
@@ -20,18 +24,49 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise LLMPruneError(f"{path} already exists: pass --overwrite to replace it, or choose another --output")
     if path.exists() and not path.is_dir():
-        raise LLMPruneError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise LLMPruneError(f"{path} exists and is not a directory: choose another --output")
+    parent = path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LLMPruneError(f"cannot write under {existing}: choose an --output in a folder you can write to")
     return path
+
+
+def check_free_space(path: str | Path, needed_bytes: int, margin: float = 1.1) -> None:
+    """Refuse before the work when the output's filesystem cannot hold the model (plus a 10% margin)."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes * margin:
+        raise LLMPruneError(f"{existing} has {free / 2**30:.2f} GiB free but the model needs about "
+                            f"{needed_bytes * margin / 2**30:.2f} GiB: free some space or choose another --output")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_permissions(root: Path) -> None:
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 @contextmanager
 def atomic_directory(path: str | Path, overwrite: bool):
-    """Yield a temporary directory; on success it becomes `path`, on any error it disappears."""
+    """Yield a temporary directory; on success it becomes `path`, on any error or interruption it disappears."""
     path = check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield staging
+        _ordinary_permissions(staging)
         if path.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             path.rename(retired / path.name)
@@ -39,6 +74,7 @@ def atomic_directory(path: str | Path, overwrite: bool):
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(path)
+        WRITTEN.append(str(path))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from matplotlib import colormaps
@@ -22,12 +22,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, PercentFormatter
 
 from ..errors import LLMPruneError
+from ..report import Report
 
 REPORT_NAME = "report.md"
 LAYER_PLOT = "layer_sparsity.png"
 PPL_PLOT = "ppl_vs_sparsity.png"
 ACCURACY_PLOT = "accuracy_vs_sparsity.png"
-REQUIRED_KEYS = ("method", "sparsity", "pattern", "allocation", "achieved_sparsity", "layers")
 NM_MARKERS = ("s", "D", "^", "v", "P", "X")  # one per N:M pattern, in order of first appearance
 RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 DPI = 120
@@ -38,7 +38,7 @@ class Run:
     """One run as the report needs it: report.json with the gaps filled from eval.json."""
 
     name: str
-    report: dict
+    report: Report
     perplexity: dict | None  # {"dataset", "seqlen", "windows", "dense", "pruned", "recovered"?}
     zero_shot: dict | None  # the pruned model's {"tasks": {...}, "mean_acc": ...}
     zero_shot_dense: dict | None
@@ -46,8 +46,8 @@ class Run:
     @property
     def group(self) -> tuple[str, str, str]:
         """Runs of one (method, pattern kind, allocation) share a colour and, if unstructured, a line."""
-        kind = "unstructured" if self.report["pattern"] == "unstructured" else "N:M"
-        return self.report["method"], kind, self.report["allocation"]
+        kind = "unstructured" if self.report.pattern == "unstructured" else "N:M"
+        return self.report.method, kind, self.report.allocation
 
     @property
     def mean_acc(self) -> float | None:
@@ -107,16 +107,13 @@ def _load_run(path: Path, name: str) -> Run:
         raise LLMPruneError(f"run directory {path} does not exist")
     if not (path / "report.json").is_file():
         raise LLMPruneError(f"{path} has no report.json; pass output directories of `python -m llmprune --output DIR`")
-    report = _read_json(path / "report.json")
-    missing = [key for key in REQUIRED_KEYS if key not in report]
-    if missing:
-        raise LLMPruneError(f"{path / 'report.json'} is not an llmprune report (missing {', '.join(missing)})")
+    report = Report.load(path / "report.json")
     evaluation = _read_json(path / "eval.json") if (path / "eval.json").is_file() else {}
     eval_zero_shot = evaluation.get("zero_shot") or {}
     return Run(name=name, report=report,
-               perplexity=report.get("perplexity") or _eval_perplexity(evaluation),
-               zero_shot=report.get("zero_shot") or eval_zero_shot.get("model"),
-               zero_shot_dense=report.get("zero_shot_dense") or eval_zero_shot.get("baseline"))
+               perplexity=asdict(report.perplexity) if report.perplexity else _eval_perplexity(evaluation),
+               zero_shot=report.zero_shot or eval_zero_shot.get("model"),
+               zero_shot_dense=report.zero_shot_dense or eval_zero_shot.get("baseline"))
 
 
 def _read_json(path: Path) -> dict:
@@ -137,20 +134,9 @@ def _eval_perplexity(evaluation: dict) -> dict | None:
     return None
 
 
-def _decoder_layer_sparsity(report: dict) -> dict[int, float]:
-    """Achieved sparsity of each decoder layer (the first `.N.` of a linear's name), weighting linears by size.
-
-    Linears outside the decoder layers (no index in their name) have no point on a per-layer axis and are left out.
-    """
-    zeros: dict[int, float] = {}
-    sizes: dict[int, int] = {}
-    for linear in report["layers"]:
-        match = re.search(r"\.(\d+)\.", linear["name"])
-        if match:
-            index, numel = int(match[1]), math.prod(linear["shape"])
-            zeros[index] = zeros.get(index, 0.0) + linear["achieved_sparsity"] * numel
-            sizes[index] = sizes.get(index, 0) + numel
-    return {index: zeros[index] / sizes[index] for index in sorted(sizes) if sizes[index]}
+def _decoder_layer_sparsity(report: Report) -> dict[int, float]:
+    """Achieved sparsity of each decoder layer; linears outside the decoder layers have no point on this axis."""
+    return {index: achieved for index, _, achieved in report.decoder_layers()}
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -185,7 +171,7 @@ def _plot_layer_sparsity(runs: list[Run], path: Path) -> bool:
         # each visible through the ones drawn over it.
         axes.plot(list(achieved), list(achieved.values()), color=color, linewidth=1.2, label=run.name,
                   marker=RUN_MARKERS[i % len(RUN_MARKERS)], markersize=5, markerfacecolor="none")
-        target = run.report.get("layer_sparsity") or []
+        target = run.report.layer_sparsity
         axes.plot(range(len(target)), target, color=color, linestyle="--", linewidth=1, alpha=0.8)
         values += [*achieved.values(), *target]
     if not values:
@@ -223,20 +209,20 @@ def _plot_metric_vs_sparsity(runs: list[Run], path: Path, metric: str) -> bool:
     # Colours and markers are assigned over all runs, not only those with this metric, so that a group
     # looks the same in the perplexity and the accuracy plot.
     groups = list(dict.fromkeys(run.group for run in runs))
-    nm_patterns = list(dict.fromkeys(run.report["pattern"] for run in runs if run.group[1] == "N:M"))
+    nm_patterns = list(dict.fromkeys(run.report.pattern for run in runs if run.group[1] == "N:M"))
     values = []
     for group, color in zip(groups, _colors(len(groups))):
         method, kind, allocation = group
-        members = sorted((run for run in runs if run.group == group), key=lambda run: run.report["achieved_sparsity"])
+        members = sorted((run for run in runs if run.group == group), key=lambda run: run.report.achieved_sparsity)
         # Unstructured runs trace a curve over sparsity; each N:M pattern fixes its sparsity, so its runs are
         # points, told apart by marker.
         series = [("unstructured", "o", members)] if kind == "unstructured" else [
-            (pattern, NM_MARKERS[i % len(NM_MARKERS)], [run for run in members if run.report["pattern"] == pattern])
+            (pattern, NM_MARKERS[i % len(NM_MARKERS)], [run for run in members if run.report.pattern == pattern])
             for i, pattern in enumerate(nm_patterns)]
         for stage in ("pruned", "recovered"):
             recovered = stage == "recovered"
             for pattern, marker, subset in series:
-                pairs = [(run.report["achieved_sparsity"], _metric(run, metric, stage)) for run in subset]
+                pairs = [(run.report.achieved_sparsity, _metric(run, metric, stage)) for run in subset]
                 pairs = [(x, y) for x, y in pairs if y is not None]
                 if not pairs:
                     continue
@@ -272,7 +258,7 @@ def _dense_lines(axes, dense: list[tuple[Run, float | None]], metric: str) -> li
     for run, value in dense:
         if value is not None:
             names = models.setdefault(round(value, 6), [])
-            model = str(run.report.get("base_model") or run.report.get("model"))
+            model = str(run.report.model_name)
             if model not in names:
                 names.append(model)
     linestyles = itertools.cycle(["--", "-.", (0, (5, 1, 1, 1, 1, 1))])
@@ -300,7 +286,7 @@ def _log_axis(axes, values: list[float]) -> None:
 
 def _markdown(runs: list[Run], plots: list[str]) -> str:
     lines = ["# llmprune report", "", f"{len(runs)} run{'s' if len(runs) > 1 else ''} of "
-             + ", ".join(dict.fromkeys(f"`{run.report.get('base_model') or run.report.get('model')}`" for run in runs))
+             + ", ".join(dict.fromkeys(f"`{run.report.model_name}`" for run in runs))
              + ".", "", _runs_table(runs), *_perplexity_notes(runs)]
     zero_shot = _zero_shot_table(runs)
     if zero_shot:
@@ -322,9 +308,9 @@ def _runs_table(runs: list[Run]) -> str:
         report, ppl = run.report, run.perplexity or {}
         perplexity = _chain([ppl.get("dense"), ppl.get("pruned"), ppl.get("recovered")], "{:.2f}")
         accuracy = _chain([run.dense_mean_acc, run.mean_acc], "{:.3f}")
-        prune_seconds = (report.get("seconds") or {}).get("prune")
-        rows.append(_row([run.name, report["method"], report["pattern"], report["allocation"],
-                          f"{report['sparsity']:.1%}", f"{report['achieved_sparsity']:.2%}", perplexity, accuracy,
+        prune_seconds = report.seconds.get("prune")
+        rows.append(_row([run.name, report.method, report.pattern, report.allocation,
+                          f"{report.sparsity:.1%}", f"{report.achieved_sparsity:.2%}", perplexity, accuracy,
                           "n/a" if prune_seconds is None else f"{prune_seconds:.1f}"]))
     return "\n".join(rows)
 
@@ -357,7 +343,7 @@ def _zero_shot_table(runs: list[Run]) -> str:
     results = {}  # label -> zero_shot dict; dense results are deduplicated: runs of one model share them
     for run in scored:
         if run.zero_shot_dense and run.zero_shot_dense.get("tasks") and run.zero_shot_dense not in results.values():
-            model = run.report.get("base_model") or run.report.get("model")
+            model = run.report.model_name
             results[f"dense ({model})"] = run.zero_shot_dense
     results.update({run.name: run.zero_shot for run in scored})
     rows = [_row(["model", *tasks, "mean"]), _row(["---"] * (len(tasks) + 2))]

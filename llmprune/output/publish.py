@@ -5,91 +5,97 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import quote
 
 import yaml
 
 from ..errors import LLMPruneError
+from ..report import Report
 
 CARD_NAME = "README.md"
 # Load snippet target of a card written before anyone knows where the model will be published.
 LOCAL_PLACEHOLDER = "path/to/this/folder"
 REQUIRED_FILES = ("config.json", "report.json")
+# What an output is made of: weights, configs and tokenizer files, reports, the card, an exported GGUF.
+OUTPUT_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".jinja", ".model", ".gguf")
 METHOD_NAMES = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 
 
 # ---------------------------------------------------------------- model card
 
 
-def model_card(report: dict, repo_id: str | None = None) -> str:
-    """The Hub model card (README.md) for a run described by `report`; pure, so an untouched card can be recognised."""
+def model_card(report: Report | dict, repo_id: str | None = None) -> str:
+    """The Hub model card (README.md) for a run described by `report` (a Report, or its dict as in report.json);
+    pure, so an untouched card can be recognised."""
+    report = report if isinstance(report, Report) else Report.from_dict(report)
     sections = [
         _front_matter(report),
         _intro(report),
         _provenance(report),
-        _layer_summary(report.get("layers") or []),
+        _layer_summary([asdict(linear) for linear in report.layers]),
         _evaluation(report),
-        _recovery(report.get("recovery")),
+        _recovery(report.recovery),
         _usage(repo_id or LOCAL_PLACEHOLDER),
-        _storage_note(report.get("pattern", "unstructured")),
+        _storage_note(report.pattern),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def write_model_card(output_dir: str | Path, report: dict, repo_id: str | None = None) -> Path:
+def write_model_card(output_dir: str | Path, report: Report | dict, repo_id: str | None = None) -> Path:
     path = Path(output_dir) / CARD_NAME
     path.write_text(model_card(report, repo_id), encoding="utf-8")
     return path
 
 
-def _front_matter(report: dict) -> str:
+def _front_matter(report: Report) -> str:
     metadata = {}
-    if report.get("base_model"):
-        metadata["base_model"] = report["base_model"]
+    if report.base_model:
+        metadata["base_model"] = report.base_model
     metadata["library_name"] = "transformers"
-    if report.get("license"):
-        metadata["license"] = report["license"]
+    if report.license:
+        metadata["license"] = report.license
     metadata["pipeline_tag"] = "text-generation"
-    tags = ["pruned", "sparse", report.get("method"), report.get("pattern"), "llmprune"]
+    tags = ["pruned", "sparse", report.method, report.pattern, "llmprune"]
     metadata["tags"] = [str(tag) for tag in dict.fromkeys(tags) if tag]
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---"
 
 
-def _intro(report: dict) -> str:
-    base = report.get("base_model") or report.get("model") or "a causal language model"
-    method = METHOD_NAMES.get(report.get("method"), report.get("method", "unknown"))
-    pattern = report.get("pattern", "unstructured")
-    sparsity = report.get("achieved_sparsity", report.get("sparsity"))
+def _intro(report: Report) -> str:
+    base = report.base_model or report.model or "a causal language model"
+    method = METHOD_NAMES.get(report.method, report.method)
+    pattern = report.pattern
+    sparsity = report.achieved_sparsity
     title = f"# {base.rsplit('/', 1)[-1]}, {_pct(sparsity, 0)} sparse ({method}, {pattern})"
     base_link = f"[{base}](https://huggingface.co/{base})" if "/" in base else f"`{base}`"
     pattern_words = "an unstructured" if pattern == "unstructured" else f"a semi-structured {pattern} (N:M)"
     retrained = ("Its surviving weights were then fine-tuned to recover quality (see Recovery)."
-                 if report.get("recovery") else "No weight was retrained.")
+                 if report.recovery else "No weight was retrained.")
     return (f"{title}\n\n"
             f"{base_link} with {_pct(sparsity)} of the weights of its linear layers set to zero by one-shot "
-            f"**{method}** pruning, with {pattern_words} sparsity pattern and {report.get('allocation', 'uniform')} "
+            f"**{method}** pruning, with {pattern_words} sparsity pattern and {report.allocation} "
             f"allocation across layers, made with [llmprune](https://pypi.org/project/llmprune/)"
-            f"{' ' + report['llmprune_version'] if report.get('llmprune_version') else ''}. {retrained}")
+            f"{' ' + report.llmprune_version if report.llmprune_version else ''}. {retrained}")
 
 
-def _provenance(report: dict) -> str:
+def _provenance(report: Report) -> str:
     lines = ["## How it was made"]
-    if report.get("command"):
-        lines += ["", _code_block(report["command"], "bash")]
+    if report.command:
+        lines += ["", _code_block(report.command, "bash")]
     lines.append("")
-    calibration = report.get("calibration")
+    calibration = report.calibration
     if calibration:
-        lines.append(f"- Calibration: {calibration.get('nsamples')} sequences of {calibration.get('seqlen')} tokens "
-                     f"from `{calibration.get('source')}` (seed {calibration.get('seed')}).")
-    if report.get("architecture"):
-        lines.append(f"- Architecture: `{report['architecture']}`.")
-    seconds = report.get("seconds") or {}
+        lines.append(f"- Calibration: {calibration.nsamples} sequences of {calibration.seqlen} tokens "
+                     f"from `{calibration.source}` (seed {calibration.seed}).")
+    if report.architecture:
+        lines.append(f"- Architecture: `{report.architecture}`.")
+    seconds = report.seconds or {}
     if seconds:
         lines.append("- Time: " + ", ".join(f"{stage} {value:.0f} s" for stage, value in seconds.items()) + ".")
-    if report.get("peak_rss_bytes"):
-        lines.append(f"- Peak memory (RSS): {report['peak_rss_bytes'] / 2**30:.2f} GiB.")
-    versions = report.get("versions") or {}
+    if report.peak_rss_bytes:
+        lines.append(f"- Peak memory (RSS): {report.peak_rss_bytes / 2**30:.2f} GiB.")
+    versions = report.versions or {}
     if versions:
         lines.append("- Software: " + ", ".join(f"{name} {version}" for name, version in versions.items()) + ".")
     return "\n".join(lines)
@@ -102,8 +108,7 @@ def _layer_summary(layers: list[dict]) -> str:
     # row per block instead of one per matrix; matrices outside the blocks (e.g. lm_head) share one row.
     groups: dict[int | None, list[dict]] = {}
     for layer in layers:
-        match = re.search(r"\.(\d+)\.", layer["name"])
-        groups.setdefault(int(match[1]) if match else None, []).append(layer)
+        groups.setdefault(layer["layer"], []).append(layer)
     ratios = [layer["achieved_sparsity"] for layer in layers]
     lines = ["## Sparsity per layer", "",
              f"Over the {len(layers)} pruned matrices ({_count(sum(_numel(layer) for layer in layers))} parameters): "
@@ -120,8 +125,9 @@ def _layer_summary(layers: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _evaluation(report: dict) -> str:
-    perplexity, zero_shot = report.get("perplexity"), report.get("zero_shot")
+def _evaluation(report: Report) -> str:
+    perplexity = asdict(report.perplexity) if report.perplexity else None
+    zero_shot = report.zero_shot
     if not perplexity and not zero_shot:
         return ""
     lines = ["## Evaluation"]
@@ -132,7 +138,7 @@ def _evaluation(report: dict) -> str:
         lines += ["", _row(["metric", *columns]), _row(["---"] * (len(columns) + 1)),
                   _row([label, *(_number(perplexity.get(column)) for column in columns)])]
     if zero_shot:
-        dense = (report.get("zero_shot_dense") or {}).get("tasks", {})
+        dense = (report.zero_shot_dense or {}).get("tasks", {})
         columns = (["dense"] if dense else []) + ["pruned"]
         lines += ["", "Zero-shot accuracy (lm-evaluation-harness):", "",
                   _row(["task", *columns]), _row(["---"] * (len(columns) + 1))]
@@ -140,7 +146,7 @@ def _evaluation(report: dict) -> str:
             cells = ([_accuracy(dense.get(task))] if dense else []) + [_accuracy(scores)]
             lines.append(_row([task, *cells]))
         if zero_shot.get("mean_acc") is not None:
-            dense_mean = (report.get("zero_shot_dense") or {}).get("mean_acc")
+            dense_mean = (report.zero_shot_dense or {}).get("mean_acc")
             cells = ([_number(dense_mean, 3)] if dense else []) + [_number(zero_shot["mean_acc"], 3)]
             lines.append(_row(["**mean**", *cells]))
     return "\n".join(lines)
@@ -258,11 +264,13 @@ def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revisio
                   for name, content in _files_to_upload(output_dir, report, repo_id)]
     # HF_ENDPOINT is read now rather than at huggingface_hub's import, so a changed environment is honoured.
     endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
-    api = HfApi(endpoint=endpoint, token=token, library_name="llmprune", library_version=report.get("llmprune_version"))
-    message = commit_message or (f"Upload {report.get('method')} {report.get('pattern')} pruned model "
-                                 f"({_pct(report.get('achieved_sparsity', report.get('sparsity')), 0)} sparse)")
+    api = HfApi(endpoint=endpoint, token=token, library_name="llmprune", library_version=report.llmprune_version)
+    message = commit_message or (f"Upload {report.method} {report.pattern} pruned model "
+                                 f"({_pct(report.achieved_sparsity, 0)} sparse)")
     try:
         url = str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+        if private:  # create_repo leaves an existing repo's visibility as it was
+            api.update_repo_settings(repo_id, private=True, repo_type="model")
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         # One commit of explicit operations (rather than upload_folder) so the card can be swapped in memory.
@@ -276,25 +284,25 @@ def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revisio
     return url if revision is None else f"{url}/tree/{quote(revision, safe='')}"
 
 
-def _read_output(output_dir: Path) -> dict:
+def _read_output(output_dir: Path) -> Report:
     if not output_dir.is_dir():
         raise LLMPruneError(f"{output_dir} is not a directory: push takes an llmprune output directory")
     missing = [name for name in REQUIRED_FILES if not (output_dir / name).is_file()]
     if missing:
         raise LLMPruneError(f"{output_dir} is not an llmprune output: it has no {' and no '.join(missing)}")
-    try:
-        return json.loads((output_dir / "report.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LLMPruneError(f"{output_dir / 'report.json'} is not valid JSON ({exc})") from None
+    return Report.load(output_dir / "report.json")
 
 
-def _files_to_upload(output_dir: Path, report: dict, repo_id: str) -> list[tuple[str, str | bytes]]:
+def _files_to_upload(output_dir: Path, report: Report, repo_id: str) -> list[tuple[str, str | bytes]]:
     """(path in repo, local path or content) for every file, hidden ones (.git, caches) left out."""
     files = []
-    for path in sorted(output_dir.rglob("*")):
-        relative = path.relative_to(output_dir)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            files.append((relative.as_posix(), str(path)))
+    for folder, dirs, names in os.walk(output_dir):  # os.walk does not descend into linked folders
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(folder, d)))
+        for name in sorted(names):
+            path = Path(folder) / name
+            if name.startswith(".") or path.is_symlink() or path.suffix not in OUTPUT_SUFFIXES:
+                continue  # a link could point anywhere; other files are not part of what llmprune writes
+            files.append((path.relative_to(output_dir).as_posix(), str(path)))
     card_path = output_dir / CARD_NAME
     if not card_path.is_file() or card_path.read_bytes() == model_card(report).encode("utf-8"):
         files = [file for file in files if file[0] != CARD_NAME]

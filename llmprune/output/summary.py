@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
+from ..report import Report
 
 
-def decoder_layer_sparsity(report: dict) -> list[tuple[int, float, float]]:
-    """(layer index, target, achieved) per decoder layer, weighting its linears by size."""
-    zeros, sizes, targets = defaultdict(float), defaultdict(int), {}
-    for linear in report["layers"]:
-        index = int(re.search(r"\.(\d+)\.", linear["name"]).group(1))
-        numel = linear["shape"][0] * linear["shape"][1]
-        zeros[index] += linear["achieved_sparsity"] * numel
-        sizes[index] += numel
-        targets[index] = linear["sparsity"]
-    return [(i, targets[i], zeros[i] / sizes[i]) for i in sorted(sizes)]
-
-
-def format_summary(report: dict) -> str:
-    lines = [f"{report['model']} ({report['architecture']}): {report['method']}, {report['pattern']}, "
-             f"target sparsity {report['sparsity']:.4g}, allocation {report['allocation']}", "",
-             "layer  target  achieved"]
-    lines += [f"{i:>5}  {target:6.4f}  {achieved:8.4f}" for i, target, achieved in decoder_layer_sparsity(report)]
-    lines += ["", f"achieved sparsity over {len(report['layers'])} pruned linears: {report['achieved_sparsity']:.6f}"
-              + (f" (after LoRA recovery: {report['recovery']['achieved_sparsity']:.6f})"
-                 if "achieved_sparsity" in (report.get("recovery") or {}) else "")]
-    ppl = report.get("perplexity")
+def format_summary(report: Report) -> str:
+    """One header line, per-layer rows only where a layer's target differs from the run's (OWL, skips), then
+    the achieved sparsity, perplexities, time and memory."""
+    lines = [f"{report.model_name} ({report.architecture}): {report.method}"
+             + (f" + {report.update} update" if report.update != "none" else "")
+             + f", {report.pattern}, target sparsity {report.sparsity:.4g}, allocation {report.allocation}"]
+    layers = report.decoder_layers()
+    differing = [row for row in layers if abs(row[1] - report.sparsity) > 1e-9 or abs(row[2] - row[1]) > 0.005]
+    if differing:
+        lines += ["", "layer  target  achieved"]
+        lines += [f"{i:>5}  {target:6.4f}  {achieved:8.4f}" for i, target, achieved in differing]
+        if len(differing) < len(layers):
+            lines.append(f"(the other {len(layers) - len(differing)} layers: {report.sparsity:.4f} as targeted)")
+    recovered = (report.recovery or {}).get("achieved_sparsity")
+    lines += ["", f"achieved sparsity over {len(report.layers)} pruned linears in {len(layers)} layers: "
+              f"{report.achieved_sparsity:.6f}"
+              + (f" (after recovery: {recovered:.6f})" if recovered is not None else "")]
+    ppl = report.perplexity
     if ppl:
-        lines.append(f"perplexity ({ppl['dataset']}, {ppl['windows']} x {ppl['seqlen']}): "
-                     f"dense {ppl['dense']:.3f} -> pruned {ppl['pruned']:.3f}"
-                     + (f" -> recovered {ppl['recovered']:.3f}" if ppl.get("recovered") else ""))
-    seconds = report["seconds"]
-    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    lines.append(f"peak memory (RSS): {report['peak_rss_bytes'] / 2**30:.2f} GiB")
+        lines.append(f"perplexity ({ppl.dataset}, {ppl.windows} x {ppl.seqlen}): dense {ppl.dense:.3f} -> "
+                     f"pruned {ppl.pruned:.3f}" + (f" -> recovered {ppl.recovered:.3f}" if ppl.recovered else ""))
+    for name, scores in (("dense", report.zero_shot_dense), ("pruned", report.zero_shot)):
+        if scores and scores.get("mean_acc") is not None:
+            lines.append(f"zero-shot mean accuracy ({name}): {scores['mean_acc']:.4f}")
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    if report.peak_rss_bytes:
+        lines.append(f"peak memory (RSS): {report.peak_rss_bytes / 2**30:.2f} GiB")
     return "\n".join(lines)

@@ -77,14 +77,16 @@ class PruneReport:
 
 
 @torch.inference_mode()
-def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfig, progress: bool = True) -> PruneReport:
+def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfig, progress: bool = True,
+          checked: bool = False) -> PruneReport:
     """Prune `model` in place, layer by layer. `calibration` is (nsamples, seqlen) token ids; the
-    magnitude method with uniform allocation needs none."""
+    magnitude method with uniform allocation needs none. `checked`: the caller already ran check_model
+    (the pipeline does, right after loading), so every weight is not scanned twice."""
     method = get_method(config.method)
     update = get_update(config.update) if config.update != "none" else None
     kinds = tuple(dict.fromkeys(k for k in (method.statistic, update and update.statistic) if k))
     device = resolve_device(config.device)
-    layers, targets = check_model(model, config)
+    layers, targets = find_targets(model, config) if checked else check_model(model, config)
     report = PruneReport(method.name, config.sparsity, config.pattern, config.allocation)
     if not kinds and config.allocation == "uniform":
         calls = None  # no data flows: every layer is pruned from its weights alone
@@ -110,7 +112,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
         for group in share_groups(targets[i], statistics):
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: {'+'.join(n.rsplit('.', 1)[-1] for n in group)}")
             prune_group(group, targets[i], statistics.get(group[0], {}), method, update, report.layer_sparsity[i],
-                        config, report)
+                        config, report, layer_index=i)
         report.seconds["solve"] += elapsed(start, device)
         if statistics and i + 1 < len(layers):
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: propagate")
@@ -130,12 +132,18 @@ def prunable_linears(layer: nn.Module, prefix: str, config: PruneConfig) -> dict
     return {name: m for name, m in found.items() if not (skip and skip.search(name))}
 
 
-def check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
-    """Find the decoder layers and the linears to prune; fail before any work on what cannot be pruned as asked."""
+def find_targets(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
+    """The decoder layers and, per layer, the linears to prune."""
     prefix, layers = decoder_layers(model)
     targets = [prunable_linears(layer, f"{prefix}.{i}", config) for i, layer in enumerate(layers)]
     if not any(targets):
         raise LLMPruneError("no linear layer is left to prune (check --skip)")
+    return layers, targets
+
+
+def check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
+    """find_targets, and fail before any work on what cannot be pruned as asked (shapes, NaN or Inf weights)."""
+    layers, targets = find_targets(model, config)
     for layer in targets:
         for name, module in layer.items():
             weight = weight_matrix(module)
@@ -259,7 +267,7 @@ def share_groups(targets: dict[str, nn.Module], statistics: dict[str, torch.Tens
     return list(groups.values())
 
 
-def prune_group(group, targets, statistics, method: Method, update, sparsity, config, report) -> None:
+def prune_group(group, targets, statistics, method: Method, update, sparsity, config, report, layer_index=None) -> None:
     """Stack the group's weights (same input width), prune them in one call, re-fit them if an update is
     asked for, verify, write back. The method sees only this layer's target and its own knobs."""
     modules = [targets[name] for name in group]
@@ -276,7 +284,9 @@ def prune_group(group, targets, statistics, method: Method, update, sparsity, co
     for name, module, new in zip(group, modules, new_weight.split(rows)):
         set_weight_matrix(module, new)
         zeros = int((weight_matrix(module) == 0).sum())  # after the cast: a low-precision dtype may add zeros
-        report.layers.append({"name": name, "shape": list(new.shape), "sparsity": sparsity,
+        if not bool(torch.isfinite(weight_matrix(module)).all()):  # a value beyond the model's dtype's range
+            raise LLMPruneError(f"{name}: the pruned weights overflow {module.weight.dtype}; use --dtype float32")
+        report.layers.append({"name": name, "layer": layer_index, "shape": list(new.shape), "sparsity": sparsity,
                               "achieved_sparsity": zeros / new.numel(), "zeros": zeros, "numel": new.numel()})
 
 
@@ -321,4 +331,9 @@ def allocate_sparsity(layers, targets, calls, config, device, report, progress) 
         layer.to(home)
     calls.hidden.copy_(layer0_inputs)
     report.seconds["allocation"] += elapsed(start, device)
-    return owl_sparsities(ratios, sizes, config.sparsity, config.owl_lambda)
+    sparsities = owl_sparsities(ratios, sizes, config.sparsity, config.owl_lambda)
+    achieved = sum(s * n for s, n in zip(sparsities, sizes)) / sum(sizes)
+    if abs(achieved - config.sparsity) > 1e-6:  # the clamp to [0, 0.99] cut a layer's share
+        raise LLMPruneError(f"OWL's layer sparsities had to be clamped, which moves the model to {achieved:.4f} "
+                            f"instead of {config.sparsity:g}: lower --owl-lambda")
+    return sparsities

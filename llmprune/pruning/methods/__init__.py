@@ -19,16 +19,17 @@ An update (`--update`) re-fits the kept weights after any method's mask:
     @register_update("name", statistic="hessian", summary="...", knobs=(...))
     def name(weight, statistic, keep, **knobs) -> new_weight   # zeros exactly where keep is False
 
-A new statistic is one class registered in statistics.py; a new method or update is one file here,
-imported at the bottom of this module, and any knob it reads is one field of PruneConfig.
+A new statistic is one class registered in statistics.py; a new method or update is one file here (found
+and imported by the loop at the bottom), and any knob it reads is one field of PruneConfig. `--help` lists
+methods from their `register(...)` calls without importing them (pruning/catalog.py), so it stays fast.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Callable
-
-import torch
 
 from ...errors import LLMPruneError
 
@@ -47,7 +48,7 @@ class Method:
     name: str
     statistic: str | None
     compares: str  # unstructured selection group: "row" (each output row) or "matrix" (each stacked matrix)
-    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    fn: Callable[..., tuple]  # -> (new_weight, keep_mask)
     summary: str
     knobs: tuple[str, ...] = ()
 
@@ -56,7 +57,7 @@ class Method:
 class Update:
     name: str
     statistic: str
-    fn: Callable[..., torch.Tensor]
+    fn: Callable[..., object]  # -> new_weight
     summary: str
     knobs: tuple[str, ...] = ()
 
@@ -93,4 +94,5 @@ def get_update(name: str) -> Update:
     return UPDATES[name]
 
 
-from . import magnitude, wanda, sparsegpt  # noqa: E402,F401  (registration)
+for _module in pkgutil.iter_modules(__path__):  # registration: every file here registers what it defines
+    importlib.import_module(f"{__name__}.{_module.name}")

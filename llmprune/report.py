@@ -1,0 +1,188 @@
+"""The run report: one typed, versioned schema, written as report.json and read back by everything that shows it
+(the summary printed at the end, the model card, `llmprune report` and its plots).
+
+Field names are a contract: scripts and other tools read report.json. Add fields, never rename them; bump
+SCHEMA_VERSION when a field's meaning changes, and teach `from_dict` to read the older form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import LLMPruneError
+
+SCHEMA_VERSION = 2  # 1: the untyped dict of llmprune 0.1 (no schema_version, no per-linear layer index)
+
+
+@dataclass
+class LinearRecord:
+    """One pruned linear: its full module name, its decoder layer, shape (out, in), target and achieved sparsity."""
+
+    name: str
+    layer: int | None
+    shape: list[int]
+    sparsity: float
+    achieved_sparsity: float
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class Perplexity:
+    dataset: str
+    seqlen: int
+    windows: int
+    dense: float | None = None
+    pruned: float | None = None
+    recovered: float | None = None
+
+
+@dataclass
+class Calibration:
+    source: str
+    nsamples: int
+    seqlen: int
+    seed: int
+
+
+@dataclass
+class Report:
+    """What a run did and measured. `zero_shot*` hold lm-eval's scores ({"tasks": {task: {...}}, "mean_acc"});
+    `recovery` the fine-tuning record; `structure` what structured pruning removed (None when unstructured)."""
+
+    model: str  # what the user passed (--model), e.g. the alias "llama"
+    model_name: str  # the real model, e.g. "SmolLM2-135M-Instruct"
+    architecture: str
+    method: str
+    sparsity: float
+    pattern: str
+    allocation: str
+    achieved_sparsity: float
+    layer_sparsity: list[float] = field(default_factory=list)
+    layers: list[LinearRecord] = field(default_factory=list)
+    base_model: str | None = None
+    license: str | None = None
+    update: str = "none"
+    calibration: Calibration | None = None
+    perplexity: Perplexity | None = None
+    zero_shot_dense: dict | None = None
+    zero_shot: dict | None = None
+    recovery: dict | None = None
+    structure: dict | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    prune_phases: dict[str, float] = field(default_factory=dict)
+    rss_after_load_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    command: str | None = None
+    pushed_to: str | None = None
+    llmprune_version: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    # ---------------------------------------------------------------- derived views
+
+    def decoder_layers(self) -> list[tuple[int, float, float]]:
+        """(layer index, target, achieved) per decoder layer, its linears weighted by size."""
+        zeros: dict[int, float] = {}
+        sizes: dict[int, int] = {}
+        targets: dict[int, float] = {}
+        for linear in self.layers:
+            if linear.layer is None:
+                continue
+            zeros[linear.layer] = zeros.get(linear.layer, 0.0) + linear.achieved_sparsity * linear.numel
+            sizes[linear.layer] = sizes.get(linear.layer, 0) + linear.numel
+            targets[linear.layer] = linear.sparsity
+        return [(i, targets[i], zeros[i] / sizes[i]) for i in sorted(sizes)]
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer had the run's own target (no allocation, no skipped layers)."""
+        return all(abs(s - self.sparsity) < 1e-12 for s in self.layer_sparsity)
+
+    # ---------------------------------------------------------------- (de)serialisation
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        """Written beside the target, then renamed: a reader never sees half a report."""
+        path = Path(path)
+        handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w") as stream:
+                stream.write(self.to_json() + "\n")
+            os.chmod(partial, 0o666 & ~_umask())
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        data = dict(data)
+        version = data.get("schema_version", 1)
+        if version > SCHEMA_VERSION:
+            raise LLMPruneError(f"this report has schema version {version}, newer than this llmprune reads "
+                                f"({SCHEMA_VERSION}): upgrade llmprune")
+        if version == 1:
+            data.setdefault("model_name", _display_name(data.get("base_model") or data.get("model") or "?"))
+        data["schema_version"] = SCHEMA_VERSION
+        data["layers"] = [LinearRecord(**{"layer": layer_index(linear["name"]), **linear})
+                          for linear in data.get("layers") or []]
+        for name, kind in (("perplexity", Perplexity), ("calibration", Calibration)):
+            if isinstance(data.get(name), dict):
+                data[name] = kind(**data[name])
+        known = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls)
+                   if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise LLMPruneError(f"report.json lacks {', '.join(missing)}: it is not an llmprune report")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LLMPruneError(f"{path} does not exist: is this an llmprune output directory?") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise LLMPruneError(f"cannot read {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise LLMPruneError(f"{path} is not an llmprune report (a JSON object)")
+        return cls.from_dict(data)
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a module name belongs to: the first `.N.` in it (None for lm_head and the like)."""
+    match = re.search(r"\.(\d+)(?:\.|$)", name)
+    return int(match[1]) if match else None
+
+
+def _display_name(model: str) -> str:
+    return model.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
+
+
+def display_name(source) -> str:
+    """The name people know a model by: the Hub id's last part (SmolLM2-135M-Instruct), or the folder's name."""
+    return _display_name(source.base_model or source.path if not source.gguf_file else
+                         source.base_model or source.gguf_file)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
