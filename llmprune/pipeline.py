@@ -121,10 +121,11 @@ def preflight(config: RunConfig) -> Plan:
     check_model_files(source, seqlens, config.trust_remote_code)
     method = get_method(pc.method)
     needs_calibration = method.statistic is not None or pc.allocation != "uniform" or pc.update != "none"
-    if needs_calibration or config.recover:
-        tokens = max(pc.nsamples * pc.seqlen if needs_calibration else 0,
-                     config.recovery.tokens if config.recover else 0)
-        check_source(config.calib, "calib", min_tokens=tokens)
+    if needs_calibration:
+        check_source(config.calib, "calib", pc.nsamples * pc.seqlen, "--nsamples or --seqlen")
+    if config.recover:
+        check_source(config.calib, "calib", config.recovery.tokens,
+                     "--recover-steps, --recover-batch or --recover-seqlen")
     if config.eval != "none":
         check_source(config.eval, "eval", min_tokens=pc.seqlen)
     return Plan(device, resolve_dtype(config.dtype, device), tasks, needs_calibration)

@@ -101,7 +101,7 @@ def test_more_tokens_than_the_text_holds(capsys, tmp_path, tiny_dir):
     (tmp_path / "small.txt").write_text("The quick brown fox. " * 10)
     fails(capsys, ["--model", str(tiny_dir), "--calib", f"file:{tmp_path / 'small.txt'}", "--nsamples", "64",
                    "--seqlen", "64", "--eval", "none", "--output", str(tmp_path / "out")],
-          "lower --nsamples, --seqlen", tmp_path)
+          "lower --nsamples or --seqlen", tmp_path)
 
 
 def test_failed_write_leaves_nothing(tmp_path):

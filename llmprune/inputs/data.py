@@ -33,7 +33,7 @@ def source_definition(name: str) -> dict:
     return yaml.safe_load(definition.read_text())
 
 
-def check_source(source: str, part: str = "calib", min_tokens: int = 1) -> None:
+def check_source(source: str, part: str = "calib", min_tokens: int = 1, flags: str = "--seqlen") -> None:
     """Fail before the model loads on a source that cannot serve: a missing, unreadable, non-UTF-8, empty or
     too short file, a .jsonl with a bad line, an unknown name, a Hub dataset while the Hub is out of reach.
     `min_tokens` is checked against the file's bytes: no tokenizer makes more tokens than bytes."""
@@ -42,7 +42,6 @@ def check_source(source: str, part: str = "calib", min_tokens: int = 1) -> None:
         text = _read_user_file(path)
         size = len(text.encode("utf-8"))
         if size < min_tokens:
-            flags = "--seqlen" if part == "eval" else "--nsamples, --seqlen or the --recover-* budget"
             raise LLMPruneError(f"{path} holds {size} bytes, fewer than the {min_tokens} tokens asked of it: "
                                 f"use a longer text, or lower {flags}")
     elif source_definition(source)["kind"] == "hub_dataset" and not hub_reachable():

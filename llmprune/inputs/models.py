@@ -119,8 +119,10 @@ def check_model_files(source: ModelSource, seqlens: dict[str, int], trust_remote
     except (OSError, ValueError, KeyError) as err:
         raise LLMPruneError(f"{folder}/config.json cannot be read as a model config: {str(err).splitlines()[0]}") \
             from None
-    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(
-        name.endswith(("ForCausalLM", "LMHeadModel")) for name in (config.architectures or []))
+    if config.architectures:  # what the checkpoint was saved as: BertModel is not a decoder, whatever else exists
+        causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in config.architectures)
+    else:
+        causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder
     if not causal:
         raise LLMPruneError(f"{folder} holds a '{config.model_type}' model, not a causal decoder: llmprune prunes "
                             "models that AutoModelForCausalLM loads (Llama, Mistral, Qwen2, OPT, GPT-2...)")
