@@ -131,6 +131,9 @@ def test_resolve_tasks_expands_suites_in_order_without_duplicates():
 def test_resolve_tasks_names_close_matches_and_offline_tasks():
     with pytest.raises(LLMPruneError, match=r"did you mean arc_easy.*available offline: arc_easy"):
         resolve_tasks("arc_eazy")
+    with pytest.raises(LLMPruneError) as unrelated:  # only close matches: a shared suffix is not one
+        resolve_tasks("nosuch_task")
+    assert "did you mean" not in str(unrelated.value) and "unknown task 'nosuch_task'" in str(unrelated.value)
     with pytest.raises(LLMPruneError, match="no task given"):
         resolve_tasks(" , ")
 

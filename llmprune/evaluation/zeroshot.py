@@ -69,8 +69,9 @@ def resolve_tasks(spec: str) -> list[str]:
         raise LLMPruneError(f"no task given; try --tasks wanda-suite (tasks available offline: {', '.join(OFFLINE_TASKS)})")
     for name in names:
         if name not in OFFLINE_TASKS and name not in _builtin_task_names():
-            known = [*SUITES, *OFFLINE_TASKS, *_builtin_task_names()]
-            close = difflib.get_close_matches(name, known, n=3)
+            known = list(dict.fromkeys([*SUITES, *OFFLINE_TASKS, *sorted(_builtin_task_names())]))
+            # 0.75: a typo (arc_esay) still finds its task; a shared suffix alone (nosuch_task) finds nothing
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise LLMPruneError(
                 f"unknown task '{name}'{hint}. Tasks available offline: {', '.join(OFFLINE_TASKS)}; "
