@@ -12,7 +12,7 @@ from llmprune.inputs.models import decoder_layers, is_linear, weight_matrix
 from llmprune.recovery.distill import TeacherTargets, distill_loss, teacher_topk, topk_with_bucket
 from llmprune.recovery.lora import RecoverConfig, recover_lora
 from llmprune.recovery.loop import epoch_order
-from llmprune.recovery.train import RecoveryConfig, recovery_windows, train_recovery
+from llmprune.recovery.train import RecoveryConfig, check_recovery, recovery_windows, train_recovery
 from tiny_models import VOCAB, tiny_model
 
 
@@ -295,7 +295,10 @@ def test_full_params_refused_when_the_mask_cannot_be_held(monkeypatch):
     config = RecoveryConfig(params="full", steps=2, batch=2, seqlen=32)
     monkeypatch.setattr("llmprune.recovery.train.available_memory_bytes", lambda device: 1000)
     with pytest.raises(LLMPruneError, match="free: use --recover-params lora"):
+        check_recovery(tiny_model("llama"), config)  # on the dense model, before any work
+    with pytest.raises(LLMPruneError, match="free: use --recover-params lora"):
         train_recovery(model, random_windows(4), None, config, masks=masks, progress=False)
+    check_recovery(tiny_model("llama"), RecoveryConfig(params="lora"))  # LoRA's footprint is not estimated
     monkeypatch.undo()
     name = next(name for name in masks if name.endswith("up_proj"))  # not square: a transposed mask is wrong
     with pytest.raises(LLMPruneError, match="non-zero weights where its mask prunes them"):
@@ -325,3 +328,37 @@ def test_bad_config_values_name_the_fix(kwargs, hint):
 def test_default_learning_rate_depends_on_what_is_trained():
     assert RecoveryConfig(params="lora").lr == 5e-4 and RecoveryConfig(params="full").lr == 1e-4
     assert math.isclose(RecoveryConfig(params="full", lr=3e-5).lr, 3e-5)
+
+
+def test_bench_recover_quick_run(tmp_path):
+    """scripts/bench_recover.py --quick end to end on one row: JSON with the curve and goals, and a PNG."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_recover",
+                                                  Path(__file__).parents[1] / "scripts" / "bench_recover.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results"
+    bench.main(["--quick", "--out", str(out), "--prunes", "wanda-50%", "--rows", "full-distill/4x"])
+    results = json.loads((out / "recover.json").read_text())
+    assert results["complete"] and [row["name"] for row in results["rows"]] == ["wanda-50%/full-distill/4x"]
+    row = results["rows"][0]
+    assert [point["tokens"] for point in row["curve"]] == [0, 256, 512, 768, 1024]
+    assert row["recovery"]["sparsity_after"] == row["recovery"]["sparsity_before"] == 0.5
+    assert row["x_dense"]["news"] == pytest.approx(row["ppl"]["news"] / results["dense"]["ppl"]["news"])
+    assert set(row["meets"]) == {"x_dense_wiki", "minutes", "peak_rss"}
+    assert (out / "recover.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_masks_found_from_zeros_or_refused_on_an_unpruned_model():
+    model = tiny_model("llama")
+    with pytest.raises(LLMPruneError, match="masks=\\{\\}"):
+        train_recovery(model, random_windows(4), None, RecoveryConfig(params="full", steps=1, batch=2, seqlen=32))
+    masks = prune_rows(model)
+    stats = train_recovery(model, random_windows(4), None,
+                           RecoveryConfig(params="full", steps=2, batch=2, seqlen=32, lr=1e-3), progress=False)
+    modules = dict(model.named_modules())
+    assert all(torch.equal(modules[name].weight != 0, mask) for name, mask in masks.items())
+    assert stats["trained_parameters"] == sum(modules[name].weight.numel() for name in masks)  # no biases in Llama

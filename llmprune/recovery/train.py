@@ -140,9 +140,7 @@ def train_recovery(
     device = next(model.parameters()).device
     _check_windows(train_windows, val_windows, config)
     _check_teacher(model, train_windows, teacher, config)
-    if config.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
-        raise LLMPruneError(f"{type(model).__name__} does not support gradient checkpointing: drop "
-                            f"--gradient-checkpointing")
+    _check_checkpointing(model, config)
     if masks is None:
         found = find_pruned_linears(model)
         if not found:
@@ -152,7 +150,7 @@ def train_recovery(
     modules = _masked_modules(model, masks)
     trained = _full_parameters(model, modules) if config.params == "full" else None
     if trained is not None:
-        _check_full_fits(trained, masks, device)
+        _check_full_fits(trained, sum(mask.numel() for mask in masks.values()), device)
 
     order = epoch_order(len(train_windows), config.steps * config.batch, config.seed).view(config.steps, config.batch)
     train_windows = train_windows.to(device)
@@ -238,6 +236,25 @@ def train_recovery(
     return stats
 
 
+def check_recovery(model: nn.Module, config: RecoveryConfig, structured: bool = False) -> None:
+    """The checks :func:`train_recovery` makes on the model, made on the dense model right after loading, so a
+    recipe this model cannot run fails before the teacher pass and the prune: gradient checkpointing support, and
+    for ``params="full"`` float weights and room for their gradients, optimizer state and masks (the decoder's
+    linears for a sparse prune; every weight when ``structured``: an upper bound, the pruned model is smaller)."""
+    _check_checkpointing(model, config)
+    if config.params == "full":
+        modules = {} if structured else _all_decoder_linears(model)
+        params = _full_parameters(model, modules)
+        _check_full_fits(params, sum(module.weight.numel() for module in modules.values()),
+                         next(model.parameters()).device)
+
+
+def _check_checkpointing(model: nn.Module, config: RecoveryConfig) -> None:
+    if config.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise LLMPruneError(f"{type(model).__name__} does not support gradient checkpointing: drop "
+                            f"--gradient-checkpointing")
+
+
 def _check_windows(train_windows: torch.Tensor, val_windows: torch.Tensor | None, config: RecoveryConfig) -> None:
     for name, windows in (("training", train_windows), ("validation", val_windows)):
         if windows is None and name == "validation":
@@ -319,10 +336,10 @@ def _full_parameters(model: nn.Module, modules: dict[str, nn.Module]) -> list[nn
     return params
 
 
-def _check_full_fits(params: list[nn.Parameter], masks: dict[str, torch.Tensor], device: torch.device) -> None:
+def _check_full_fits(params: list[nn.Parameter], mask_numel: int, device: torch.device) -> None:
     """Full fine-tuning adds, per trained weight, a gradient and AdamW's two moments (same dtype), plus one byte of
     mask per masked weight: fail now, not mid-run, when that cannot be held."""
-    needed = sum(3 * p.numel() * p.element_size() for p in params) + sum(m.numel() for m in masks.values())
+    needed = sum(3 * p.numel() * p.element_size() for p in params) + mask_numel
     available = available_memory_bytes(device)
     if available is not None and needed > available:
         raise LLMPruneError(f"--recover-params full needs about {needed / 2**30:.1f} GiB more on {device} (gradients, "
