@@ -169,12 +169,14 @@ def test_full_distillation_keeps_zeros_exactly_and_lowers_kl(family):
                                               for n in trained if n in before)
 
 
-def test_lora_distillation_keeps_mask_and_lowers_kl():
+def test_lora_distillation_keeps_mask_and_lowers_kl(tmp_path):
     dense_logits, targets, model, masks, train, val = dense_and_pruned("llama")
     kl_before = kl_to(model, dense_logits, train)
     config = RecoveryConfig(loss="distill", params="lora", steps=12, batch=2, seqlen=32, lr=3e-3, topk=16,
                             eval_every=0)
-    stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False)
+    stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False,
+                           adapter_dir=tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     modules = dict(model.named_modules())
     assert all(torch.equal(modules[name].weight != 0, mask) for name, mask in masks.items())
     assert kl_to(model, dense_logits, train) < 0.8 * kl_before

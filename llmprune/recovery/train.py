@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,7 @@ def train_recovery(
     teacher: TeacherTargets | None = None,
     masks: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    adapter_dir: str | Path | None = None,
 ) -> dict:
     """Train the pruned ``model`` in place as ``config`` says; returns the record of the run.
 
@@ -134,6 +136,7 @@ def train_recovery(
     ``masks``: module name -> bool tensor of the weight's shape (True where a weight is kept), e.g. from the
     runner's pruned linears; None finds them from the zeros of the decoder linears; ``{}`` declares a structurally
     pruned (smaller, dense) model: LoRA then adapts every decoder linear, full trains every weight.
+    ``adapter_dir`` (LoRA only) keeps the raw adapter, as recover_lora does.
 
     The model comes back in eval mode, no grad flags, with exactly the zeros its masks say (checked).
     """
@@ -147,6 +150,8 @@ def train_recovery(
             raise LLMPruneError("no pruned linear layers found (no exact zeros): prune the model before recovery, or "
                                 "pass masks={} for a structurally pruned model")
         masks = {name: module.weight != 0 for name, module in found.items()}
+    if adapter_dir is not None and config.params != "lora":
+        raise LLMPruneError("--keep-adapter keeps a LoRA adapter: it needs --recover-params lora")
     modules = _masked_modules(model, masks)
     trained = _full_parameters(model, modules) if config.params == "full" else None
     if trained is not None:
@@ -193,6 +198,7 @@ def train_recovery(
             result, targets = train_masked_lora(
                 model, modules or _all_decoder_linears(model), lora,
                 lambda peft_model: run(peft_model, [p for p in peft_model.parameters() if p.requires_grad]),
+                adapter_dir=adapter_dir,
             )
         else:
             result, targets = _train_full(model, modules, masks, trained, run), None
