@@ -54,3 +54,17 @@ def current_rss_bytes() -> int | None:
             return int(statm.read().split()[1]) * resource.getpagesize()
     except OSError:  # not Linux
         return None
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still get: free GPU memory, or the kernel's MemAvailable; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        pass
+    return None

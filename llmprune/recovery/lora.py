@@ -14,10 +14,10 @@ what masking buys is that the loss optimised and reported is the loss of the mod
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,13 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import transpose
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from llmprune.errors import LLMPruneError
 from llmprune.inputs.models import decoder_layers, is_linear
+from llmprune.recovery.loop import epoch_order, train_loop
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -170,6 +172,39 @@ def recover_lora(
                             f"{train_ids.dtype} {list(train_ids.shape)}: build windows with seqlen={config.seqlen}")
     if pruned_linears is None:
         pruned_linears = find_pruned_linears(model)
+    device = next(model.parameters()).device
+    (losses, seconds), targets = train_masked_lora(
+        model, pruned_linears, config, lambda peft_model: _train(peft_model, train_ids.to(device), config, progress),
+        adapter_dir=adapter_dir,
+    )
+    stats = {
+        "steps": config.steps,
+        "lr": config.lr,
+        "r": config.r,
+        "alpha": config.alpha,
+        "targets": targets,
+        "seconds": round(seconds, 1),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "tokens": config.steps * config.batch * config.seqlen,
+    }
+    return model, stats
+
+
+def train_masked_lora(
+    model: nn.Module,
+    pruned_linears: dict[str, nn.Module],
+    config: RecoverConfig,
+    train: Callable[[nn.Module], T],
+    *,
+    adapter_dir: str | Path | None = None,
+) -> tuple[T, list[str]]:
+    """Wrap ``pruned_linears`` (those named in ``config.targets``) in masked LoRA, run ``train(peft_model)``, merge,
+    and check every zero pattern; returns ``(what train returned, the target leaf names)``.
+
+    On any failure, interruption included, the untouched pruned model is handed back unwrapped. Only ``r``,
+    ``alpha``, ``dropout``, ``targets`` and ``seed`` of ``config`` are read here: the training is ``train``'s.
+    """
     names = _module_names(model, pruned_linears)
     masks = {name: module.weight != 0 for name, module in zip(names, pruned_linears.values())}
     targets = _resolve_targets(names, config.targets)
@@ -186,7 +221,7 @@ def recover_lora(
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 peft_model = get_peft_model(model, lora_config)
             try:
-                losses, seconds = _train(peft_model, train_ids.to(device), config, progress)
+                result = train(peft_model)
                 if adapter_dir is not None:
                     peft_model.save_pretrained(str(adapter_dir))
             except BaseException:
@@ -197,18 +232,7 @@ def recover_lora(
         if not had_peft_config and hasattr(model, "peft_config"):
             del model.peft_config  # peft's note on the model it wrapped; nothing wraps it any more
     _finalize(model, masks)
-    stats = {
-        "steps": config.steps,
-        "lr": config.lr,
-        "r": config.r,
-        "alpha": config.alpha,
-        "targets": targets,
-        "seconds": round(seconds, 1),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "tokens": config.steps * config.batch * config.seqlen,
-    }
-    return model, stats
+    return result, targets
 
 
 def _module_names(model: nn.Module, linears: dict[str, nn.Module]) -> list[str]:
@@ -239,32 +263,20 @@ def _resolve_targets(names: list[str], requested: list[str] | None) -> list[str]
 
 
 def _train(peft_model: nn.Module, train_ids: torch.Tensor, config: RecoverConfig, progress: bool):
-    """AdamW on next-token loss over shuffled windows; returns (per-step losses, seconds)."""
+    """AdamW on next-token loss over shuffled windows (cycled when there are fewer than steps x batch); returns
+    (per-step losses, seconds)."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.empty(0, dtype=torch.long)
-    losses = []
+    order = epoch_order(len(train_ids), config.steps * config.batch, config.seed).view(config.steps, config.batch)
+
+    def loss_of(window_indices: torch.Tensor) -> torch.Tensor:
+        batch = train_ids[window_indices.to(train_ids.device)]
+        # The model's own shifted-label loss; logits of a few 2 x 512 windows fit easily in memory.
+        return peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+
     peft_model.train()
-    start = time.perf_counter()
-    with tqdm(range(config.steps), desc="LoRA recovery", unit="step", disable=not progress) as bar:
-        for _ in bar:
-            # Walk through shuffled windows epoch by epoch, so every window is used equally often.
-            while len(order) < config.batch:
-                order = torch.cat([order, torch.randperm(len(train_ids), generator=generator)])
-            batch, order = train_ids[order[: config.batch].to(train_ids.device)], order[config.batch :]
-            # The model's own shifted-label loss; logits of a few 2 x 512 windows fit easily in memory.
-            loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise LLMPruneError(f"recovery loss became {loss.item()} at step {len(losses) + 1}: "
-                                    f"lower --recover-lr (now {config.lr:g})")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses, time.perf_counter() - start
+    run = train_loop(params, order, loss_of, lr=config.lr, tokens_per_step=config.batch * config.seqlen,
+                     progress=progress, desc="LoRA recovery")
+    return run["losses"], run["seconds"]
 
 
 def _finalize(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:

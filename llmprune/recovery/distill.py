@@ -1,0 +1,210 @@
+"""Distillation from the dense model: its next-token distributions, kept as top-k log-probabilities plus one
+bucket for the rest, and the KL loss that trains the pruned model (student) to match them.
+
+Design choice: the teacher never sits beside the student. Its targets are computed in one dense pass over the
+recovery windows before pruning (the same model object, before it is pruned) and kept in memory or spilled to
+safetensors files, so training peaks at the student's own memory. Per token a target costs
+``k * (2 + 4) + 4`` bytes (k float16 log-probabilities, k int32 token ids, one float32 bucket): 388 bytes at
+k = 64, so 20 MB for the default budget of 100 steps x 2 x 256 tokens and 79 MB for four times that.
+
+The student's distribution is collapsed onto the same k + 1 outcomes (the teacher's top-k tokens, and everything
+else as one outcome) before the KL is taken, so the loss compares two proper distributions over the same events.
+It is the full-vocabulary KL when k covers the vocabulary, and a lower bound of it otherwise (merging outcomes
+cannot increase a KL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from llmprune.errors import LLMPruneError
+
+MANIFEST = "teacher.json"
+FIELDS = ("logprobs", "indices", "rest")
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's top-k log-probabilities at ``temperature`` for every position of every window in ``windows``.
+
+    Stored in chunks of consecutive windows: each chunk is a dict of tensors (in memory) or a safetensors file
+    (spilled; read a few rows at a time, so the file is never held whole). ``offset`` and ``windows`` describe the
+    slice this object covers, so :meth:`subset` hands one share of the budget to each stage of a schedule.
+    """
+
+    windows: torch.Tensor  # [n, seqlen] token ids the teacher scored; training must use exactly these
+    vocab_size: int
+    topk: int
+    temperature: float
+    chunk_windows: int
+    chunks: list = field(repr=False)  # dict[str, Tensor] per chunk, or Path per spilled chunk
+    offset: int = 0
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.topk * (2 + 4) + 4
+
+    def subset(self, start: int, stop: int) -> TeacherTargets:
+        """Targets of windows[start:stop] (no copy)."""
+        if not 0 <= start < stop <= len(self):
+            raise LLMPruneError(f"teacher subset [{start}, {stop}) is outside its {len(self)} windows")
+        return replace(self, windows=self.windows[start:stop], offset=self.offset + start)
+
+    def rows(self, window_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-probs float32 [b, seqlen, k], token ids int64 [b, seqlen, k], bucket float32 [b, seqlen, 1])."""
+        by_chunk: dict[int, list[tuple[int, int]]] = {}  # chunk -> (slot in the batch, row in the chunk)
+        for slot, index in enumerate(window_indices.tolist()):
+            position = index + self.offset
+            by_chunk.setdefault(position // self.chunk_windows, []).append((slot, position % self.chunk_windows))
+        rows: list = [None] * len(window_indices)
+        for chunk_index, slots in by_chunk.items():
+            read = _read_rows(self.chunks[chunk_index], [row for _, row in slots])
+            for j, (slot, _) in enumerate(slots):
+                rows[slot] = tuple(read[name][j] for name in FIELDS)
+        logprobs, indices, rest = (torch.stack(column) for column in zip(*rows))
+        return logprobs.float(), indices.long(), rest.float().unsqueeze(-1)
+
+    @classmethod
+    def load(cls, spill_dir: str | Path) -> TeacherTargets:
+        """Targets spilled by :func:`teacher_topk` (``spill_dir``), e.g. by another process."""
+        spill_dir = Path(spill_dir)
+        manifest_path = spill_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise LLMPruneError(f"{spill_dir} holds no teacher targets ({MANIFEST} missing): compute them with "
+                                f"teacher_topk(..., spill_dir=...)")
+        manifest = json.loads(manifest_path.read_text())
+        from safetensors.torch import load_file
+
+        windows = load_file(str(spill_dir / "windows.safetensors"))["windows"]
+        return cls(windows=windows, vocab_size=manifest["vocab_size"], topk=manifest["topk"],
+                   temperature=manifest["temperature"], chunk_windows=manifest["chunk_windows"],
+                   chunks=[spill_dir / name for name in manifest["chunks"]])
+
+
+def _read_rows(chunk, rows: list[int]) -> dict[str, torch.Tensor]:
+    if isinstance(chunk, dict):
+        index = torch.tensor(rows)
+        return {name: tensor[index] for name, tensor in chunk.items()}
+    from safetensors import safe_open
+
+    # Opened per read: the mapping is released at once, so spilled targets do not pile up in resident memory.
+    with safe_open(str(chunk), framework="pt") as handle:
+        return {name: torch.stack([handle.get_slice(name)[row] for row in rows]) for name in FIELDS}
+
+
+def output_vocab_size(model) -> int:
+    """How many outcomes the model's logits have (its output embedding's rows)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+@torch.inference_mode()
+def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, progress: bool = True, *,
+                 temperature: float = 1.0, spill_dir: str | Path | None = None,
+                 chunk_windows: int = 64) -> TeacherTargets:
+    """The dense ``model``'s top-``k`` log-probabilities at ``temperature`` on every position of ``windows``
+    ([n, seqlen] LongTensor), and the log of the mass outside the top k. Call it before pruning.
+
+    Kept in memory unless ``spill_dir`` is given: then written there as safetensors chunks of ``chunk_windows``
+    windows (plus a manifest, so :meth:`TeacherTargets.load` reads them back). Memory per token: ``k * 6 + 4``
+    bytes (float16 log-probs, int32 ids, float32 bucket); one batch's logits are the only other cost.
+    """
+    if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[0] == 0:
+        raise LLMPruneError(f"teacher windows must be a LongTensor [n_windows, seqlen], got {windows.dtype} "
+                            f"{list(windows.shape)}")
+    vocab = output_vocab_size(model)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise LLMPruneError(f"distillation top-k must be a positive integer, got {k!r}: set --distill-topk, e.g. 64")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise LLMPruneError(f"distillation temperature must be a positive number, got {temperature!r}: "
+                            f"set --distill-temperature, e.g. 1.0")
+    k = min(k, vocab)
+    if spill_dir is not None:
+        spill_dir = Path(spill_dir)
+        spill_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        with tqdm(total=len(windows), desc="teacher top-k", unit="window", disable=not progress) as bar:
+            for chunk_start in range(0, len(windows), chunk_windows):
+                chunk_stop = min(chunk_start + chunk_windows, len(windows))
+                parts = {"logprobs": [], "indices": [], "rest": []}
+                for start in range(chunk_start, chunk_stop, batch_size):
+                    batch = windows[start : min(start + batch_size, chunk_stop)].to(device)
+                    logits = model(input_ids=batch, use_cache=False).logits
+                    logprobs, indices, rest = topk_with_bucket(logits, k, temperature)
+                    parts["logprobs"].append(logprobs.to(torch.float16).cpu())
+                    parts["indices"].append(indices.to(torch.int32).cpu())
+                    parts["rest"].append(rest.squeeze(-1).cpu())
+                    bar.update(len(batch))
+                chunk = {name: torch.cat(tensors) for name, tensors in parts.items()}
+                chunks.append(_store_chunk(chunk, spill_dir, len(chunks)))
+    finally:
+        model.train(was_training)
+    targets = TeacherTargets(windows=windows.cpu().clone(), vocab_size=vocab, topk=k, temperature=float(temperature),
+                             chunk_windows=chunk_windows, chunks=chunks)
+    if spill_dir is not None:
+        from safetensors.torch import save_file
+
+        save_file({"windows": targets.windows}, str(spill_dir / "windows.safetensors"))
+        (spill_dir / MANIFEST).write_text(json.dumps({
+            "vocab_size": vocab, "topk": k, "temperature": float(temperature), "chunk_windows": chunk_windows,
+            "chunks": [path.name for path in chunks]}, indent=2) + "\n")
+    return targets
+
+
+def _store_chunk(chunk: dict[str, torch.Tensor], spill_dir: Path | None, number: int):
+    if spill_dir is None:
+        return chunk
+    from safetensors.torch import save_file
+
+    path = spill_dir / f"teacher-{number:05d}.safetensors"
+    save_file(chunk, str(path))
+    return path
+
+
+def topk_with_bucket(logits: torch.Tensor, k: int, temperature: float):
+    """From logits [..., vocab]: the top-k log-probabilities at ``temperature`` and their ids, and the log of the
+    probability outside them ([..., 1]; -inf when k covers the vocabulary)."""
+    logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
+    top, indices = logprobs.topk(k, dim=-1)
+    return top, indices, _log_rest(logprobs, indices)
+
+
+def _log_rest(logprobs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """log(sum of exp(logprobs) outside ``indices``), summed over the outside directly: log1p(-sum of the top k)
+    loses everything when the top k hold nearly all the mass, which is the common case."""
+    if indices.shape[-1] == logprobs.shape[-1]:
+        return torch.full_like(logprobs[..., :1], -math.inf)
+    return logprobs.scatter(-1, indices, -math.inf).logsumexp(-1, keepdim=True)
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
+                 teacher_rest: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) on the k + 1 outcomes (top-k tokens, the rest), times T^2.
+
+    ``student_logits`` [b, s, vocab]; teacher tensors as :meth:`TeacherTargets.rows` returns them. The T^2 factor
+    keeps the gradient's scale independent of the temperature (Hinton et al.). The teacher's k + 1 log-probs are
+    renormalised first: float16 storage leaves their sum a hair off 1.
+    """
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    student_top = student.gather(-1, teacher_indices)
+    if teacher_indices.shape[-1] < student.shape[-1]:
+        student_top = torch.cat([student_top, _log_rest(student, teacher_indices)], dim=-1)
+        teacher = torch.cat([teacher_logprobs, teacher_rest], dim=-1)
+    else:  # no outside: the bucket is empty for both
+        teacher = teacher_logprobs
+    teacher = F.log_softmax(teacher, dim=-1)
+    kl = (teacher.exp() * (teacher - student_top)).sum(-1)
+    return kl.mean() * temperature**2

@@ -1,0 +1,81 @@
+"""The one optimisation loop every recovery recipe runs: AdamW over batches of windows, with a validation curve.
+
+What is trained (LoRA adapters, masked full weights) and what is minimised (LM loss, distillation) are the
+caller's: it passes the parameters and a function from a batch of window indices to a loss.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from llmprune.errors import LLMPruneError
+
+
+def epoch_order(n_windows: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` window indices: shuffled epochs over ``n_windows`` laid end to end, so every window is used equally
+    often (each at most once when ``count <= n_windows``)."""
+    generator = torch.Generator().manual_seed(seed)
+    epochs = [torch.randperm(n_windows, generator=generator) for _ in range(-(-count // n_windows))]
+    return torch.cat(epochs)[:count]
+
+
+def train_loop(
+    params: list[torch.nn.Parameter],
+    batches: torch.Tensor,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    tokens_per_step: int,
+    validate: Callable[[], float] | None = None,
+    eval_every: int = 0,
+    progress: bool = True,
+    desc: str = "recovery",
+) -> dict:
+    """Run one AdamW step per row of ``batches`` ([steps, batch] window indices), gradients clipped to norm 1.
+
+    ``validate`` (validation perplexity) is scored before the first step, every ``eval_every`` steps (0: never in
+    between) and after the last. Returns ``losses`` (per step), ``curve`` (one point per validation: step, tokens,
+    mean train loss since the previous point, val_ppl), ``seconds`` and ``validation_seconds``.
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    curve: list[dict] = []
+    validation_seconds = 0.0
+
+    def add_point(step: int) -> None:
+        nonlocal validation_seconds
+        clock = time.perf_counter()
+        val_ppl = validate()
+        validation_seconds += time.perf_counter() - clock
+        since = losses[curve[-1]["step"] if curve else 0 :]
+        curve.append({"step": step, "tokens": step * tokens_per_step,
+                      "train_loss": sum(since) / len(since) if since else None, "val_ppl": val_ppl})
+
+    start = time.perf_counter()
+    if validate is not None:
+        add_point(0)
+    steps = len(batches)
+    with tqdm(batches, desc=desc, unit="step", disable=not progress) as bar:
+        for step, window_indices in enumerate(bar, 1):
+            loss = loss_of(window_indices)
+            if not torch.isfinite(loss):
+                raise LLMPruneError(f"recovery loss became {loss.item()} at step {step}: "
+                                    f"lower --recover-lr (now {lr:g})")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if validate is not None and (step == steps or (eval_every and step % eval_every == 0)):
+                add_point(step)
+            postfix = {"loss": f"{losses[-1]:.3f}"}
+            if curve:
+                postfix["val_ppl"] = f"{curve[-1]['val_ppl']:.2f}"
+            bar.set_postfix(postfix)
+    return {"losses": losses, "curve": curve, "seconds": time.perf_counter() - start,
+            "validation_seconds": validation_seconds}

@@ -1,0 +1,350 @@
+"""Benchmark recovery recipes after pruning: held-out perplexity (wiki, and an unrelated news text), zero-shot,
+minutes and peak memory, for LoRA + LM loss (today's), LoRA + distillation and full + distillation, at the default
+token budget and four times it.
+
+    python scripts/bench_recover.py [--model llama] [--quick] [--out results] [--rows REGEX] [--tasks wanda-suite]
+
+Writes <out>/recover.json (everything, rewritten after every row) and <out>/recover.png (validation perplexity
+against training tokens, a panel per prune). Each prune runs once, in its own process, and is saved to a temporary
+folder; each row (prune x recipe x budget) then runs in a fresh process, so its peak RSS is its own: the dense
+model's teacher pass (distillation), then the pruned model's training and evaluation. --quick builds a tiny random
+Llama and runs everything in this process in seconds (a smoke test; its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+TEXT = "wiki"
+SEED = 0
+# What each prune row does; the structured issue's "channels 20%" and "layers 20%" go in STRUCTURED once its
+# pruner is merged: an entry is a function (model, calibration windows) -> None that shrinks the model in place.
+PRUNES = {"wanda-50%": {"method": "wanda", "sparsity": 0.5},
+          "sparsegpt-50%": {"method": "sparsegpt", "sparsity": 0.5},
+          "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"}}
+STRUCTURED: dict = {}
+DEFAULT_PRUNES = ("wanda-50%", "sparsegpt-2:4")
+RECIPES = {"lora-lm": {"loss": "lm", "params": "lora"},
+           "lora-distill": {"loss": "distill", "params": "lora"},
+           "full-distill": {"loss": "distill", "params": "full"}}
+# Goals of issue 12, as a multiple of the dense held-out perplexity (keys are prune-name prefixes).
+GOALS = {"x_dense": {"sparsegpt-50%": 1.2, "wanda-50%": 1.2, "sparsegpt-2:4": 1.5, "channels": 1.3, "layers": 1.3},
+         "minutes": 15, "peak_rss_x_prune": 2.0}
+FULL = {"budgets": {"1x": 100, "4x": 400}, "batch": 2, "seqlen": 256, "val_windows": 8, "eval_every": 25,
+        "nsamples": 32, "calib_seqlen": 512, "eval_seqlen": 512, "eval_windows": 40}
+QUICK = {"budgets": {"1x": 4, "4x": 16}, "batch": 2, "seqlen": 32, "val_windows": 2, "eval_every": 4,
+         "nsamples": 4, "calib_seqlen": 64, "eval_seqlen": 64, "eval_windows": 4}
+FIELDS = {
+    "ppl": "held-out perplexity, non-overlapping windows of eval_seqlen: wiki's eval part, and the news text "
+           "(gensim's lee_background.cor, never trained on)",
+    "x_dense": "ppl / the dense model's ppl on the same text",
+    "minutes": "teacher: the dense top-k pass (distillation only); recover: train_recovery, validation included; "
+               "total: both (the prune itself is in prunes[...].minutes and runs once per prune)",
+    "peak_rss_bytes": "the row process's RSS high-water mark: teacher pass, training, evaluation (not the prune)",
+    "prune_peak_rss_bytes": "the prune process's high-water mark: load, calibrate, prune, evaluate",
+    "curve": "train_recovery's validation curve: step, tokens, mean train loss since the last point, val_ppl on "
+             "the last val_windows windows of the training text",
+}
+
+
+def news_path() -> Path:
+    import gensim
+
+    return Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
+
+
+_TOKENS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def tokens_of(tokenizer, source: str, part: str) -> torch.Tensor:
+    """A text's tokens, kept for the process: every model of one run shares the dense model's tokenizer."""
+    from llmprune.inputs.data import load_text, tokenize
+
+    if (source, part) not in _TOKENS:
+        _TOKENS[source, part] = tokenize(tokenizer, load_text(source, part))
+    return _TOKENS[source, part]
+
+
+def held_out(tokenizer, mode: dict) -> dict[str, torch.Tensor]:
+    from llmprune.inputs.data import eval_windows
+
+    return {name: eval_windows(tokens_of(tokenizer, source, "eval"), mode["eval_seqlen"], mode["eval_windows"])
+            for name, source in (("wiki", TEXT), ("news", f"file:{news_path()}"))}
+
+
+def recovery_config(recipe: str, steps: int, mode: dict):
+    from llmprune.recovery.train import RecoveryConfig
+
+    return RecoveryConfig(**RECIPES[recipe], steps=steps, batch=mode["batch"], seqlen=mode["seqlen"],
+                          val_windows=mode["val_windows"], eval_every=mode["eval_every"], seed=SEED)
+
+
+def perplexities(model, windows: dict[str, torch.Tensor], device) -> dict[str, float]:
+    from llmprune.evaluation.perplexity import perplexity
+
+    return {name: perplexity(model, w, device, progress=False) for name, w in windows.items()}
+
+
+def zero_shot(model, tokenizer, args) -> float | None:
+    if not args.tasks:
+        return None
+    from llmprune.evaluation.zeroshot import evaluate_zero_shot, resolve_tasks
+
+    result = evaluate_zero_shot(model, tokenizer, resolve_tasks(args.tasks), limit=args.limit, num_fewshot=0,
+                                batch_size=16, seed=SEED)
+    return result["mean_acc"]
+
+
+def load(model_spec: str, device):
+    from llmprune.inputs.models import load_model
+    from llmprune.runtime import resolve_dtype
+
+    model, tokenizer, _ = load_model(model_spec, resolve_dtype("auto", device))
+    return model.to(device), tokenizer
+
+
+def dense_job(args, mode: dict) -> dict:
+    """The dense model's held-out perplexities, its validation perplexity (the curves' floor) and zero-shot mean."""
+    from llmprune.evaluation.perplexity import perplexity
+    from llmprune.recovery.train import recovery_windows
+    from llmprune.runtime import peak_rss_bytes, resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer = load(args.model, device)
+    _, val = recovery_windows(tokens_of(tokenizer, TEXT, "calib"), recovery_config("lora-lm", 1, mode))
+    return {"ppl": perplexities(model, held_out(tokenizer, mode), device),
+            "val_ppl": perplexity(model, val, device, progress=False), "zero_shot_mean": zero_shot(model, tokenizer, args),
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def prune_job(args, mode: dict, name: str, folder: str) -> dict:
+    """Prune once, evaluate, and save the pruned model (a plain HF folder) for the rows to start from."""
+    from llmprune import PruneConfig, prune
+    from llmprune.inputs.data import calibration_windows
+    from llmprune.runtime import peak_rss_bytes, resolve_device
+
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, device)
+    calibration = calibration_windows(tokens_of(tokenizer, TEXT, "calib"), mode["nsamples"],
+                                      mode["calib_seqlen"], SEED)
+    if name in STRUCTURED:
+        STRUCTURED[name](model, calibration)
+        masks = None
+    else:
+        report = prune(model, calibration, PruneConfig(**PRUNES[name], nsamples=mode["nsamples"],
+                                                       seqlen=mode["calib_seqlen"], seed=SEED, device=args.device),
+                       progress=False)
+        masks = [layer["name"] for layer in report.layers]
+    minutes = (time.perf_counter() - start) / 60
+    result = {"minutes": minutes, "ppl": perplexities(model, held_out(tokenizer, mode), device),
+              "zero_shot_mean": zero_shot(model, tokenizer, args), "peak_rss_bytes": peak_rss_bytes(),
+              "masked_linears": masks}
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (Path(folder) / "bench_prune.json").write_text(json.dumps(result))
+    return result
+
+
+def row_job(args, mode: dict, prune_name: str, folder: str, recipe: str, budget: str) -> dict:
+    """Teacher pass on the dense model (distillation), then the pruned model's recovery and evaluation."""
+    import gc
+
+    from llmprune.recovery.distill import teacher_topk
+    from llmprune.recovery.train import recovery_windows, train_recovery
+    from llmprune.runtime import peak_rss_bytes, resolve_device
+
+    device = resolve_device(args.device)
+    config = recovery_config(recipe, mode["budgets"][budget], mode)
+    teacher, teacher_minutes = None, 0.0
+    model, tokenizer = load(args.model, device)
+    train, val = recovery_windows(tokens_of(tokenizer, TEXT, "calib"), config)
+    if config.loss == "distill":
+        start = time.perf_counter()
+        teacher = teacher_topk(model, train, config.topk, batch_size=4, progress=not args.quick,
+                               temperature=config.temperature)
+        teacher_minutes = (time.perf_counter() - start) / 60
+    del model
+    gc.collect()
+
+    model, tokenizer = load(folder, device)
+    masked = json.loads((Path(folder) / "bench_prune.json").read_text())["masked_linears"]
+    masks = {} if masked is None else {name: model.get_submodule(name).weight != 0 for name in masked}
+    stats = train_recovery(model, train, val, config, teacher=teacher, masks=masks, progress=not args.quick)
+    return {"teacher_minutes": teacher_minutes, "recovery": stats,
+            "ppl": perplexities(model, held_out(tokenizer, mode), device),
+            "zero_shot_mean": zero_shot(model, tokenizer, args), "peak_rss_bytes": peak_rss_bytes()}
+
+
+def tiny_model_dir(path: Path) -> str:
+    """A 2-layer random Llama with a byte-level BPE tokenizer trained on a slice of the wiki text (for --quick)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from llmprune.inputs.data import load_text
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([load_text(TEXT, "calib")[:20_000]], vocab_size=400, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def rows_of(prunes: list[str], mode: dict, pattern: str | None) -> list[tuple[str, str, str]]:
+    rows = [(prune, recipe, budget) for prune in prunes for recipe in RECIPES for budget in mode["budgets"]]
+    if pattern:
+        try:
+            rows = [row for row in rows if re.search(pattern, "/".join(row))]
+        except re.error as err:
+            raise SystemExit(f"--rows {pattern!r} is not a regular expression: {err}") from None
+        if not rows:
+            raise SystemExit(f"--rows {pattern!r} matches no prune/recipe/budget row")
+    return rows
+
+
+def summarise(prune_name: str, recipe: str, budget: str, row: dict, prune: dict, dense: dict) -> dict:
+    stats = row["recovery"]
+    minutes = {"teacher": row["teacher_minutes"], "recover": stats["seconds"] / 60}
+    minutes["total"] = minutes["teacher"] + minutes["recover"]
+    x_dense = {text: row["ppl"][text] / dense["ppl"][text] for text in row["ppl"]}
+    goal = next((value for prefix, value in GOALS["x_dense"].items() if prune_name.startswith(prefix)), None)
+    peak_x = row["peak_rss_bytes"] / prune["peak_rss_bytes"]
+    return {"name": f"{prune_name}/{recipe}/{budget}", "prune": prune_name, "recipe": recipe, "budget": budget,
+            "loss": stats["loss"], "params": stats["params"], "tokens": stats["tokens"], "steps": stats["steps"],
+            "ppl": row["ppl"], "pruned_ppl": prune["ppl"], "x_dense": x_dense,
+            "zero_shot_mean": row["zero_shot_mean"], "minutes": minutes, "peak_rss_bytes": row["peak_rss_bytes"],
+            "prune_peak_rss_bytes": prune["peak_rss_bytes"], "peak_rss_x_prune": peak_x,
+            "meets": {"x_dense_wiki": None if goal is None else x_dense["wiki"] <= goal,
+                      "minutes": minutes["total"] <= GOALS["minutes"],
+                      "peak_rss": peak_x <= GOALS["peak_rss_x_prune"]},
+            "curve": stats["curve"], "recovery": {k: v for k, v in stats.items() if k != "curve"}}
+
+
+def plot(results: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    prunes = list(dict.fromkeys(row["prune"] for row in results["rows"]))
+    figure = Figure(figsize=(6 * max(1, len(prunes)), 4.5))
+    FigureCanvasAgg(figure)  # a private Agg canvas: no pyplot, no global backend state
+    axes_list = figure.subplots(1, max(1, len(prunes)), squeeze=False)[0]
+    colours = {recipe: f"C{i}" for i, recipe in enumerate(RECIPES)}
+    for axes, prune in zip(axes_list, prunes):
+        for row in (r for r in results["rows"] if r["prune"] == prune):
+            points = [(p["tokens"], p["val_ppl"]) for p in row["curve"]]  # from 0: the pruned model
+            if points:
+                tokens, ppl = zip(*points)
+                axes.plot(tokens, ppl, "-" if row["budget"] == "4x" else "--", marker="o", markersize=3,
+                          color=colours[row["recipe"]], label=f"{row['recipe']} ({row['budget']})")
+        axes.axhline(results["dense"]["val_ppl"], color="black", linestyle=":",
+                     label=f"dense ({results['dense']['val_ppl']:.2f})")
+        axes.set(yscale="log", xlabel="training tokens", ylabel="validation perplexity (log scale)",
+                 title=f"{results['model']}: {prune}")
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)
+
+
+def write_atomically(path: Path, write) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="anything load_model accepts (default: llama; --quick: a tiny random Llama)")
+    p.add_argument("--quick", action="store_true", help="smoke run on a tiny random model, in this process")
+    p.add_argument("--out", default="results", help="folder for recover.json and recover.png")
+    p.add_argument("--prunes", default=",".join(DEFAULT_PRUNES),
+                   help=f"comma-separated, of: {', '.join([*PRUNES, *STRUCTURED])}")
+    p.add_argument("--rows", metavar="REGEX", help="only prune/recipe/budget rows matching, e.g. 'full', '2:4/.*/1x'")
+    p.add_argument("--tasks", help="zero-shot tasks or suite (e.g. wanda-suite); default: none")
+    p.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (default 100)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--in-process", action="store_true", help="no child processes (peak RSS is then cumulative)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    mode = QUICK if args.quick else FULL
+    prunes = [name.strip() for name in args.prunes.split(",") if name.strip()]
+    unknown = [name for name in prunes if name not in PRUNES and name not in STRUCTURED]
+    if unknown:
+        raise SystemExit(f"--prunes: unknown {', '.join(unknown)}; known: {', '.join([*PRUNES, *STRUCTURED])}")
+    rows = rows_of(prunes, mode, args.rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-recover-"))
+    in_process = args.in_process or args.quick
+    try:
+        model_given = args.model is not None
+        if not model_given:
+            args.model = tiny_model_dir(scratch / "tiny") if args.quick else "llama"
+
+        def call(job, *job_args):
+            if in_process:
+                return job(args, mode, *job_args)
+            # A fresh process per job: ru_maxrss is a process high-water mark, so each row gets its own.
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+                return pool.submit(job, args, mode, *job_args).result()
+
+        results = {"complete": False, "model": "tiny random Llama" if args.quick and not model_given else args.model, "mode": "quick" if args.quick else "full",
+                   "settings": mode, "recipes": RECIPES, "goals": GOALS, "fields": FIELDS,
+                   "recovery_defaults": asdict(recovery_config("lora-lm", 1, mode)),
+                   "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                               "torch": torch.__version__, "load_average_at_start": os.getloadavg()},
+                   "dense": None, "prunes": {}, "rows": []}
+        save = lambda: write_atomically(out / "recover.json",  # noqa: E731
+                                        lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+        results["dense"] = call(dense_job)
+        print(f"dense: ppl {results['dense']['ppl']}", flush=True)
+        save()
+        for prune_name in dict.fromkeys(row[0] for row in rows):
+            folder = str(scratch / prune_name.replace(":", "-").replace("%", "pct"))
+            results["prunes"][prune_name] = call(prune_job, prune_name, folder)
+            print(f"{prune_name}: ppl {results['prunes'][prune_name]['ppl']}, "
+                  f"{results['prunes'][prune_name]['minutes']:.1f} min", flush=True)
+            save()
+            for _, recipe, budget in (row for row in rows if row[0] == prune_name):
+                row = call(row_job, prune_name, folder, recipe, budget)
+                summary = summarise(prune_name, recipe, budget, row, results["prunes"][prune_name], results["dense"])
+                results["rows"].append(summary)
+                print(f"{summary['name']}: wiki {summary['ppl']['wiki']:.2f} ({summary['x_dense']['wiki']:.2f}x "
+                      f"dense), news {summary['ppl']['news']:.2f}, {summary['minutes']['total']:.1f} min, peak "
+                      f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+                save()
+        results["complete"] = True
+        results["machine"]["load_average_at_end"] = os.getloadavg()
+        save()
+        write_atomically(out / "recover.png", lambda p: plot(results, p))
+        return results
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    from llmprune.errors import LLMPruneError
+
+    try:
+        main()
+    except LLMPruneError as err:
+        raise SystemExit(f"bench_recover: error: {err}") from None
