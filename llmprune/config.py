@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import LLMPruneError
@@ -135,45 +135,91 @@ class PruneConfig:
         return parse_pattern(self.pattern)
 
 
+RECOVERY_LOSSES = ("lm", "distill")
+RECOVERY_PARAMS = ("lora", "full")
+DEFAULT_RECOVERY_LR = {"lora": 5e-4, "full": 1e-4}
+
+
 @dataclass
 class RecoverConfig:
-    """Recovery fine-tuning after the prune. ``targets``: linear leaf names (q_proj, down_proj...); None means
-    every pruned linear. Defaults fit 2 CPU cores: a step of 2 x 256 tokens on a 135M model takes about 4 s,
-    so 100 steps take about 7 minutes. lr 5e-4 suits such short runs (after 40 steps it beat 2e-4 clearly,
-    held-out perplexity 44.7 vs 50.4 from 67.0, Wanda 50%); longer runs on more tokens can use 2e-4."""
+    """Recovery after the prune: the loss (`RunConfig.recover`), which weights train, and the budget.
 
+    Defaults fit 2 CPU cores: a LoRA step of 2 x 256 tokens on a 135M model takes about 4 s, so 100 steps take
+    about 7 minutes. LoRA's lr 5e-4 suits such short runs (after 40 steps it beat 2e-4 clearly, held-out
+    perplexity 44.7 vs 50.4 from 67.0, Wanda 50%); full fine-tuning defaults to 1e-4 (not tuned here)."""
+
+    loss: str = option("lm", "", cli=False)  # set from RunConfig.recover (lm or distill)
+    params: str = option("lora", "which weights train: LoRA adapters merged through the mask, or every weight "
+                         "of the pruned linears with its gradient masked (zeros stay exactly zero; a structurally "
+                         "smaller model trains every weight)", group="recovery", flag="--recover-params",
+                         choices=RECOVERY_PARAMS)
     steps: int = option(100, "optimizer steps", group="recovery", flag="--recover-steps")
-    lr: float = option(5e-4, "AdamW learning rate", group="recovery", flag="--recover-lr")
+    lr: float | None = option(None, "AdamW learning rate (default: 5e-4 for LoRA, 1e-4 for full)",
+                              group="recovery", flag="--recover-lr")
     batch: int = option(2, "windows per step", group="recovery", flag="--recover-batch")
     seqlen: int = option(256, "tokens per training window", group="recovery", flag="--recover-seqlen")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay", group="recovery",
+                                 flag="--recover-weight-decay")
+    eval_every: int = option(25, "score the validation slice every N steps (0: before and after only)",
+                             group="recovery")
+    val_windows: int = option(8, "validation windows cut from the end of the recovery text (never the held-out "
+                              "part)", group="recovery", flag="--recover-val-windows")
+    data: str | None = option(None, "recovery text source (its training part; default: --calib)",
+                              group="recovery", flag="--recover-data", metavar="SOURCE")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, about "
+                                          "a third more time", group="recovery")
+    distill_temperature: float = option(1.0, "distillation: softmax temperature of teacher and student",
+                                        group="recovery")
+    distill_alpha: float = option(0.0, "distillation: share of the plain LM loss mixed in (0: pure KL)",
+                                  group="recovery")
+    distill_topk: int = option(64, "distillation: the dense teacher's top-k tokens kept per position, the rest "
+                               "as one bucket", group="recovery")
+    teacher_spill: str | None = option(None, "distillation: keep the teacher's targets in this folder instead "
+                                       "of memory", group="recovery", metavar="DIR")
     r: int = option(8, "LoRA rank", group="recovery", flag="--lora-r")
     alpha: float = option(16, "LoRA scaling numerator (alpha / r)", group="recovery", flag="--lora-alpha")
     targets: list[str] | None = option(None, "comma list of linear names, e.g. q_proj,v_proj (default: every "
                                        "pruned linear)", group="recovery", flag="--lora-targets")
-    seed: int = option(0, "", cli=False)  # the run's --seed
     dropout: float = option(0.0, "LoRA dropout on the adapters' input", group="recovery", flag="--lora-dropout")
+    seed: int = option(0, "", cli=False)  # the run's --seed
 
     def __post_init__(self) -> None:
-        _at_least(self, ("steps", "batch", "r"))
+        if self.loss not in RECOVERY_LOSSES:
+            raise LLMPruneError(f"--recover must be one of lora, {', '.join(RECOVERY_LOSSES)} (got '{self.loss}')")
+        if self.params not in RECOVERY_PARAMS:
+            raise LLMPruneError(f"--recover-params must be one of {', '.join(RECOVERY_PARAMS)} (got '{self.params}')")
+        if self.lr is None:
+            self.lr = DEFAULT_RECOVERY_LR[self.params]
+        _at_least(self, ("steps", "batch", "r", "distill_topk", "val_windows"))
+        _at_least(self, ("eval_every",), minimum=0)
         _at_least(self, ("seqlen",), minimum=2)  # a next-token loss needs two tokens
         _finite(self.lr, "--recover-lr", positive=True)
         _finite(self.alpha, "--lora-alpha", positive=True)
-        _finite(self.dropout, "--lora-dropout")
-        if not 0.0 <= self.dropout < 1.0:
+        _finite(self.weight_decay, "--recover-weight-decay", nonnegative=True)
+        _finite(self.distill_temperature, "--distill-temperature", positive=True)
+        _finite(self.distill_alpha, "--distill-alpha", nonnegative=True)
+        _finite(self.dropout, "--lora-dropout", nonnegative=True)
+        if self.distill_alpha > 1:
+            raise LLMPruneError(f"--distill-alpha is the LM loss's share, in [0, 1] (got {self.distill_alpha:g})")
+        if not self.dropout < 1.0:
             raise LLMPruneError(f"--lora-dropout must be in [0, 1) (got {self.dropout!r})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise LLMPruneError(f"recovery seed must be an integer, got {self.seed!r}")
-        if isinstance(self.targets, str):
-            self.targets = self.targets.split(",")
         if self.targets is not None:
-            if not self.targets or not all(isinstance(t, str) and t.strip() for t in self.targets):
+            if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t.strip() for t in self.targets):
                 raise LLMPruneError(f"--lora-targets must be a non-empty comma list of linear names, got "
                                     f"{self.targets!r}: e.g. q_proj,v_proj (or omit it for every pruned linear)")
             self.targets = list(dict.fromkeys(t.strip() for t in self.targets))
 
     @property
     def tokens(self) -> int:
+        """Tokens trained on."""
         return self.steps * self.batch * self.seqlen
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens the recovery text must hold: the training windows and the validation slice."""
+        return (self.steps * self.batch + self.val_windows) * self.seqlen
 
 
 @dataclass
@@ -202,8 +248,10 @@ class RunConfig:
     limit: int | None = option(None, "documents per zero-shot task (default: all)", group="evaluation")
     num_fewshot: int = option(0, "few-shot examples per prompt", group="evaluation")
     eval_batch_size: int = option(16, "lm-eval batch size", group="evaluation")
-    recover: str | None = option(None, "fine-tune after pruning on the calibration source's training text, "
-                                 "keeping the sparsity pattern exactly", group="recovery", choices=("lora",))
+    recover: str | None = option(None, "recover after pruning, keeping the sparsity pattern exactly: lm = next-token "
+                                 "loss, distill = match the dense model's distributions (top-k KL); lora = lm "
+                                 "with --recover-params lora (the default)", group="recovery",
+                                 choices=("lora", "lm", "distill"))
     recovery: RecoverConfig = option(factory=RecoverConfig, cli=False)
     keep_adapter: bool = option(False, "also save the unmerged adapter in DIR/adapter (peft format)",
                                 group="recovery", flag="--recover-keep-adapter")
@@ -221,14 +269,16 @@ class RunConfig:
             self.prune = PruneConfig(**self.prune)
         if isinstance(self.recovery, dict):
             self.recovery = RecoverConfig(**self.recovery)
+        if self.recover in ("lm", "distill") and self.recovery.loss != self.recover:
+            self.recovery = replace(self.recovery, loss=self.recover)
         _at_least(self, ("eval_windows", "num_fewshot"), minimum=0)
         _at_least(self, ("eval_batch_size",))
         if self.limit is not None:
             _at_least(self, ("limit",))
-        if self.recover not in (None, "lora"):
-            raise LLMPruneError(f"--recover must be lora (got '{self.recover}')")
+        if self.recover not in (None, "lora", "lm", "distill"):
+            raise LLMPruneError(f"--recover must be lora, lm or distill (got '{self.recover}')")
         if self.recover and self.prune.sparsity == 0:
-            raise LLMPruneError("--recover lora with --sparsity 0 has nothing to recover: prune first")
+            raise LLMPruneError(f"--recover {self.recover} with --sparsity 0 has nothing to recover: prune first")
         if self.push_to_hub and not self.output:
             raise LLMPruneError("--push-to-hub uploads the --output directory: give --output DIR too")
         if self.push_to_hub and self.offline:

@@ -124,7 +124,7 @@ def preflight(config: RunConfig) -> Plan:
     if needs_calibration:
         check_source(config.calib, "calib", pc.nsamples * pc.seqlen, "--nsamples or --seqlen")
     if config.recover:
-        check_source(config.calib, "calib", config.recovery.tokens,
+        check_source(config.recovery.data or config.calib, "calib", config.recovery.text_tokens,
                      "--recover-steps, --recover-batch or --recover-seqlen")
     if config.eval != "none":
         check_source(config.eval, "eval", min_tokens=pc.seqlen)

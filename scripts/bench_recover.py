@@ -174,8 +174,8 @@ def row_job(args, mode: dict, prune_name: str, folder: str, recipe: str, budget:
     train, val = recovery_windows(tokens_of(tokenizer, TEXT, "calib"), config)
     if config.loss == "distill":
         start = time.perf_counter()
-        teacher = teacher_topk(model, train, config.topk, batch_size=4, progress=not args.quick,
-                               temperature=config.temperature)
+        teacher = teacher_topk(model, train, config.distill_topk, batch_size=4, progress=not args.quick,
+                               temperature=config.distill_temperature)
         teacher_minutes = (time.perf_counter() - start) / 60
     del model
     gc.collect()

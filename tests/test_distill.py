@@ -144,7 +144,7 @@ def test_full_distillation_keeps_zeros_exactly_and_lowers_kl(family):
     dense_logits, targets, model, masks, train, val = dense_and_pruned(family)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     kl_before = kl_to(model, dense_logits, train)
-    config = RecoveryConfig(loss="distill", params="full", steps=12, batch=2, seqlen=32, lr=1e-3, topk=16,
+    config = RecoveryConfig(loss="distill", params="full", steps=12, batch=2, seqlen=32, lr=1e-3, distill_topk=16,
                             weight_decay=0.1, eval_every=5)  # decay on: it must not revive zeros either
 
     stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False)
@@ -172,7 +172,7 @@ def test_full_distillation_keeps_zeros_exactly_and_lowers_kl(family):
 def test_lora_distillation_keeps_mask_and_lowers_kl(tmp_path):
     dense_logits, targets, model, masks, train, val = dense_and_pruned("llama")
     kl_before = kl_to(model, dense_logits, train)
-    config = RecoveryConfig(loss="distill", params="lora", steps=12, batch=2, seqlen=32, lr=3e-3, topk=16,
+    config = RecoveryConfig(loss="distill", params="lora", steps=12, batch=2, seqlen=32, lr=3e-3, distill_topk=16,
                             eval_every=0)
     stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False,
                            adapter_dir=tmp_path / "adapter")
@@ -191,7 +191,7 @@ def test_alpha_mixes_in_the_lm_loss():
     with torch.no_grad():
         output = model(train[first], labels=train[first])
         kl = distill_loss(output.logits, *targets.rows(first), 1.0)
-    config = RecoveryConfig(loss="distill", params="lora", steps=1, batch=2, seqlen=32, topk=16, alpha=0.3)
+    config = RecoveryConfig(loss="distill", params="lora", steps=1, batch=2, seqlen=32, distill_topk=16, distill_alpha=0.3)
     stats = train_recovery(model, train, None, config, teacher=targets, masks=masks, progress=False)
     assert stats["loss_first"] == pytest.approx(0.3 * output.loss.item() + 0.7 * kl.item(), rel=1e-5)
     assert stats["alpha"] == 0.3 and stats["temperature"] == 1.0
@@ -229,7 +229,7 @@ def test_gradient_checkpointing_checkpoints_and_trains_the_same(params, monkeypa
     runs = []
     for checkpointing in (False, True):
         dense_logits, targets, model, masks, train, val = dense_and_pruned("llama")
-        config = RecoveryConfig(loss="distill", params=params, steps=3, batch=2, seqlen=32, lr=3e-3, topk=16,
+        config = RecoveryConfig(loss="distill", params=params, steps=3, batch=2, seqlen=32, lr=3e-3, distill_topk=16,
                                 gradient_checkpointing=checkpointing)
         stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False)
         runs.append((stats, model.model.layers[0].self_attn.q_proj.weight))
@@ -276,7 +276,7 @@ def test_budget_larger_than_the_text_is_refused():
 def test_teacher_must_match_the_student():
     dense_logits, targets, model, masks, train, val = dense_and_pruned("llama")
     before = model.model.layers[0].mlp.up_proj.weight.clone()
-    config = RecoveryConfig(loss="distill", params="full", steps=2, batch=2, seqlen=32, topk=16)
+    config = RecoveryConfig(loss="distill", params="full", steps=2, batch=2, seqlen=32, distill_topk=16)
     other_vocab = teacher_topk(tiny_model("llama", vocab=160), train, 16, progress=False)
     with pytest.raises(LLMPruneError, match="vocabulary has 160 tokens but the student's has 128"):
         train_recovery(model, train, val, config, teacher=other_vocab, masks=masks, progress=False)
@@ -286,7 +286,7 @@ def test_teacher_must_match_the_student():
         train_recovery(model, train, val, config, teacher=None, masks=masks, progress=False)
     with pytest.raises(LLMPruneError, match="--distill-temperature"):
         train_recovery(model, train, val, RecoveryConfig(loss="distill", params="full", steps=2, batch=2, seqlen=32,
-                                                         topk=16, temperature=2.0),
+                                                         distill_topk=16, distill_temperature=2.0),
                        teacher=targets, masks=masks, progress=False)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
@@ -314,12 +314,12 @@ def test_full_params_refused_when_the_mask_cannot_be_held(monkeypatch):
     [
         ({"loss": "kd"}, "lm, distill"),
         ({"params": "half"}, "--recover-params"),
-        ({"temperature": 0.0}, "--distill-temperature"),
-        ({"alpha": 1.5}, "--distill-alpha"),
-        ({"topk": 0}, "--distill-topk"),
+        ({"distill_temperature": 0.0}, "--distill-temperature"),
+        ({"distill_alpha": 1.5}, "--distill-alpha"),
+        ({"distill_topk": 0}, "--distill-topk"),
         ({"eval_every": -1}, "--eval-every"),
         ({"steps": 0}, "--recover-steps"),
-        ({"lora_r": 0}, "--lora-r"),
+        ({"r": 0}, "--lora-r"),
     ],
 )
 def test_bad_config_values_name_the_fix(kwargs, hint):

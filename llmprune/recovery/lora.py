@@ -28,68 +28,12 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from llmprune.config import RecoverConfig
 from llmprune.errors import LLMPruneError
 from llmprune.inputs.models import decoder_layers, is_linear
 from llmprune.recovery.loop import epoch_order, train_loop
 
 T = TypeVar("T")
-
-
-@dataclass
-class RecoverConfig:
-    """Settings for :func:`recover_lora`. ``targets`` are linear leaf names (``q_proj``, ``down_proj``, ...); None
-    means every pruned linear.
-
-    Defaults fit 2 CPU cores: a step of 2 x 256 tokens on a 135M model takes about 4 s, so 100 steps take about 7
-    minutes (2 x 512: 9 s a step, 4 x 512: 15 s and 7 GB). lr 5e-4 suits such short runs: after 40 steps it beat
-    2e-4 clearly (held-out perplexity 44.7 vs 50.4 from 67.0, Wanda 50%); longer runs on more tokens can use 2e-4.
-    """
-
-    steps: int = 100
-    lr: float = 5e-4
-    batch: int = 2
-    seqlen: int = 256
-    r: int = 8
-    alpha: int = 16
-    targets: list[str] | None = None
-    seed: int = 0
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        for field, flag in (("steps", "--recover-steps"), ("batch", "--recover-batch"), ("r", "--lora-r")):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LLMPruneError(
-                    f"recovery {field} must be a positive integer, got {value!r}: set {flag} to 1 or more"
-                )
-        if isinstance(self.seqlen, bool) or not isinstance(self.seqlen, int) or self.seqlen < 2:
-            raise LLMPruneError(f"recovery seqlen must be an integer >= 2 (next-token loss needs two tokens), "
-                                f"got {self.seqlen!r}: set --recover-seqlen to 2 or more")
-        if not _is_positive_number(self.lr):
-            raise LLMPruneError(f"recovery lr must be a positive number, got {self.lr!r}: set --recover-lr, e.g. 5e-4")
-        if not _is_positive_number(self.alpha):
-            raise LLMPruneError(
-                f"LoRA alpha must be a positive number, got {self.alpha!r}: set --lora-alpha, e.g. twice --lora-r"
-            )
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise LLMPruneError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}: use 0.0 (default) or e.g. 0.05")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise LLMPruneError(f"recovery seed must be an integer, got {self.seed!r}")
-        if self.targets is not None:
-            if isinstance(self.targets, str) or not self.targets or not all(
-                isinstance(t, str) and t.strip() for t in self.targets
-            ):
-                raise LLMPruneError(f"LoRA targets must be a non-empty list of linear names, got {self.targets!r}: "
-                                    f"e.g. --lora-targets q_proj,v_proj (or omit it for every pruned linear)")
-            self.targets = list(dict.fromkeys(t.strip() for t in self.targets))
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_positive_number(value) -> bool:
-    return _is_number(value) and value > 0
 
 
 class MaskedLoraLinear(PeftLoraLinear):

@@ -14,7 +14,6 @@ mask is not re-applied after training, so the check that follows can catch a lea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,75 +24,14 @@ from llmprune.errors import LLMPruneError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.inputs.models import decoder_layers, linears
 from llmprune.recovery.distill import TeacherTargets, distill_loss, output_vocab_size
-from llmprune.recovery.lora import RecoverConfig, find_pruned_linears, train_masked_lora
+from llmprune.config import RecoverConfig
+from llmprune.recovery.lora import find_pruned_linears, train_masked_lora
 from llmprune.recovery.loop import epoch_order, train_loop
 from llmprune.runtime import available_memory_bytes, peak_rss_bytes
 
-LOSSES = ("lm", "distill")
-PARAMS = ("lora", "full")
-DEFAULT_LR = {"lora": 5e-4, "full": 1e-4}
 
 
-@dataclass
-class RecoveryConfig:
-    """One recovery recipe. ``lr`` None means 5e-4 for LoRA (measured best of 2e-4/5e-4 on 100-step runs, see
-    RecoverConfig) and 1e-4 for full fine-tuning (a common choice for small models, not tuned here). ``alpha`` is
-    the share of the LM loss in a distillation run (0: pure distillation). ``eval_every`` 0 scores the validation
-    slice only before and after training."""
-
-    loss: str = "lm"
-    params: str = "lora"
-    steps: int = 100
-    lr: float | None = None
-    batch: int = 2
-    seqlen: int = 256
-    weight_decay: float = 0.0
-    temperature: float = 1.0
-    alpha: float = 0.0
-    topk: int = 64
-    eval_every: int = 25
-    val_windows: int = 8
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_targets: list[str] | None = None
-    lora_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise LLMPruneError(f"recovery loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.params not in PARAMS:
-            raise LLMPruneError(f"--recover-params must be one of {', '.join(PARAMS)}, got {self.params!r}")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.params]
-        self.lora_settings()  # validates steps, lr, batch, seqlen, seed and the LoRA fields, naming their flags
-        if not _is_number(self.temperature) or self.temperature <= 0:
-            raise LLMPruneError(f"distillation temperature must be a positive number, got {self.temperature!r}: "
-                                f"set --distill-temperature, e.g. 1.0")
-        if not _is_number(self.alpha) or not 0 <= self.alpha <= 1:
-            raise LLMPruneError(f"distillation alpha (the LM loss's share) must be in [0, 1], got {self.alpha!r}: "
-                                f"set --distill-alpha, e.g. 0 for pure distillation")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            raise LLMPruneError(f"weight decay must be a number >= 0, got {self.weight_decay!r}")
-        for name, flag, low in (("topk", "--distill-topk", 1), ("eval_every", "--eval-every", 0),
-                                ("val_windows", "--recover-val-windows", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise LLMPruneError(f"recovery {name} must be an integer >= {low}, got {value!r}: set {flag}")
-
-    def lora_settings(self) -> RecoverConfig:
-        return RecoverConfig(steps=self.steps, lr=self.lr, batch=self.batch, seqlen=self.seqlen, r=self.lora_r,
-                             alpha=self.lora_alpha, targets=self.lora_targets, seed=self.seed,
-                             dropout=self.lora_dropout)
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.batch * self.seqlen
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+RecoveryConfig = RecoverConfig  # one recipe: llmprune.config.RecoverConfig (loss, params, budget, LoRA, KL)
 
 
 def recovery_windows(tokens: torch.Tensor, config: RecoveryConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,10 +106,10 @@ def train_recovery(
                 return trainee(input_ids=ids, labels=ids, use_cache=False).loss
             logits = trainee(input_ids=ids, use_cache=False).logits
             targets = (t.to(device) for t in teacher.rows(window_indices))
-            loss = distill_loss(logits, *targets, config.temperature)
-            if config.alpha:
+            loss = distill_loss(logits, *targets, config.distill_temperature)
+            if config.distill_alpha:
                 lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                loss = (1 - config.alpha) * loss + config.alpha * lm
+                loss = (1 - config.distill_alpha) * loss + config.distill_alpha * lm
             return loss
 
         def validate() -> float:
@@ -194,7 +132,7 @@ def train_recovery(
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     try:
         if config.params == "lora":
-            lora = config.lora_settings()
+            lora = config
             result, targets = train_masked_lora(
                 model, modules or _all_decoder_linears(model), lora,
                 lambda peft_model: run(peft_model, [p for p in peft_model.parameters() if p.requires_grad]),
@@ -232,9 +170,9 @@ def train_recovery(
         "peak_rss_bytes": peak_rss_bytes(),
     }
     if config.loss == "distill":
-        stats |= {"temperature": config.temperature, "alpha": config.alpha, "topk": teacher.topk}
+        stats |= {"temperature": config.distill_temperature, "alpha": config.distill_alpha, "topk": teacher.topk}
     if config.params == "lora":
-        stats["lora"] = {"r": config.lora_r, "alpha": config.lora_alpha, "targets": targets}
+        stats["lora"] = {"r": config.r, "alpha": config.alpha, "targets": targets}
     if modules:
         numel = sum(module.weight.numel() for module in modules.values())
         stats["sparsity_before"] = zeros_before / numel
@@ -291,12 +229,12 @@ def _check_teacher(model: nn.Module, train_windows: torch.Tensor, teacher: Teach
     if teacher.vocab_size != vocab:
         raise LLMPruneError(f"the teacher's vocabulary has {teacher.vocab_size} tokens but the student's has {vocab}: "
                             f"distil from the same model family and tokenizer (the dense model before pruning)")
-    if teacher.topk != min(config.topk, vocab):
+    if teacher.topk != min(config.distill_topk, vocab):
         raise LLMPruneError(f"the teacher targets hold the top {teacher.topk} tokens but --distill-topk is "
-                            f"{config.topk}: compute them again with k={config.topk}")
-    if teacher.temperature != config.temperature:
+                            f"{config.distill_topk}: compute them again with k={config.distill_topk}")
+    if teacher.temperature != config.distill_temperature:
         raise LLMPruneError(f"the teacher targets were computed at temperature {teacher.temperature:g} but "
-                            f"--distill-temperature is {config.temperature:g}: compute them again at that temperature")
+                            f"--distill-temperature is {config.distill_temperature:g}: compute them again at that temperature")
     if teacher.windows.shape != train_windows.shape or not torch.equal(teacher.windows, train_windows.cpu()):
         raise LLMPruneError("the teacher targets were computed on other windows than the training windows: pass "
                             "teacher_topk the very windows given to train_recovery (or teacher.subset for a share)")
