@@ -9,6 +9,7 @@ broadcast so that every rank propagates through the same layer. Only rank 0 writ
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 
 import torch
@@ -66,6 +67,7 @@ class DataParallel:
         try:
             fn(tensor)
         except (RuntimeError, ValueError) as err:  # gloo and NCCL report a lost peer as RuntimeError subclasses
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0]  # gloo prefixes its source line
             raise LLMPruneError(f"rank {self.rank}: another rank stopped answering ({detail}); the run is "
                                 f"abandoned and no output was written") from None
