@@ -1,7 +1,8 @@
 """A prune in a child process, for test_scale.py: killed with SIGKILL at a chosen point, or one rank of a
 torch.distributed group (env RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set by the test).
 
-    python tests/scale_worker.py JSON   with keys: mode (memory|stream), method, src, out, work, resume,
+    python tests/scale_worker.py JSON   with keys: mode (memory|stream), method (or a,b), src, out (may hold
+                                        {method}), work, resume,
                                         kill ("LAYER:load" or "LAYER:save"), die_at (a layer where rank 1 exits)
 """
 
@@ -87,7 +88,9 @@ def run(job: dict):
 
 if __name__ == "__main__":
     try:
-        run(json.loads(sys.argv[1]))
+        job = json.loads(sys.argv[1])
+        for method in job["method"].split(","):  # several methods in one process: one process group start
+            run(job | {"method": method, "out": job["out"].replace("{method}", method)})
     except LLMPruneError as err:
         print(f"llmprune: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -95,7 +95,7 @@ class StreamedModel:
         from safetensors import safe_open
 
         for file in dict.fromkeys(self.files[n] for n in names):
-            with safe_open(file, "pt", device="cpu") as f:
+            with safe_open(file, "pt", device="cpu", backend="pread") as f:  # owned copies: no mapped pages linger
                 for name in (n for n in names if self.files[n] == file):
                     set_module_tensor_to_device(module, name[len(strip):], device, value=f.get_tensor(name))
         if module is self.model and self.model.config.get_text_config().tie_word_embeddings:
@@ -112,12 +112,15 @@ class StreamedModel:
 
 
 class StreamedLayers:
-    """The runner's store for a StreamedModel: a layer exists in memory from load(i) to done(i)."""
+    """The runner's store for a StreamedModel: a layer exists in memory from load(i) to done(i). The
+    embeddings serve only the capture, which comes before any layer is read: the first load drops them."""
 
     def __init__(self, streamed: StreamedModel, device: torch.device):
         self.streamed, self.device = streamed, device
 
     def load(self, i: int) -> nn.Module:
+        if any(p.device.type != "meta" for p in self.streamed.model.parameters()):
+            self.streamed.free(self.streamed.model)
         layer, prefix = self.streamed.layers[i], f"{self.streamed.prefix}.{i}."
         self.streamed.load_tensors(self.streamed.layer_names(i), layer, prefix, self.device)
         missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
@@ -197,6 +200,10 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path) -> No
     for source in streamed.dir.iterdir():
         if source.is_file() and source not in weights and not source.name.endswith((".bin", ".pt", ".pth")):
             shutil.copy2(source, staging / source.name)
+    config = json.loads((staging / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(streamed.dtype).removeprefix("torch.")  # what the shards now hold
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _numel(shape) -> int:
@@ -232,7 +239,7 @@ def streamed_perplexity(model_dir, windows: torch.Tensor, device=None, dtype: st
         layer = store.load(i)
         propagate(layer, i, calls)
         store.done(i, layer)
-    streamed.load_tensors(streamed.head_names, streamed.model, "", "cpu")
+    streamed.load_tensors(streamed.rest, streamed.model, "", "cpu")  # embeddings (dropped), final norm, head
     model_device = next(p.device for p in streamed.model.parameters() if p.device.type != "meta")
     total, count = 0.0, 0
     for batch, rows in enumerate(calls.batches):
