@@ -137,10 +137,12 @@ class StreamedLayers:
 
 def prune_streamed(model_dir, out_dir, calibration, config, *, dtype: str = "float32", work_dir=None,
                    resume: bool = False, offload_activations=None, overwrite: bool = False, parallel=None,
-                   progress: bool = True, trust_remote_code: bool = False):
+                   progress: bool = True, trust_remote_code: bool = False, finish=None):
     """Prune a safetensors model directory into `out_dir` without ever holding the dense model: returns the
     PruneReport. `work_dir` (default: beside out_dir) holds the checkpoint; `resume` continues it. Under
-    `parallel` (a DataParallel) `calibration` is this rank's share and only rank 0 writes."""
+    `parallel` (a DataParallel) `calibration` is this rank's share and only rank 0 writes. `finish(staging,
+    report)`, called before the output is renamed into place, may evaluate the staged model
+    (streamed_perplexity(staging, ...)) and add files (report.json, model card) to it."""
     from ..output.atomic import atomic_directory, check_output
     from ..pruning.runner import prune
 
@@ -164,6 +166,8 @@ def prune_streamed(model_dir, out_dir, calibration, config, *, dtype: str = "flo
     if writer:
         with atomic_directory(out_dir, overwrite) as staging:
             write_output(streamed, work, staging)
+            if finish is not None:
+                finish(staging, report)
         work.remove()
     if parallel is not None:
         parallel.barrier()
