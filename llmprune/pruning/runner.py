@@ -8,7 +8,11 @@
         pass 2: stream the batches through the pruned layer: its outputs are the next layer's inputs
         move it back
 
-Only the current layer is on the device; the rest of the model stays where it was loaded.
+Only the current layer is on the device; the rest of the model stays where it was loaded. Three optional
+hooks take this loop to models larger than memory, crashes and several processes (llmprune/scale/):
+    store:      where layers live: load(i) -> the layer on the device, done(i, layer) puts it back
+    checkpoint: restore(layers, calls, report) -> the first layer left to prune; save(i, layer, calls, report)
+    parallel:   reduce(statistic) sums a statistic over ranks; rank 0 solves and broadcast(modules) shares it
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ class LayerCalls:
     """What the model passes its decoder layers, batch by batch: layer 0's hidden states, and for every
     layer its own positional and keyword arguments (sliding-window models give layers different masks)."""
 
-    hidden: torch.Tensor  # (nsamples, seqlen, hidden) on the device; overwritten layer by layer
+    hidden: torch.Tensor  # (nsamples, seqlen, hidden) on the device or in a file; overwritten layer by layer
     batches: list[slice]
     args: list[list[tuple]]  # [batch][layer] -> positional args after hidden_states
     kwargs: list[list[dict]]  # [batch][layer] -> keyword args
+    device: torch.device | None = None  # where a batch of `hidden` is moved to run (it may be offloaded)
 
 
 @dataclass
@@ -78,15 +83,19 @@ class PruneReport:
 
 @torch.inference_mode()
 def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfig, progress: bool = True,
-          checked: bool = False) -> PruneReport:
-    """Prune `model` in place, layer by layer. `calibration` is (nsamples, seqlen) token ids; the
-    magnitude method with uniform allocation needs none. `checked`: the caller already ran check_model
-    (the pipeline does, right after loading), so every weight is not scanned twice."""
+          checked: bool = False, store=None, checkpoint=None, parallel=None,
+          offload_activations=None) -> PruneReport:
+    """Prune `model` in place, layer by layer. `calibration` is (nsamples, seqlen) token ids (this rank's
+    share under `parallel`); the magnitude method with uniform allocation needs none. `checked`: the caller
+    already ran check_model (the pipeline does, right after loading), so every weight is not scanned twice.
+    `offload_activations`: a directory where the calibration activations are kept in a file, not memory."""
     method = get_method(config.method)
     update = get_update(config.update) if config.update != "none" else None
     kinds = tuple(dict.fromkeys(k for k in (method.statistic, update and update.statistic) if k))
     device = resolve_device(config.device)
     layers, targets = find_targets(model, config) if checked else check_model(model, config)
+    store = store or ModelLayers(layers, device)
+    reduce = parallel.reduce if parallel is not None else None
     report = PruneReport(method.name, config.sparsity, config.pattern, config.allocation)
     if not kinds and config.allocation == "uniform":
         calls = None  # no data flows: every layer is pruned from its weights alone
@@ -94,35 +103,56 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
         if calibration is None:
             raise LLMPruneError(f"method '{method.name}' needs calibration data")
         start = time.perf_counter()
-        calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress)
+        calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress,
+                                    offload_activations)
         report.seconds["capture"] += elapsed(start, device)
-    report.layer_sparsity = allocate_sparsity(layers, targets, calls, config, device, report, progress)
+    first = checkpoint.restore(layers, calls, report) if checkpoint is not None else 0
+    if first == 0:
+        report.layer_sparsity = allocate_sparsity(store, targets, calls, config, device, report, progress, reduce)
 
-    bar = tqdm(total=len(layers), desc="pruning", unit="layer", disable=not progress)
-    for i, layer in enumerate(layers):
-        home = next(layer.parameters()).device
-        layer.to(device)
+    bar = tqdm(total=len(layers), initial=first, desc="pruning", unit="layer", disable=not progress)
+    for i in range(first, len(layers)):
+        layer = store.load(i)
         statistics = {}
         if calls is not None and kinds:
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: statistics")
             start = time.perf_counter()
-            statistics = collect_statistics(layer, i, calls, targets[i], kinds)
+            statistics = collect_statistics(layer, i, calls, targets[i], kinds, reduce=reduce)
             report.seconds["statistics"] += elapsed(start, device)
         start = time.perf_counter()
         for group in share_groups(targets[i], statistics):
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: {'+'.join(n.rsplit('.', 1)[-1] for n in group)}")
-            prune_group(group, targets[i], statistics.get(group[0], {}), method, update, report.layer_sparsity[i],
-                        config, report, layer_index=i)
+            if parallel is None or parallel.rank == 0:
+                prune_group(group, targets[i], statistics.get(group[0], {}), method, update,
+                            report.layer_sparsity[i], config, report, layer_index=i)
+        if parallel is not None:
+            parallel.broadcast(list(targets[i].values()))
         report.seconds["solve"] += elapsed(start, device)
         if statistics and i + 1 < len(layers):
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: propagate")
             start = time.perf_counter()
             propagate(layer, i, calls)
             report.seconds["propagate"] += elapsed(start, device)
-        layer.to(home)
+        if checkpoint is not None:
+            checkpoint.save(i, layer, calls, report)
+        store.done(i, layer)
         bar.update()
     bar.close()
     return report
+
+
+class ModelLayers:
+    """The default store: the layers of a model in memory, each moved to the device while it is worked on."""
+
+    def __init__(self, layers: nn.ModuleList, device: torch.device):
+        self.layers, self.device, self.homes = layers, device, {}
+
+    def load(self, i: int) -> nn.Module:
+        self.homes[i] = next(self.layers[i].parameters()).device
+        return self.layers[i].to(self.device)
+
+    def done(self, i: int, layer: nn.Module) -> None:
+        layer.to(self.homes.pop(i))
 
 
 def prunable_linears(layer: nn.Module, prefix: str, config: PruneConfig) -> dict[str, nn.Module]:
@@ -152,21 +182,27 @@ def check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, l
                     f"{name} has {weight.shape[1]} inputs, not divisible by M={config.nm[1]} of --pattern "
                     f"{config.pattern}: choose another pattern or --skip this module"
                 )
-            if not torch.isfinite(weight).all():
+            if weight.device.type != "meta" and not torch.isfinite(weight).all():  # streamed: checked on load
                 raise LLMPruneError(f"{name} has NaN or Inf weights: the model file is damaged")
     return layers, targets
 
 
-def capture_layer_calls(model, layers, calibration, batch_size, device, progress) -> LayerCalls:
+def capture_layer_calls(model, layers, calibration, batch_size, device, progress, offload=None) -> LayerCalls:
     """Run the model's own forward with every decoder layer replaced by a recorder, so that only the
-    embeddings run: layer 0's inputs and each layer's own arguments are kept, and the last layer stops it."""
+    embeddings run: layer 0's inputs and each layer's own arguments are kept, and the last layer stops it.
+    With `offload` (a directory) layer 0's inputs are written into a file-backed tensor there instead."""
     batches = [slice(s, min(s + batch_size, len(calibration))) for s in range(0, len(calibration), batch_size)]
     hidden, all_args, all_kwargs = [], [], []
     moved: dict[int, object] = {}  # tensors shared between layers are moved to the device once
 
     def recorder(index):
         def forward(hidden_states, *args, **kwargs):
-            if index == 0:
+            if index == 0 and offload is not None:
+                if not hidden:
+                    hidden.append(_file_tensor(offload, (len(calibration), *hidden_states.shape[1:]),
+                                               hidden_states.dtype))
+                hidden[0][batches[len(all_args) - 1]] = hidden_states
+            elif index == 0:
                 hidden.append(hidden_states.to(device))
             all_args[-1].append(_to_device(args, device, moved))
             all_kwargs[-1].append(_to_device(kwargs, device, moved))
@@ -176,7 +212,7 @@ def capture_layer_calls(model, layers, calibration, batch_size, device, progress
 
         return forward
 
-    model_device = next(model.parameters()).device
+    model_device = next(p.device for p in model.parameters() if p.device.type != "meta")  # streamed: embeddings
     for i, layer in enumerate(layers):
         layer.forward = recorder(i)
     try:
@@ -190,7 +226,20 @@ def capture_layer_calls(model, layers, calibration, batch_size, device, progress
     finally:
         for layer in layers:
             del layer.forward  # back to the class's forward
-    return LayerCalls(torch.cat(hidden), batches, all_args, all_kwargs)
+    return LayerCalls(hidden[0] if offload is not None else torch.cat(hidden), batches, all_args, all_kwargs, device)
+
+
+def _file_tensor(directory, shape, dtype) -> torch.Tensor:
+    """A CPU tensor backed by a file (shared mmap): the kernel pages it out instead of holding it in RAM."""
+    import tempfile
+    from pathlib import Path
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix="activations-", suffix=".bin") as handle:
+        numel = 1
+        for size in shape:
+            numel *= size
+        return torch.from_file(handle.name, shared=True, size=numel, dtype=dtype).view(shape)  # unlinked on close
 
 
 def _to_device(value, device, moved):
@@ -206,14 +255,16 @@ def _to_device(value, device, moved):
 
 
 def _run(layer, index, calls, batch):
-    out = layer(calls.hidden[calls.batches[batch]], *calls.args[batch][index], **calls.kwargs[batch][index])
+    hidden = calls.hidden[calls.batches[batch]].to(calls.device)
+    out = layer(hidden, *calls.args[batch][index], **calls.kwargs[batch][index])
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def collect_statistics(layer, index, calls, targets, kinds, write_outputs=False) -> dict[str, dict]:
+def collect_statistics(layer, index, calls, targets, kinds, write_outputs=False, reduce=None) -> dict[str, dict]:
     """Pass 1: {linear: {kind: statistic}}. Linears that read the very same input tensor (q/k/v, gate/up)
     share one dict of statistics, accumulated once. The forward stops as soon as the last linear has seen its input, unless the
-    outputs are wanted too (`write_outputs`: a dense layer's outputs are the next layer's inputs)."""
+    outputs are wanted too (`write_outputs`: a dense layer's outputs are the next layer's inputs).
+    `reduce(statistic)`, when given, sums each statistic over the ranks before it is finalized."""
     names = {module: name for name, module in targets.items()}
     statistics: dict[str, dict] = {}
     leader: dict[str, str] = {}  # linear -> the linear whose statistic it shares
@@ -249,6 +300,10 @@ def collect_statistics(layer, index, calls, targets, kinds, write_outputs=False)
     finally:
         for handle in handles:
             handle.remove()
+    for stats in statistics.values():
+        for stat in stats.values():
+            if reduce is not None:
+                reduce(stat)
     finals = {name: {kind: stat.finalize() for kind, stat in stats.items()} for name, stats in statistics.items()}
     for name, value in finals.items():
         tensors = [t for v in value.values() for t in (v.values() if isinstance(v, dict) else [v])]
@@ -312,23 +367,22 @@ def propagate(layer, index, calls) -> None:
         calls.hidden[rows] = _run(layer, index, calls, batch)
 
 
-def allocate_sparsity(layers, targets, calls, config, device, report, progress) -> list[float]:
+def allocate_sparsity(store, targets, calls, config, device, report, progress, reduce=None) -> list[float]:
     """Per-layer sparsity: the same everywhere, or OWL's outlier-weighted allocation, which needs the
     dense model's statistics of every layer: one extra pass, then layer 0's inputs are restored."""
     if config.allocation == "uniform":
-        return [config.sparsity] * len(layers)
+        return [config.sparsity] * len(targets)
     start = time.perf_counter()
     layer0_inputs = calls.hidden.clone()
     ratios, sizes = [], []
-    for i, layer in enumerate(tqdm(layers, desc="OWL: dense statistics", unit="layer", disable=not progress)):
-        home = next(layer.parameters()).device
-        layer.to(device)
-        stats = collect_statistics(layer, i, calls, targets[i], ("input_norms",), write_outputs=True)
+    for i in tqdm(range(len(targets)), desc="OWL: dense statistics", unit="layer", disable=not progress):
+        layer = store.load(i)
+        stats = collect_statistics(layer, i, calls, targets[i], ("input_norms",), write_outputs=True, reduce=reduce)
         scores = torch.cat([(weight_matrix(m).float().abs() * stats[name]["input_norms"]).flatten()
                             for name, m in targets[i].items()])
         ratios.append(outlier_ratio(scores, config.owl_m))
         sizes.append(scores.numel())
-        layer.to(home)
+        store.done(i, layer)
     calls.hidden.copy_(layer0_inputs)
     report.seconds["allocation"] += elapsed(start, device)
     sparsities = owl_sparsities(ratios, sizes, config.sparsity, config.owl_lambda)

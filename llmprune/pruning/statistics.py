@@ -4,6 +4,10 @@ A kind is a small class registered here: `add(x)` for each batch of inputs (...,
 once, returning what a method receives. Sums are accumulated in place and scaled once at the end: the
 same numbers as a running mean, without rescaling the accumulator on every batch. A method that needs a
 new statistic adds one class here and names its kind in `register(..., statistic=KIND)`.
+
+Contract: a kind's attributes are its running sums, tensors or int token counts, and nothing else until
+`finalize()`. Processes that saw different calibration windows then combine by summing every attribute
+(`reduce_statistic`), which is how data-parallel calibration needs no code per kind.
 """
 
 from __future__ import annotations
@@ -23,6 +27,20 @@ def register_statistic(kind: str):
 
 def new_statistic(kind: str, features: int, device: torch.device):
     return STATISTICS[kind](features, device)
+
+
+def reduce_statistic(statistic, all_reduce) -> None:
+    """Sum a statistic over processes in place (`all_reduce(tensor)` sums a tensor across them)."""
+    tensors = [v for v in vars(statistic).values() if isinstance(v, torch.Tensor)]
+    for name, value in vars(statistic).items():
+        if isinstance(value, torch.Tensor):
+            all_reduce(value)
+        elif isinstance(value, int):  # a token count: summed as a tensor on the statistic's device
+            count = torch.tensor(value, dtype=torch.int64, device=tensors[0].device if tensors else "cpu")
+            all_reduce(count)
+            setattr(statistic, name, int(count))
+        else:
+            raise TypeError(f"{type(statistic).__name__}.{name} is not a sum: a statistic holds tensors and counts")
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""Resume: after each layer, everything needed to continue is in one work folder, written atomically.
+
+    model-IIIII-of-NNNNN.safetensors   each pruned layer's weights, under their full names (a streamed run's
+                                       output shards: the same files become the output)
+    hidden-IIIII.pt                    the inputs of layer I+1: the calibration windows' hidden states
+    state.json                         the settings, the last complete layer and the report so far
+
+Each file is written beside its final name and renamed over it; state.json is renamed last, so a run
+killed at any instant leaves either the previous layer's checkpoint or this one's, never a mixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..errors import LLMPruneError
+
+STATE = "state.json"
+
+
+def settings_of(config, model: str, calibration: torch.Tensor | None, world: int = 1, **extra) -> dict:
+    """What must not change between a run and its resumption (the device may: results are checked for it
+    by the bit-identical test, not promised across devices)."""
+    settings = {k: v for k, v in asdict(config).items() if k != "device"}
+    digest = None
+    if calibration is not None:
+        digest = hashlib.sha256(calibration.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return settings | {"model": str(model), "calibration_sha256": digest, "world_size": world} | extra
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _replace(path: Path, write) -> None:
+    """Write through `write(temporary_path)`, then rename over `path` (atomic on one filesystem)."""
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+class WorkFolder:
+    """The checkpoint of one prune. `resume=False` starts afresh (clearing a previous run's folder);
+    `resume=True` refuses, in one line, when there is nothing to resume or the settings differ."""
+
+    def __init__(self, path: str | Path, settings: dict, prefix: str, layer_count: int, shard_count: int | None = None,
+                 resume: bool = False):
+        self.path, self.settings, self.prefix = Path(path), settings, prefix
+        self.layer_count, self.shard_count = layer_count, shard_count or layer_count
+        state = self.path / STATE
+        if resume:
+            if not state.is_file():
+                raise LLMPruneError(f"--resume: {self.path} holds no interrupted run to resume; run without --resume")
+            saved = json.loads(state.read_text())
+            changed = sorted(k for k in settings.keys() | saved["settings"].keys()
+                             if settings.get(k) != saved["settings"].get(k))
+            if changed:
+                raise LLMPruneError(f"--resume: the interrupted run in {self.path} used other settings "
+                                    f"({', '.join(changed)}); repeat its settings or run without --resume")
+            self.state = saved
+        else:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.state = None
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def layer_file(self, i: int) -> Path:
+        return self.path / shard_name(i, self.shard_count)
+
+    def restore(self, layers, calls, report) -> int:
+        """Put back what the interrupted run had finished; returns the first layer left to prune."""
+        if self.state is None:
+            return 0
+        from safetensors.torch import load_file
+
+        done = self.state["done"]
+        saved = self.state["report"]
+        report.layers[:], report.layer_sparsity[:] = saved["layers"], saved["layer_sparsity"]
+        report.seconds.update(saved["seconds"])
+        for i in range(done + 1):
+            if next(layers[i].parameters()).device.type != "meta":  # held in memory: give it its pruned weights
+                prefix = f"{self.prefix}.{i}."
+                weights = {k[len(prefix):]: v for k, v in load_file(self.layer_file(i)).items()}
+                layers[i].load_state_dict(weights)
+        if calls is not None and done + 1 < len(layers):
+            calls.hidden.copy_(torch.load(self.path / f"hidden-{done:05d}.pt", mmap=True, weights_only=True))
+        return done + 1
+
+    def save(self, i: int, layer, calls, report) -> None:
+        from safetensors.torch import save_file
+
+        weights = {f"{self.prefix}.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
+        _replace(self.layer_file(i), lambda p: save_file(weights, p, metadata={"format": "pt"}))
+        if calls is not None and i + 1 < self.layer_count:
+            _replace(self.path / f"hidden-{i:05d}.pt", lambda p: torch.save(calls.hidden.to("cpu"), p))
+        state = {"settings": self.settings, "done": i, "report": {
+            "layers": report.layers, "layer_sparsity": report.layer_sparsity, "seconds": report.seconds}}
+        _replace(self.path / STATE, lambda p: p.write_text(json.dumps(state, indent=1)))
+        for old in self.path.glob("hidden-*.pt"):
+            if old.name != f"hidden-{i:05d}.pt":
+                old.unlink()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def default_work_dir(output: str | Path) -> Path:
+    """Beside the output, on the same filesystem, so that finished shards are moved into it by renaming."""
+    output = Path(output)
+    return output.parent / f".{output.name}.work"
+
+
+def check_resumable(work_dir: str | Path) -> None:
+    """The cheap part of --resume's checks, for the start of a run (the settings are compared later)."""
+    if not (Path(work_dir) / STATE).is_file():
+        raise LLMPruneError(f"--resume: {work_dir} holds no interrupted run to resume; run without --resume")
+
+
+def prune_resumable(model, calibration, config, work_dir, model_id: str, resume: bool = False, progress: bool = True,
+                    **prune_options):
+    """The in-memory runner with a checkpoint after every layer in `work_dir`; `resume` continues the last
+    complete layer. The caller removes work_dir once the output is written. Returns the PruneReport."""
+    from ..inputs.models import decoder_layers
+    from ..pruning.runner import prune
+
+    prefix, layers = decoder_layers(model)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    work = WorkFolder(work_dir, settings_of(config, model_id, calibration, dtype=dtype, stream=False), prefix,
+                      len(layers), resume=resume)
+    return prune(model, calibration, config, progress, checkpoint=work, **prune_options)

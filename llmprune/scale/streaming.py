@@ -1,0 +1,262 @@
+"""Models larger than memory: a weightless skeleton, and each decoder layer read from the safetensors shards
+only while it is worked on, pruned, and written to the output's shards as it goes.
+
+    skeleton        accelerate's init_empty_weights: every parameter on the meta device, costing nothing
+    embeddings etc. the tensors outside the decoder layers (the output head only when evaluating)
+    StreamedLayers  load(i): layer i's tensors, and only those, via safetensors.safe_open; done(i): freed
+    prune_streamed  the runner's loop with this store and a WorkFolder, whose layer files become the output
+
+The output is a standard sharded safetensors directory (one shard per decoder layer, one per other
+tensor, model.safetensors.index.json) that from_pretrained loads. The dense model is never whole in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LLMPruneError
+from ..inputs.models import DTYPES, decoder_layers, linears, weight_matrix
+from ..runtime import resolve_device
+from .checkpoint import WorkFolder, default_work_dir, settings_of, shard_name
+
+INDEX = "model.safetensors.index.json"
+
+
+def weight_map(model_dir: str | Path) -> dict[str, Path]:
+    """{tensor name: shard file} of a safetensors model directory; anything else is a one-line error."""
+    model_dir = Path(model_dir)
+    if model_dir.suffix == ".gguf" or model_dir.is_file():
+        raise LLMPruneError(f"--stream reads safetensors shards, and {model_dir} is a single file; convert it with "
+                            f"save_pretrained (safetensors) or run without --stream")
+    if not (model_dir / "config.json").is_file():
+        raise LLMPruneError(f"--stream needs a local Hugging Face model directory with config.json: {model_dir}")
+    if (model_dir / INDEX).is_file():
+        mapping = json.loads((model_dir / INDEX).read_text())["weight_map"]
+        return {name: model_dir / shard for name, shard in mapping.items()}
+    if (model_dir / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(model_dir / "model.safetensors", "pt") as f:
+            return dict.fromkeys(f.keys(), model_dir / "model.safetensors")
+    raise LLMPruneError(f"--stream reads safetensors, and {model_dir} holds none (pickled .bin weights cannot be read "
+                        f"piecewise): convert it with save_pretrained(safe_serialization=True) or run without --stream")
+
+
+def weight_bytes(model_dir: str | Path) -> int:
+    return sum(f.stat().st_size for f in set(weight_map(model_dir).values()))
+
+
+def should_stream(model_dir: str | Path, share: float = 0.5) -> tuple[bool, str]:
+    """The auto rule: stream when the weights on disk exceed `share` of the memory available now."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024  # counts reclaimable page cache too
+    except OSError:
+        pass
+    size = weight_bytes(model_dir)
+    gib = 2 ** 30
+    return size > share * available, (f"the weights take {size / gib:.1f} GiB and {available / gib:.1f} GiB of memory "
+                                      f"is available")
+
+
+class StreamedModel:
+    """A model skeleton whose decoder layers are read from `model_dir` on demand."""
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.dir, self.dtype = Path(model_dir), DTYPES[dtype]
+        self.files = weight_map(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real and small
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        self.model.tie_weights()  # init_empty_weights skips it; a tied head must be the embeddings object
+        self.model.eval()
+        self.prefix, self.layers = decoder_layers(self.model)
+        in_layers = [n for n in self.files if n.startswith(f"{self.prefix}.")]
+        self.rest = [n for n in self.files if n not in in_layers]  # embeddings, final norm, head
+        head = self.model.get_output_embeddings()
+        self.head_names = [] if head is None or head.weight is self.model.get_input_embeddings().weight else \
+            [f"{name}.weight" for name, m in self.model.named_modules() if m is head]
+        self.load_tensors([n for n in self.rest if n not in self.head_names], self.model, "", "cpu")
+
+    def load_tensors(self, names, module: nn.Module, strip: str, device) -> None:
+        """Read `names` from their shards (each shard opened once, only these tensors read) into `module`."""
+        from accelerate.utils import set_module_tensor_to_device
+        from safetensors import safe_open
+
+        for file in dict.fromkeys(self.files[n] for n in names):
+            with safe_open(file, "pt", device="cpu", backend="pread") as f:  # owned copies: no mapped pages linger
+                for name in (n for n in names if self.files[n] == file):
+                    set_module_tensor_to_device(module, name[len(strip):], device, value=f.get_tensor(name))
+        if module is self.model and self.model.config.get_text_config().tie_word_embeddings:
+            self.model.tie_weights()
+
+    def free(self, module: nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(module.named_parameters()):
+            set_module_tensor_to_device(module, name, "meta")
+
+    def layer_names(self, i: int) -> list[str]:
+        return [n for n in self.files if n.startswith(f"{self.prefix}.{i}.")]
+
+
+class StreamedLayers:
+    """The runner's store for a StreamedModel: a layer exists in memory from load(i) to done(i). The
+    embeddings serve only the capture, which comes before any layer is read: the first load drops them."""
+
+    def __init__(self, streamed: StreamedModel, device: torch.device):
+        self.streamed, self.device = streamed, device
+
+    def load(self, i: int) -> nn.Module:
+        if any(p.device.type != "meta" for p in self.streamed.model.parameters()):
+            self.streamed.free(self.streamed.model)
+        layer, prefix = self.streamed.layers[i], f"{self.streamed.prefix}.{i}."
+        self.streamed.load_tensors(self.streamed.layer_names(i), layer, prefix, self.device)
+        missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise LLMPruneError(f"{self.streamed.dir} lacks {prefix}{missing[0]}: the shards do not match config.json")
+        for name, module in linears(layer).items():
+            if not torch.isfinite(weight_matrix(module)).all():
+                raise LLMPruneError(f"{prefix}{name} has NaN or Inf weights: the model file is damaged")
+        return layer
+
+    def done(self, i: int, layer: nn.Module) -> None:
+        self.streamed.free(layer)
+
+
+def prune_streamed(model_dir, out_dir, calibration, config, *, dtype: str = "float32", work_dir=None,
+                   resume: bool = False, offload_activations=None, overwrite: bool = False, parallel=None,
+                   progress: bool = True, trust_remote_code: bool = False, finish=None):
+    """Prune a safetensors model directory into `out_dir` without ever holding the dense model: returns the
+    PruneReport. `work_dir` (default: beside out_dir) holds the checkpoint; `resume` continues it. Under
+    `parallel` (a DataParallel) `calibration` is this rank's share and only rank 0 writes. `finish(staging,
+    report)`, called before the output is renamed into place, may evaluate the staged model
+    (streamed_perplexity(staging, ...)) and add files (report.json, model card) to it."""
+    from ..output.atomic import atomic_directory, check_output
+    from ..pruning.runner import prune
+
+    writer = parallel is None or parallel.rank == 0
+    if writer:
+        check_output(out_dir, overwrite)
+    if resume and parallel is not None and parallel.world > 1:
+        raise LLMPruneError("--resume continues a single-process run; run it without torchrun")
+    streamed = StreamedModel(model_dir, dtype, trust_remote_code)
+    device = resolve_device(config.device)
+    layer_count = len(streamed.layers)
+    shard_count = layer_count + len(streamed.rest)
+    work = None
+    if writer:
+        settings = settings_of(config, Path(model_dir).resolve(), calibration, 1 if parallel is None else parallel.world,
+                               dtype=dtype, stream=True)
+        work = WorkFolder(work_dir or default_work_dir(out_dir), settings, streamed.prefix, layer_count, shard_count,
+                          resume)
+    report = prune(streamed.model, calibration, config, progress, store=StreamedLayers(streamed, device),
+                   checkpoint=work, parallel=parallel, offload_activations=offload_activations)
+    if writer:
+        with atomic_directory(out_dir, overwrite) as staging:
+            write_output(streamed, work, staging)
+            if finish is not None:
+                finish(staging, report)
+        work.remove()
+    if parallel is not None:
+        parallel.barrier()
+    return report
+
+
+def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path) -> None:
+    """Move the pruned layers' shards in, write each other tensor as its own shard, the index and every
+    non-weight file of the source (config, tokenizer, generation config)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mapping: dict[str, str] = {}
+    total = 0
+    for i in range(len(streamed.layers)):
+        with safe_open(work.layer_file(i), "pt") as f:
+            for name in f.keys():
+                mapping[name] = work.layer_file(i).name
+                piece = f.get_slice(name)
+                total += _numel(piece.get_shape()) * _itemsize(piece.get_dtype())
+        shutil.move(work.layer_file(i), staging / work.layer_file(i).name)
+    for j, name in enumerate(streamed.rest):
+        with safe_open(streamed.files[name], "pt") as f:
+            tensor = f.get_tensor(name)
+        if tensor.is_floating_point():
+            tensor = tensor.to(streamed.dtype)  # as from_pretrained(dtype=...) then save_pretrained would
+        shard = shard_name(len(streamed.layers) + j, work.shard_count)
+        save_file({name: tensor.contiguous()}, staging / shard, metadata={"format": "pt"})
+        mapping[name] = shard
+        total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
+    (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    weights = set(streamed.files.values()) | {streamed.dir / INDEX}
+    for source in streamed.dir.iterdir():
+        if source.is_file() and source not in weights and not source.name.endswith((".bin", ".pt", ".pth")):
+            shutil.copy2(source, staging / source.name)
+    config = json.loads((staging / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(streamed.dtype).removeprefix("torch.")  # what the shards now hold
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
+
+
+@torch.inference_mode()
+def streamed_perplexity(model_dir, windows: torch.Tensor, device=None, dtype: str = "float32", batch_size: int = 8,
+                        offload_activations=None, progress: bool = True, trust_remote_code: bool = False) -> float:
+    """The perplexity protocol of evaluation/perplexity.py, layer by layer: every window's hidden states go
+    through layer i before layer i+1 is read. The model's own forward then applies its final norm and head,
+    with the decoder layers replaced by the states they would have produced."""
+    import math
+
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from ..pruning.runner import capture_layer_calls, propagate
+
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    streamed = StreamedModel(model_dir, dtype, trust_remote_code)
+    store = StreamedLayers(streamed, device)
+    calls = capture_layer_calls(streamed.model, streamed.layers, windows, batch_size, device, progress,
+                                offload_activations)
+    for i in tqdm(range(len(streamed.layers)), desc="perplexity (streamed)", unit="layer", disable=not progress):
+        layer = store.load(i)
+        propagate(layer, i, calls)
+        store.done(i, layer)
+    streamed.load_tensors(streamed.rest, streamed.model, "", "cpu")  # embeddings (dropped), final norm, head
+    model_device = next(p.device for p in streamed.model.parameters() if p.device.type != "meta")
+    total, count = 0.0, 0
+    for batch, rows in enumerate(calls.batches):
+        final = calls.hidden[rows].to(model_device)
+        for j, layer in enumerate(streamed.layers):  # layer 0 yields the last layer's output; the rest pass it on
+            layer.forward = (lambda hidden_states, *a, final=final, **k: final) if j == 0 else \
+                (lambda hidden_states, *a, **k: hidden_states)
+        try:
+            ids = windows[rows].to(model_device)
+            logits = streamed.model(input_ids=ids, use_cache=False).logits
+        finally:
+            for layer in streamed.layers:
+                del layer.forward
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)

@@ -1,0 +1,185 @@
+"""Benchmark pruning at scale: peak RSS against model size when streaming a random Llama from disk, the
+streamed output against the in-memory one, and the calibration passes' wall time with 1 and N ranks.
+
+    python scripts/bench_scale.py [--config llama-1b] [--model-dir DIR] [--in-memory] [--ranks 1,2] [--quick]
+
+Each prune runs in a fresh process, so that its peak RSS (ru_maxrss) is its own. The random model is written
+once to --model-dir (llama-1b: 4.4 GB in float32; llama-7b: 27 GB, more than many machines' RAM). The
+calibration activations, nsamples x seqlen x hidden floats, are reported beside the RSS (the goal is stated
+as peak RSS <= 0.3 x model size plus them). Writes <out>/bench_scale.json and <out>/bench_scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+
+def child(job: dict) -> dict:
+    """One prune in this process; returns what was measured."""
+    import transformers  # noqa: F401  (imported before the baseline is taken: its RSS is not the model's)
+
+    from llmprune import PruneConfig
+    from llmprune.runtime import current_rss_bytes, peak_rss_bytes
+
+    baseline = current_rss_bytes()
+
+    config = PruneConfig(method=job["method"], nsamples=job["nsamples"], seqlen=job["seqlen"], batch_size=job["batch"])
+    parallel = None
+    if job["mode"] == "ranks":
+        from llmprune.scale.distributed import DataParallel
+
+        parallel = DataParallel.from_environment(torch.device("cpu"))
+    if job["model"] == "llama":  # the embedded model, calibrated on Wikipedia text
+        from llmprune.inputs.data import calibration_windows, load_text, tokenize
+        from llmprune.inputs.models import load_model
+
+        model, tokenizer, _ = load_model("llama")
+        calibration = calibration_windows(tokenize(tokenizer, load_text("wiki", "calib")), config.nsamples,
+                                          config.seqlen, config.seed)
+    else:
+        vocab = json.loads(Path(job["model"], "config.json").read_text())["vocab_size"]
+        calibration = torch.randint(0, vocab, (config.nsamples, config.seqlen), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    if job["mode"] == "stream":
+        from llmprune.scale.streaming import prune_streamed
+
+        report = prune_streamed(job["model"], job["out"], calibration, config, offload_activations=job.get("offload"),
+                                overwrite=True, progress=False)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from llmprune.pruning.runner import prune
+
+        if job["model"] != "llama":
+            model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+        if parallel is not None:
+            calibration = parallel.share(calibration)
+        report = prune(model, calibration, config, progress=False, parallel=parallel)
+        if job["mode"] == "memory":
+            model.save_pretrained(job["out"])
+    seconds = report.seconds
+    return {"rank": parallel.rank if parallel else 0, "wall_s": time.perf_counter() - start,
+            "calibration_passes_s": seconds["capture"] + seconds["statistics"] + seconds["propagate"],
+            "phases": dict(seconds), "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline, "achieved_sparsity": report.achieved_sparsity}
+
+
+def spawn(job: dict, ranks: int = 1) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(ranks):
+        env = os.environ | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
+                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], env=env,
+                                      stdout=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"a benchmark run failed ({job['mode']} {job['method']}): exit {proc.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def tensor_hashes(directory) -> dict[str, str]:
+    import hashlib
+
+    from safetensors import safe_open
+
+    hashes = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                hashes[name] = hashlib.sha256(f.get_tensor(name).contiguous().view(torch.uint8).numpy()).hexdigest()
+    return hashes
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="llama-1b", help="a shape of make_random_model.py")
+    parser.add_argument("--layers", type=int, default=None, help="override the shape's decoder layer count")
+    parser.add_argument("--model-dir", default=None, help="where the random model is (written if absent)")
+    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--offload", action="store_true", help="keep the calibration activations in a file")
+    parser.add_argument("--in-memory", action="store_true", help="also prune in memory and compare outputs bit for bit")
+    parser.add_argument("--ranks", default="", help="e.g. 1,2: calibration wall time with that many gloo ranks")
+    parser.add_argument("--parallel-model", default="llama", help="model for --ranks (llama: the embedded one)")
+    parser.add_argument("--out", default="results/scale")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, seconds: checks that this script works")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.quick:
+        args.config, args.nsamples, args.seqlen, args.batch, args.in_memory = "tiny", 8, 16, 4, True
+        args.ranks, args.parallel_model = args.ranks or "1,2", None
+    from make_random_model import SHAPES, make_config, write_random_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir or f"/tmp/llmprune-random-{args.config}")
+    if not (model_dir / "model.safetensors.index.json").is_file():
+        print(f"writing a random {args.config} to {model_dir}", file=sys.stderr)
+        write_random_model(make_config(args.config, args.layers), model_dir)
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    hidden = SHAPES[args.config][0]
+    activations = args.nsamples * args.seqlen * hidden * 4
+    rows = []
+    for method in args.methods.split(","):
+        base = {"method": method, "model": str(model_dir), "nsamples": args.nsamples, "seqlen": args.seqlen,
+                "batch": args.batch}
+        streamed = spawn(base | {"mode": "stream", "out": str(out / f"{method}-stream"),
+                                 "offload": str(out / "activations") if args.offload else None})[0]
+        row = {"method": method, "model_bytes": size, "activation_bytes": activations, "streamed": streamed,
+               "rss_over_model": streamed["peak_rss_bytes"] / size,
+               "rss_above_baseline_over_model": (streamed["peak_rss_bytes"] - streamed["baseline_rss_bytes"]) / size,
+               "rss_minus_activations_over_model": (streamed["peak_rss_bytes"] - activations) / size}
+        if args.in_memory:
+            row["in_memory"] = spawn(base | {"mode": "memory", "out": str(out / f"{method}-memory")})[0]
+            row["streamed_equals_in_memory"] = tensor_hashes(out / f"{method}-stream") == \
+                tensor_hashes(out / f"{method}-memory")
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    parallel = []
+    for ranks in [int(r) for r in args.ranks.split(",") if r]:
+        job = {"method": "sparsegpt", "model": args.parallel_model or str(model_dir), "nsamples": args.nsamples,
+               "seqlen": args.seqlen, "batch": args.batch, "mode": "ranks"}
+        result = spawn(job, ranks)
+        parallel.append({"ranks": ranks, "calibration_passes_s": max(r["calibration_passes_s"] for r in result),
+                         "wall_s": max(r["wall_s"] for r in result)})
+    result = {"config": args.config, "model_dir": str(model_dir), "rows": rows, "parallel": parallel,
+              "cpus": os.cpu_count(), "torch": torch.__version__, "quick": args.quick}
+    (out / "bench_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Scale benchmark: random {args.config}, {size / 2**30:.2f} GiB on disk, calibration activations "
+             f"{activations / 2**20:.0f} MiB", "", "| method | peak RSS (GiB) | RSS / model | (RSS - activations) / model | "
+             "(RSS - interpreter) / model | wall (s) | streamed == in-memory |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['streamed']['peak_rss_bytes'] / 2**30:.2f} | {row['rss_over_model']:.2f} | "
+                     f"{row['rss_minus_activations_over_model']:.2f} | {row['rss_above_baseline_over_model']:.2f} | {row['streamed']['wall_s']:.1f} | "
+                     f"{row.get('streamed_equals_in_memory', 'not run')} |")
+    if parallel:
+        lines += ["", "| ranks (gloo) | calibration passes (s) | wall (s) |", "|---|---|---|"]
+        lines += [f"| {p['ranks']} | {p['calibration_passes_s']:.2f} | {p['wall_s']:.1f} |" for p in parallel]
+    (out / "bench_scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

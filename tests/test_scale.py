@@ -1,0 +1,243 @@
+"""Scale: streaming from safetensors shards, resume after SIGKILL, data-parallel calibration on gloo.
+Every check compares against an independent run: the in-memory runner, the model's own forward, one process."""
+
+import hashlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmprune import PruneConfig
+from llmprune.errors import LLMPruneError
+from llmprune.pruning.runner import capture_layer_calls, prune
+from llmprune.scale import streaming
+from llmprune.scale.distributed import DataParallel
+
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_random_model import make_config, write_random_model  # noqa: E402
+import scale_worker  # noqa: E402
+
+WORKER = Path(__file__).parent / "scale_worker.py"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return write_random_model(make_config("tiny", layers=5), tmp_path_factory.mktemp("src") / "model")
+
+
+@pytest.fixture(scope="module")
+def tied_source(tmp_path_factory):
+    return write_random_model(make_config("tiny", layers=3, tie=True), tmp_path_factory.mktemp("tied") / "model")
+
+
+def tensor_hashes(directory) -> dict[str, str]:
+    """sha256 of every tensor in a safetensors directory, by name."""
+    from safetensors import safe_open
+
+    hashes = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                hashes[name] = hashlib.sha256(f.get_tensor(name).contiguous().view(torch.uint8).numpy()).hexdigest()
+    return hashes
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).state_dict()
+
+
+def report_of(directory) -> dict:
+    report = json.loads(Path(directory, "report.json").read_text())
+    report.pop("seconds")
+    return report
+
+
+def reference(source, method, out) -> Path:
+    scale_worker.run({"mode": "memory", "method": method, "src": str(source), "out": str(out)})
+    return out
+
+
+def test_random_model_loads_and_is_sharded_by_layer(tied_source):
+    index = json.loads((tied_source / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) == 3 + 1  # one shard per decoder layer, one for the rest
+    assert {index[n] for n in index if n.startswith("model.layers.1.")} == {"model-00002-of-00004.safetensors"}
+    assert "lm_head.weight" not in index  # tied: stored once
+    state = weights(tied_source)
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    assert 0.015 < float(state["model.layers.0.mlp.up_proj.weight"].std()) < 0.025
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_equals_in_memory_bit_for_bit(source, tied_source, tmp_path, method, tied, monkeypatch):
+    """Same tensors, same report; and no more than one decoder layer is ever materialized."""
+    src = tied_source if tied else source
+    load = streaming.StreamedLayers.load
+    most = [0]
+
+    def counting(self, i):
+        layer = load(self, i)
+        real = [l for l in self.streamed.layers if next(l.parameters()).device.type != "meta"]
+        most[0] = max(most[0], len(real))
+        return layer
+    monkeypatch.setattr(streaming.StreamedLayers, "load", counting)
+    reference(src, method, tmp_path / "memory")
+    scale_worker.run({"mode": "stream", "method": method, "src": str(src), "out": str(tmp_path / "stream")})
+    assert most[0] == 1
+    assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+    memory, stream = weights(tmp_path / "memory"), weights(tmp_path / "stream")
+    assert memory.keys() == stream.keys()
+    for name in memory:
+        assert torch.equal(memory[name], stream[name]), name
+    assert report_of(tmp_path / "memory") == report_of(tmp_path / "stream")
+    assert report_of(tmp_path / "stream")["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert not (tmp_path / ".stream.work").exists()
+
+
+def test_offloaded_activations_live_in_a_file_and_change_nothing(source, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    from llmprune.inputs.models import decoder_layers
+
+    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(2))
+    _, layers = decoder_layers(model)
+    kept = capture_layer_calls(model, layers, ids, 4, torch.device("cpu"), False)
+    filed = capture_layer_calls(model, layers, ids, 4, torch.device("cpu"), False, offload=tmp_path / "act")
+    assert filed.hidden.untyped_storage().filename is not None and kept.hidden.untyped_storage().filename is None
+    assert torch.equal(kept.hidden, filed.hidden)
+    config = PruneConfig(method="sparsegpt", batch_size=4)
+    calibration = scale_worker.CALIBRATION
+    staged = []
+    plain = streaming.prune_streamed(source, tmp_path / "a", calibration, config, progress=False,
+                                     finish=lambda staging, report: staged.append(
+                                         streaming.streamed_perplexity(staging, ids, "cpu", progress=False)))
+    assert len(staged) == 1 and staged[0] > 1
+    offloaded = streaming.prune_streamed(source, tmp_path / "b", calibration, config, progress=False,
+                                         offload_activations=tmp_path / "act")
+    assert plain.layers == offloaded.layers
+    assert tensor_hashes(tmp_path / "a") == tensor_hashes(tmp_path / "b")
+
+
+def test_streamed_perplexity_matches_the_models_forward(source):
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    windows = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(1))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float64).eval()
+    with torch.no_grad():
+        logits = model(windows).logits
+    expected = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).exp())
+    got = streaming.streamed_perplexity(source, windows, "cpu", batch_size=2, progress=False)
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_formats_that_cannot_be_streamed_fail_in_one_line(source, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((source / "config.json").read_text())
+    torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    for path, words in [(pickled, "pickled"), (tmp_path / "model.gguf", "single file"), (tmp_path, "config.json")]:
+        with pytest.raises(LLMPruneError, match=words) as err:
+            streaming.prune_streamed(path, tmp_path / "out", scale_worker.CALIBRATION, PruneConfig(), progress=False)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+CASES = [(method, mode) for method in ("wanda", "sparsegpt") for mode in ("memory", "stream")]
+
+
+@pytest.mark.parametrize("method,mode", CASES)
+def test_killed_run_resumes_bit_identical(source, tmp_path, method, mode):
+    rng = random.Random(f"{method}{mode}")
+    kill = f"{rng.randrange(1, 5)}:{rng.choice(['load', 'save'])}"  # layer 0 must finish: something to resume
+    job = {"mode": mode, "method": method, "src": str(source), "out": str(tmp_path / "out"),
+           "work": str(tmp_path / "work")}
+    child = subprocess.run([sys.executable, str(WORKER), json.dumps(job | {"kill": kill})], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, (kill, child.stderr[-2000:])
+    assert not (tmp_path / "out").exists()
+    done = json.loads((tmp_path / "work" / "state.json").read_text())["done"]
+    assert done == int(kill.split(":")[0]) - 1, kill
+    scale_worker.run(job | {"resume": True})
+    reference(source, method, tmp_path / "uninterrupted") if mode == "memory" else scale_worker.run(
+        job | {"out": str(tmp_path / "uninterrupted"), "work": str(tmp_path / "work2")})
+    assert tensor_hashes(tmp_path / "out") == tensor_hashes(tmp_path / "uninterrupted")
+    assert report_of(tmp_path / "out") == report_of(tmp_path / "uninterrupted")
+
+
+def test_resume_refuses_nothing_and_other_settings(source, tmp_path):
+    job = {"mode": "stream", "method": "wanda", "src": str(source), "out": str(tmp_path / "out"),
+           "work": str(tmp_path / "work")}
+    with pytest.raises(LLMPruneError, match="no interrupted run"):
+        scale_worker.run(job | {"resume": True})
+    child = subprocess.run([sys.executable, str(WORKER), json.dumps(job | {"kill": "2:load"})], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr[-2000:]
+    with pytest.raises(LLMPruneError, match=r"other settings \(method\)"):
+        scale_worker.run(job | {"resume": True, "method": "sparsegpt"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(job: dict, world: int = 2, timeout: int = 300):
+    """Start `world` ranks of scale_worker on gloo, as torchrun would set them up; returns (rc, stderr) each."""
+    port = _free_port()
+    ranks = []
+    for rank in range(world):
+        env = os.environ | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        ranks.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(job)], cwd=ROOT, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return [(p.wait(timeout=timeout), p.stderr.read()) for p in ranks]
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_two_gloo_ranks_equal_one_process(source, tmp_path, mode):
+    """Rank 0 and 1 each see 4 of the 8 windows (one batch each): masks identical, weights within float
+    summation tolerance (here the sums are even bit-identical), one output written by rank 0."""
+    results = launch({"mode": mode, "method": "wanda,sparsegpt", "src": str(source),
+                      "out": str(tmp_path / "{method}-parallel")})
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    for method in ("wanda", "sparsegpt"):
+        out = tmp_path / f"{method}-parallel"
+        single = weights(reference(source, method, tmp_path / f"{method}-single"))
+        parallel = weights(out)
+        for name in single:
+            assert torch.equal(single[name] == 0, parallel[name] == 0), name
+            torch.testing.assert_close(parallel[name], single[name], rtol=1e-5, atol=1e-6)
+        assert report_of(out)["layers"] == report_of(tmp_path / f"{method}-single")["layers"]
+
+
+def test_a_dying_rank_fails_the_others_in_one_line(source, tmp_path):
+    results = launch({"mode": "memory", "method": "wanda", "src": str(source), "out": str(tmp_path / "out"),
+                      "die_at": 2}, timeout=200)
+    rc0, err0 = results[0]
+    assert results[1][0] == 3
+    assert rc0 == 2, err0[-2000:]
+    assert "another rank stopped answering" in err0.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_ranks_than_windows_is_refused():
+    parallel = object.__new__(DataParallel)
+    parallel.rank, parallel.world = 0, 9
+    with pytest.raises(LLMPruneError, match="9 ranks share 8 calibration windows"):
+        parallel.share(scale_worker.CALIBRATION)
+    parallel.world = 3
+    shares = [DataParallel.share(type("P", (), {"rank": r, "world": 3})(), scale_worker.CALIBRATION) for r in range(3)]
+    assert torch.equal(torch.cat(shares), scale_worker.CALIBRATION)
