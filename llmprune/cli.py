@@ -131,7 +131,9 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file, such as an output's "
                    "llmprune_config.json (reruns that run exactly); flags given beside it override it")
     titles = {"model": "model", "pruning": "pruning", "calibration": "calibration", "evaluation": "evaluation",
-              "recovery": "recovery (fine-tuning that keeps the sparsity pattern)", "output": "output"}
+              "recovery": "recovery (fine-tuning that keeps the sparsity pattern)",
+              "scale": "scale (models larger than memory, crashes, several processes: torchrun -m llmprune ...)",
+              "output": "output"}
     groups = {key: p.add_argument_group(title) for key, title in titles.items()}
     for config_cls in (RunConfig, PruneConfig, RecoverConfig):
         add_fields(p, config_cls, groups)
@@ -146,6 +148,9 @@ def prune_command(argv: list[str]) -> int:
     args = vars(prune_parser().parse_args(argv))
     base = load_config_file(args["config"]) if args.get("config") else {}
     go_offline(args.get("offline") or base.get("offline"))
+    schedule = args.get("schedule") or base.get("schedule")
+    if schedule and "sparsity" not in args and "sparsity" not in (base.get("prune") or {}):
+        args["sparsity"] = float(str(schedule).split(",")[-1])  # a schedule ends at the run's sparsity
     prune = build_config(PruneConfig, args, base.get("prune"))
     recovery = build_config(RecoverConfig, {**args, "seed": prune.seed}, base.get("recovery"))
     run_base = {k: v for k, v in base.items() if k not in ("prune", "recovery")}

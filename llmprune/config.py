@@ -255,6 +255,20 @@ class RunConfig:
     recovery: RecoverConfig = option(factory=RecoverConfig, cli=False)
     keep_adapter: bool = option(False, "also save the unmerged adapter in DIR/adapter (peft format)",
                                 group="recovery", flag="--recover-keep-adapter")
+    schedule: str | None = option(None, "gradual pruning: comma list of rising sparsities, e.g. 0.3,0.4,0.5; each "
+                                  "stage prunes further (keeping earlier zeros) and, with --recover, recovers for "
+                                  "an equal share of the budget", group="pruning", metavar="S1,S2,..")
+    stream: bool = option(False, "read the model layer by layer from its safetensors files and write the output "
+                          "as it goes: the dense model is never whole in memory (automatic when its weights "
+                          "exceed half the available memory)", group="scale")
+    offload_activations: str | None = option(None, "keep the calibration activations in a file in this folder "
+                                             "instead of memory", group="scale", metavar="DIR")
+    checkpoint: bool = option(False, "save every finished layer in the work folder, so that --resume can continue "
+                              "after a crash (streamed runs always do)", group="scale")
+    resume: bool = option(False, "continue an interrupted run from its work folder (the same settings)",
+                          group="scale")
+    work_dir: str | None = option(None, "the checkpoint folder (default: .NAME.work beside --output)",
+                                  group="scale", metavar="DIR")
     output: str | None = option(None, "write the pruned model (safetensors), tokenizer, llmprune_config.json, "
                                 "report.json and a model card (README.md) here (default: print the report only)",
                                 group="output", metavar="DIR")
@@ -283,8 +297,30 @@ class RunConfig:
             raise LLMPruneError("--push-to-hub uploads the --output directory: give --output DIR too")
         if self.push_to_hub and self.offline:
             raise LLMPruneError("--offline never contacts the Hub, so --push-to-hub cannot run: drop one of them")
+        if self.schedule is not None:
+            self.schedule_sparsities()
+        if (self.resume or self.checkpoint) and not (self.output or self.work_dir):
+            raise LLMPruneError("--resume and --checkpoint keep their work beside --output: give --output DIR")
         if self.dtype not in DTYPES:
             raise LLMPruneError(f"--dtype must be one of {', '.join(DTYPES)} (got '{self.dtype}')")
+
+    def schedule_sparsities(self) -> list[float]:
+        """--schedule as rising sparsities ending at the run's own; [sparsity] without a schedule."""
+        if self.schedule is None:
+            return [self.prune.sparsity]
+        try:
+            stages = [float(s) for s in str(self.schedule).split(",") if s.strip()]
+        except ValueError:
+            raise LLMPruneError(f"--schedule must be a comma list of sparsities such as 0.3,0.4,0.5 (got "
+                                f"'{self.schedule}')") from None
+        if not stages or any(not 0 < s < 1 for s in stages) or stages != sorted(set(stages)):
+            raise LLMPruneError(f"--schedule sparsities must rise strictly inside (0, 1) (got '{self.schedule}')")
+        if self.prune.nm:
+            raise LLMPruneError("--schedule raises unstructured sparsity step by step; an N:M pattern is one step")
+        if abs(stages[-1] - self.prune.sparsity) > 1e-9:
+            raise LLMPruneError(f"--schedule ends at {stages[-1]:g} but --sparsity is {self.prune.sparsity:g}: end "
+                                f"the schedule at the target, or drop --sparsity")
+        return stages
 
     def to_dict(self) -> dict:
         return asdict(self)

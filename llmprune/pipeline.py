@@ -9,6 +9,7 @@ soon as what it needs exists, before minutes of work.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -37,6 +38,15 @@ class Plan:
     dtype: str
     tasks: list[str] | None
     needs_calibration: bool
+    source: object = None  # the resolved ModelSource
+    stream: bool = False
+    stream_reason: str | None = None
+    parallel: object = None  # a DataParallel under torchrun, else None
+    work_dir: Path | None = None  # where per-layer checkpoints go (--checkpoint, --resume, streaming)
+
+    @property
+    def writer(self) -> bool:
+        return self.parallel is None or self.parallel.rank == 0
 
 
 class Stopwatch:
@@ -61,37 +71,43 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None,
     `dense`: the dense model's scores from an earlier run with the same model and evaluation settings."""
     clock = Stopwatch()
     plan = preflight(config)
+    if plan.stream:
+        from .scale.pipeline import run_streamed
+
+        return run_streamed(config, plan, progress, command)
     with clock("load"):
         model, tokenizer, source = load(config, plan, progress)
     with clock("calibrate"):
-        calib_tokens, calibration = calibration_data(tokenizer, config, plan, progress)
+        calibration = calibration_data(tokenizer, config, plan, progress)
+    with clock("recover"):
+        recovery_inputs = recovery_data(model, tokenizer, config, plan, progress)  # the teacher sees the dense model
     with clock("evaluate"):
         windows, dense = evaluate_dense(model, tokenizer, config, plan, dense, progress)
-    with clock("prune"):
-        pruned = prune_model(model, calibration, config, progress)
+    stages, recoveries = config.schedule_sparsities(), []
+    for stage, sparsity in enumerate(stages):  # one stage unless --schedule
+        with clock("prune"):
+            pruned = prune_model(model, calibration, config, plan, sparsity, progress)
+        if stage == len(stages) - 1:
+            with clock("evaluate"):
+                ppl_pruned = _perplexity(model, windows, plan, progress, "pruned")
+        if recovery_inputs is not None:
+            with clock("recover"):
+                recoveries.append(recover(model, pruned, recovery_inputs, stage, len(stages), progress))
+    recovery = _join_stages(recoveries, stages) if recoveries else None
     with clock("evaluate"):
-        ppl_pruned = _perplexity(model, windows, plan, progress, "pruned")
-    recovery = None
-    if config.recover:
-        with clock("recover"):
-            recovery = recover(model, calib_tokens, pruned, config, progress)
-        with clock("evaluate"):
-            ppl_recovered = _perplexity(model, windows, plan, progress, "recovered")
-    with clock("evaluate"):
+        ppl_recovered = _perplexity(model, windows, plan, progress, "recovered") if recovery else None
         zero_shot = _zero_shot(model, tokenizer, plan, config, progress, "recovered" if recovery else "pruned")
     clock.seconds["calibrate"] += pruned.seconds.get("capture", 0.0)  # the runner's capture is calibration
     clock.seconds["prune"] -= pruned.seconds.get("capture", 0.0)
     clock.seconds["total"] = time.perf_counter() - clock.started  # saving excluded: the same for every method
-    report = assemble_report(model, source, config, plan, pruned, dense, windows, ppl_pruned,
-                             ppl_recovered if recovery else None, zero_shot, recovery, clock.seconds, command)
+    if not plan.writer:
+        return None  # a torchrun rank other than 0: rank 0 evaluates and writes
+    report = assemble_report(type(model).__name__, source, config, plan, pruned, dense, windows, ppl_pruned,
+                             ppl_recovered, zero_shot, recovery, clock.seconds, command)
     if config.output:
         _say(progress, f"writing {config.output}")
         save_output(model, tokenizer, config, report, recovery)
-    if config.push_to_hub:
-        from .output.publish import push
-
-        _say(progress, f"pushing {config.output} to {config.push_to_hub}")
-        report.pushed_to = push(config.output, config.push_to_hub, private=config.private)
+    push_output(config, report, progress)
     return report
 
 
@@ -121,6 +137,24 @@ def preflight(config: RunConfig) -> Plan:
     check_model_files(source, seqlens, config.trust_remote_code)
     method = get_method(pc.method)
     needs_calibration = method.statistic is not None or pc.allocation != "uniform" or pc.update != "none"
+    stream, reason = _should_stream(config, source)
+    work_dir = None
+    if config.resume or config.checkpoint or stream:
+        from .scale.checkpoint import check_resumable, default_work_dir
+
+        work_dir = Path(config.work_dir) if config.work_dir else default_work_dir(config.output)
+        if config.resume:
+            check_resumable(work_dir)
+    parallel = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .scale.distributed import DataParallel
+
+        if config.recover or config.tasks:
+            raise LLMPruneError("under torchrun the ranks share calibration only: run --recover and --tasks in a "
+                                "single process (python -m llmprune ...)")
+        pc.device = DataParallel.device(pc.device)
+        device = resolve_device(pc.device)
+        parallel = DataParallel.from_environment(device)
     if needs_calibration:
         check_source(config.calib, "calib", pc.nsamples * pc.seqlen, "--nsamples or --seqlen")
     if config.recover:
@@ -128,7 +162,29 @@ def preflight(config: RunConfig) -> Plan:
                      "--recover-steps, --recover-batch or --recover-seqlen")
     if config.eval != "none":
         check_source(config.eval, "eval", min_tokens=pc.seqlen)
-    return Plan(device, resolve_dtype(config.dtype, device), tasks, needs_calibration)
+    return Plan(device, resolve_dtype(config.dtype, device), tasks, needs_calibration, source, stream, reason,
+                parallel, work_dir)
+
+
+def _should_stream(config: RunConfig, source) -> tuple[bool, str | None]:
+    """--stream, or automatically a local safetensors model whose weights exceed half the available memory."""
+    if source.is_hub or source.gguf_file:
+        if config.stream:
+            raise LLMPruneError("--stream reads a local folder of safetensors files: download the model first "
+                                "(hf download ID --local-dir DIR), or convert the GGUF file")
+        return False, None
+    from .scale.streaming import should_stream
+
+    automatic, reason = should_stream(source.path)
+    stream = config.stream or automatic
+    if stream:
+        reason = "--stream" if config.stream else f"automatic: {reason}"
+        if config.recover or config.tasks or config.schedule:
+            raise LLMPruneError(f"streaming ({reason}) never holds the whole model, which --recover, --tasks and "
+                                "--schedule need: prune first, then recover or evaluate the (smaller) output")
+        if not config.output:
+            raise LLMPruneError(f"streaming ({reason}) writes the model as it goes: give --output DIR")
+    return stream, reason
 
 
 def load(config: RunConfig, plan: Plan, progress: bool):
@@ -146,21 +202,49 @@ def load(config: RunConfig, plan: Plan, progress: bool):
 
 
 def calibration_data(tokenizer, config: RunConfig, plan: Plan, progress: bool):
-    """The calibration text's tokens (recovery trains on them too) and the calibration windows."""
+    """The calibration windows (this rank's share under torchrun), or None for a method that needs no data."""
     from .inputs.data import calibration_windows, load_text, tokenize
 
-    if not (plan.needs_calibration or config.recover):
-        return None, None
+    if not plan.needs_calibration:
+        return None
     _say(progress, f"calibration text: {config.calib}")
-    tokens = tokenize(tokenizer, load_text(config.calib, "calib"))
-    if config.recover and config.recovery.tokens > tokens.numel():
-        rc = config.recovery
-        raise LLMPruneError(f"recovery needs {rc.steps} x {rc.batch} x {rc.seqlen} = {rc.tokens} tokens but "
-                            f"{config.calib}'s training text holds {tokens.numel()}: lower --recover-steps, "
-                            "--recover-batch or --recover-seqlen, or use a larger --calib source")
     pc = config.prune
-    windows = calibration_windows(tokens, pc.nsamples, pc.seqlen, pc.seed) if plan.needs_calibration else None
-    return tokens, windows
+    windows = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")), pc.nsamples, pc.seqlen,
+                                  pc.seed)
+    return plan.parallel.share(windows) if plan.parallel is not None else windows
+
+
+@dataclass
+class RecoveryInputs:
+    """What recovery needs that must exist before pruning: its windows and the dense teacher's targets."""
+
+    train: object
+    val: object
+    teacher: object
+    config: object
+    keep_adapter: bool = False
+
+
+def recovery_data(model, tokenizer, config: RunConfig, plan: Plan, progress: bool) -> RecoveryInputs | None:
+    """Recovery's windows from its text's training part (never the held-out part), checked against the budget,
+    and for distillation the dense model's top-k targets on them, computed now, while the model is dense."""
+    if not config.recover:
+        return None
+    from .inputs.data import load_text, tokenize
+    from .recovery.train import check_recovery, recovery_windows
+
+    rc = config.recovery
+    check_recovery(model, rc)
+    source = rc.data or config.calib
+    train, val = recovery_windows(tokenize(tokenizer, load_text(source, "calib")), rc)
+    teacher = None
+    if rc.loss == "distill":
+        from .recovery.distill import teacher_topk
+
+        _say(progress, f"distillation targets: the dense model's top {rc.distill_topk} on {len(train)} windows")
+        teacher = teacher_topk(model, train, rc.distill_topk, progress=progress, temperature=rc.distill_temperature,
+                               spill_dir=rc.teacher_spill)
+    return RecoveryInputs(train, val, teacher, rc, config.keep_adapter)
 
 
 def evaluate_dense(model, tokenizer, config: RunConfig, plan: Plan, dense: DenseScores | None, progress: bool):
@@ -168,6 +252,8 @@ def evaluate_dense(model, tokenizer, config: RunConfig, plan: Plan, dense: Dense
     from .inputs.data import eval_windows, load_text, tokenize
 
     windows = None
+    if not plan.writer:
+        return None, DenseScores(None, None)
     if config.eval != "none":
         windows = eval_windows(tokenize(tokenizer, load_text(config.eval, "eval")), config.prune.seqlen,
                                config.eval_windows)
@@ -177,35 +263,79 @@ def evaluate_dense(model, tokenizer, config: RunConfig, plan: Plan, dense: Dense
     return windows, dense
 
 
-def prune_model(model, calibration, config: RunConfig, progress: bool):
+def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: float, progress: bool):
+    """One prune to `sparsity` (a --schedule stage, or the run's own), checkpointed per layer when asked."""
+    from dataclasses import replace
+
     from .pruning.runner import prune
 
-    return prune(model, calibration, config.prune, progress=progress, checked=True)
+    pc = replace(config.prune, sparsity=sparsity) if sparsity != config.prune.sparsity else config.prune
+    before = _zeros(model) if config.schedule else None
+    options = {"parallel": plan.parallel, "offload_activations": config.offload_activations}
+    if plan.work_dir is not None:
+        from .scale.checkpoint import prune_resumable
+
+        pruned = prune_resumable(model, calibration, pc, plan.work_dir, config.model, resume=config.resume,
+                                 progress=progress, checked=True, **options)
+    else:
+        pruned = prune(model, calibration, pc, progress=progress, checked=True, **options)
+    if before is not None:
+        revived = [name for name, zeros in before.items() if bool((model.get_submodule(name).weight[zeros] != 0).any())]
+        if revived:
+            raise LLMPruneError(f"--schedule: {config.prune.method} gave earlier zeros of {revived[0]} values again; "
+                                "use a method that keeps them (magnitude, wanda, ria)")
+    return pruned
 
 
-def recover(model, calib_tokens, pruned, config: RunConfig, progress: bool) -> dict:
-    """LoRA on the calibration source's training part (never the held-out part), keeping the masks."""
+def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, progress: bool) -> dict:
+    """Train the pruned model (its zeros kept) on this stage's share of the recovery windows."""
     import tempfile
+    from dataclasses import replace
 
-    from .inputs.data import calibration_windows
+    from .recovery.train import train_recovery
+
+    rc = inputs.config
+    steps = rc.steps // stages + (1 if stage < rc.steps % stages else 0)
+    first = sum(rc.steps // stages + (1 if s < rc.steps % stages else 0) for s in range(stage)) * rc.batch
+    train = inputs.train[first : first + steps * rc.batch]
+    teacher = inputs.teacher.subset(first, first + steps * rc.batch) if inputs.teacher is not None else None
+    masks = {layer["name"]: model.get_submodule(layer["name"]).weight != 0 for layer in pruned.layers}
+    keep_adapter = inputs.keep_adapter and stage == stages - 1
+    adapter_dir = Path(tempfile.mkdtemp(prefix="llmprune-adapter-")) if keep_adapter else None
+    stats = train_recovery(model, train, inputs.val, replace(rc, steps=steps), teacher, masks, progress=progress,
+                           adapter_dir=adapter_dir)
     from .inputs.models import weight_matrix
-    from .recovery.lora import recover_lora
 
-    rc = config.recovery
-    train_ids = calibration_windows(calib_tokens, rc.steps * rc.batch, rc.seqlen, rc.seed)
-    linears = {layer["name"]: model.get_submodule(layer["name"]) for layer in pruned.layers}
-    adapter_dir = Path(tempfile.mkdtemp(prefix="llmprune-adapter-")) if config.keep_adapter else None
-    _, stats = recover_lora(model, train_ids, rc, pruned_linears=linears, progress=progress, adapter_dir=adapter_dir)
-    weights = [weight_matrix(module) for module in linears.values()]  # counted again: the merged weights
-    stats["achieved_sparsity"] = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    weights = [weight_matrix(model.get_submodule(name)) for name in masks]
+    stats["achieved_sparsity"] = sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
     if adapter_dir is not None:
         stats["adapter"] = "adapter"  # its folder in the output
         stats["_adapter_dir"] = str(adapter_dir)  # where it waits until save_output moves it (not reported)
     return stats
 
 
-def assemble_report(model, source, config, plan, pruned, dense, windows, ppl_pruned, ppl_recovered, zero_shot,
-                    recovery, seconds, command) -> Report:
+def _join_stages(records: list[dict], stages: list[float]) -> dict:
+    """One stage: its record. A schedule: the last stage's record, with every stage's beside it."""
+    if len(records) == 1:
+        return records[0]
+    joined = dict(records[-1])
+    joined["schedule"] = [{"sparsity": s, **{k: v for k, v in r.items() if not k.startswith("_")}}
+                          for s, r in zip(stages, records)]
+    joined["steps"] = sum(r.get("steps", 0) for r in records)
+    joined["tokens"] = sum(r.get("tokens", 0) for r in records)
+    return joined
+
+
+def _zeros(model) -> dict:
+    from .inputs.models import decoder_layers, linears
+
+    prefix, layers = decoder_layers(model)
+    return {f"{prefix}.{i}.{name}": module.weight == 0 for i, layer in enumerate(layers)
+            for name, module in linears(layer).items() if bool((module.weight == 0).any())}
+
+
+def assemble_report(architecture, source, config, plan, pruned, dense, windows, ppl_pruned, ppl_recovered,
+                    zero_shot, recovery, seconds, command) -> Report:
     import torch
     import transformers
 
@@ -222,7 +352,7 @@ def assemble_report(model, source, config, plan, pruned, dense, windows, ppl_pru
         "model_name": display_name(source),
         "base_model": source.base_model,
         "license": source.license,
-        "architecture": type(model).__name__,
+        "architecture": architecture,
         "method": pc.method,
         "update": pc.update,
         "sparsity": pc.sparsity,
@@ -245,6 +375,9 @@ def assemble_report(model, source, config, plan, pruned, dense, windows, ppl_pru
         "dtype": plan.dtype,
         "versions": {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "command": command,
+        "scale": {"stream": plan.stream, "reason": plan.stream_reason,
+                  "ranks": plan.parallel.world if plan.parallel is not None else 1,
+                  "checkpointed": plan.work_dir is not None, "resumed": config.resume},
     })
 
 
@@ -268,6 +401,18 @@ def save_output(model, tokenizer, config: RunConfig, report: Report, recovery: d
     finally:
         if adapter_dir:
             shutil.rmtree(adapter_dir, ignore_errors=True)
+    if config.checkpoint or config.resume:  # the output is complete: its checkpoints are no longer needed
+        from .scale.checkpoint import default_work_dir
+
+        shutil.rmtree(config.work_dir or default_work_dir(config.output), ignore_errors=True)
+
+
+def push_output(config: RunConfig, report: Report, progress: bool) -> None:
+    if config.push_to_hub:
+        from .output.publish import push
+
+        _say(progress, f"pushing {config.output} to {config.push_to_hub}")
+        report.pushed_to = push(config.output, config.push_to_hub, private=config.private)
 
 
 # ------------------------------------------------------------------ helpers

@@ -76,6 +76,7 @@ class Report:
     zero_shot: dict | None = None
     recovery: dict | None = None
     structure: dict | None = None
+    scale: dict | None = None  # {stream, reason, ranks, checkpointed, resumed}
     seconds: dict[str, float] = field(default_factory=dict)
     prune_phases: dict[str, float] = field(default_factory=dict)
     rss_after_load_bytes: int | None = None
