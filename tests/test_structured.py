@@ -325,6 +325,18 @@ def test_bad_input_fails_before_any_work(family, options, message):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and state.keys() == model.state_dict().keys()
 
 
+def test_head_count_the_family_rejects_names_the_counts_it_accepts():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # Llama's config wants hidden_size (64) to be a multiple of the head count
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=8, vocab_size=VOCAB)).eval()
+    with pytest.raises(LLMPruneError, match=r"num_attention_heads=6.*can express here: 0.5, 0.75, 0.875"):
+        prune_structured(model, None, StructuredConfig("heads", method="magnitude", sparsity=0.25), progress=False)
+    report = prune_structured(model, None, StructuredConfig("heads", method="magnitude", sparsity=0.5), progress=False)
+    assert report["heads_mode"] == "groups" and model.config.num_attention_heads == 4  # MHA: a head is a group
+
+
 def test_bad_config_and_missing_calibration():
     with pytest.raises(LLMPruneError, match="drop --method"):
         StructuredConfig("layers", method="wanda")
@@ -337,3 +349,24 @@ def test_bad_config_and_missing_calibration():
     report = prune_structured(tiny_model("llama"), None, StructuredConfig("channels", method="magnitude", round_to=1),
                               progress=False)  # weights alone: no data needed
     assert report["units_kept"] == 102
+
+
+def test_bench_quick_writes_json_and_plot(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_structured.py"
+    spec = importlib.util.spec_from_file_location("bench_structured", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--out", str(tmp_path), "--repeats", "1",
+                "--rows", "channels-flap-20%|heads-wanda-10%|layers-influence-30%|unstructured-wanda"])
+    results = json.loads((tmp_path / "structured.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    assert results["complete"] and (tmp_path / "structured.png").stat().st_size > 0
+    assert "removes no query head" in rows["heads-wanda-10%"]["error"]  # 10% of a group of 3: recorded, not fatal
+    assert rows["channels-flap-20%"]["safetensors_bytes"] < results["dense"]["safetensors_bytes"]
+    assert rows["layers-influence-30%"]["decoder_params_removed_fraction"] == pytest.approx(2 / 6)
+    assert rows["unstructured-wanda-50%"]["params"] == results["dense"]["params"]
+    assert rows["channels-flap-20%"]["prefill_s"]["speedup"] > 0 and rows["channels-flap-20%"]["decode_tok_s"]["pruned"] > 0

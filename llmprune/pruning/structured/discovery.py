@@ -7,7 +7,6 @@ built from the planned config on the meta device (no memory) and its shapes are 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -112,11 +111,10 @@ def meta_model(model: nn.Module, config) -> nn.Module:
 
 
 def planned_config(model: nn.Module, changes: dict):
-    """A copy of the model's config with `changes` (config key -> value) applied."""
-    config = copy.deepcopy(model.config)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
+    """The model's config with `changes` (config key -> value) applied, built the way `from_pretrained`
+    builds it, so that the family's own validation runs (Llama's, say, wants hidden_size to be a multiple
+    of num_attention_heads, whatever head_dim is): an error here is an error loading the saved model."""
+    return type(model.config).from_dict(model.config.to_dict() | changes)
 
 
 def bias_flag_for(model: nn.Module, layer_prefix: str, module_name: str, changes: dict) -> str | None | bool:

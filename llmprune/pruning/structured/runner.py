@@ -97,8 +97,15 @@ def plan_structure(model: nn.Module, config: StructuredConfig) -> Plan:
         spec, changes = _channel_spec(model, layers, parts, config)
         heads_mode = None
     else:
-        spec, changes, heads_mode = _head_spec(model, layers, parts, config)
-    _check_family_expresses(model, prefix, spec, changes, first)
+        spec, changes, heads_mode, shape = _head_spec(model, layers, parts, config)
+    try:
+        _check_family_expresses(model, prefix, spec, changes, first)
+    except LLMPruneError as err:
+        options = _expressible_head_sparsities(model, shape, heads_mode) if config.structure == "heads" else []
+        if options:
+            raise LLMPruneError(f"{err}; --sparsity values it can express here: "
+                                f"{', '.join(f'{o:g}' for o in options)}") from None
+        raise
     plan = Plan(config.structure, prefix, layers, changes, spec, heads_mode=heads_mode)
     plan.compensate = config.compensate
     if plan.compensate:
@@ -166,8 +173,8 @@ def _head_spec(model, layers, parts, config):
         if removed >= shape.groups:
             raise LLMPruneError(f"--sparsity {config.sparsity:g} removes every query head of each KV group of "
                                 f"{shape.groups}: lower it, or remove whole groups with --heads-mode groups")
-        heads, kv_heads = shape.kv_heads * (shape.groups - removed), shape.kv_heads
-        spec = UnitSpec([p.query], [p.attention_output], shape.heads, heads, blocks=shape.kv_heads)
+        spec = UnitSpec([p.query], [p.attention_output], shape.heads, shape.heads - removed * shape.kv_heads,
+                        blocks=shape.kv_heads)
     else:
         removed = round_half(shape.kv_heads * config.sparsity)
         what = "KV groups" if shape.groups > 1 else "heads"
@@ -177,20 +184,44 @@ def _head_spec(model, layers, parts, config):
                                 + (" or --heads-mode query" if shape.groups > 1 else ""))
         if removed >= shape.kv_heads:
             raise LLMPruneError(f"--sparsity {config.sparsity:g} removes all {shape.kv_heads} {what}: lower it")
-        kv_heads = shape.kv_heads - removed
-        heads = kv_heads * shape.groups
-        spec = UnitSpec([p.query, p.key, p.value], [p.attention_output], shape.kv_heads, kv_heads)
+        spec = UnitSpec([p.query, p.key, p.value], [p.attention_output], shape.kv_heads, shape.kv_heads - removed)
     spec.owner = p.attention
+    heads, kv_heads, changes = _head_changes(model, shape, mode, removed)
     values = {"heads": heads, "kv_heads": kv_heads, "groups": heads // kv_heads}
     spec.attributes = {attr: values[role] for attr, role in HEAD_ATTRIBUTES.items()}
+    return spec, changes, mode, shape
+
+
+def _head_changes(model, shape, mode: str, removed: int) -> tuple[int, int, dict]:
+    """(query heads, KV heads, config changes) once `removed` query heads of each KV group (query mode) or
+    `removed` whole KV groups (groups mode) are gone. head_dim is written explicitly: it no longer follows
+    from hidden_size / num_attention_heads."""
+    if mode == "query":
+        heads, kv_heads = shape.kv_heads * (shape.groups - removed), shape.kv_heads
+    else:
+        kv_heads = shape.kv_heads - removed
+        heads = kv_heads * shape.groups
     changes = {config_key(model.config, "heads"): heads, "head_dim": shape.head_dim}
     kv_key = config_key(model.config, "kv_heads")
     if kv_key:
         changes[kv_key] = kv_heads
     elif kv_heads != heads:
-        raise LLMPruneError(f"{family}'s config has no num_key_value_heads, so it cannot state {heads} query heads "
-                            f"over {kv_heads} KV heads")
-    return spec, changes, mode
+        raise LLMPruneError(f"{type(model).__name__}'s config has no num_key_value_heads, so it cannot state "
+                            f"{heads} query heads over {kv_heads} KV heads")
+    return heads, kv_heads, changes
+
+
+def _expressible_head_sparsities(model, shape, mode: str) -> list[float]:
+    """The head sparsities whose configs the family's own validation accepts (for the error message)."""
+    per = shape.groups if mode == "query" else shape.kv_heads
+    found = []
+    for removed in range(1, per):
+        try:
+            planned_config(model, _head_changes(model, shape, mode, removed)[2])
+            found.append(round(removed / per, 3))
+        except Exception:  # the family's validation: this count is not expressible
+            continue
+    return found
 
 
 def _check_family_expresses(model, prefix, spec: UnitSpec, changes: dict, layer) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ...errors import LLMPruneError
 from ...inputs.models import is_linear, weight_matrix
-from .discovery import PER_LAYER_LISTS, meta_model
+from .discovery import PER_LAYER_LISTS, meta_model, planned_config
 
 
 def _store(module: nn.Module, matrix: torch.Tensor) -> None:
@@ -71,7 +71,11 @@ def verify_against_config(model: nn.Module) -> None:
     """The model's own class rebuilt from the model's (new) config must have exactly the model's shapes, so
     that `from_pretrained` loads it with no code of ours. A bias the config adds where the model has none
     (a flag such as mlp_bias adds one to gate and up too) is created as zeros; anything else is a bug."""
-    fresh = meta_model(model, model.config)
+    try:
+        fresh = meta_model(model, planned_config(model, {}))
+    except Exception as err:  # the family's own validation, as from_pretrained will run it
+        raise LLMPruneError(f"internal error: the pruned model's config does not validate ({err}); please report "
+                            f"this") from None
     fresh_modules = dict(fresh.named_modules())
     for name, module in model.named_modules():
         twin = fresh_modules.get(name)
