@@ -1,0 +1,447 @@
+"""The structured runner: remove MLP channels, attention heads or whole decoder layers, in place, so that
+the model stays an ordinary Hugging Face model of smaller shapes.
+
+    plan: find the structure in every layer, the widths to keep, the config changes; build the model's own
+          class from the planned config on the meta device and check it has the planned shapes (all bad
+          input fails here, before any work)
+    channels / heads:
+        taylor only: the calibration loss's gradient of the structure's weights (one whole-model pass)
+        capture the inputs of layer 0 and every layer's own arguments (the unstructured runner's code)
+        for each decoder layer, on the device:
+            statistics of the inputs of its first input projection and of its output projection
+            score the units, keep the best (the same number in every layer, and in every KV group)
+            fold the removed units' mean contribution into the output projection's bias (compensation)
+            slice the projections; set the attributes the module's forward reads
+            propagate: the pruned layer's outputs are the next layer's inputs
+    layers:
+        block influence, measured while the dense layers propagate, or the loss increase when skipped
+        delete the least important layers; renumber the KV cache slots; shorten per-layer config lists
+    write the config, and check the model's own class built from it has exactly the model's shapes
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...errors import LLMPruneError
+from ...inputs.models import decoder_layers, weight_matrix
+from ...runtime import elapsed, resolve_device
+from ..runner import _run, capture_layer_calls, collect_statistics, propagate
+from .compensation import removed_mean_contribution
+from .config import StructuredConfig
+from .discovery import (FUSED_QKV, HEAD_ATTRIBUTES, MLP_INPUTS, MLP_OUTPUTS, WIDTH_ATTRIBUTES, attention_shape,
+                        bias_flag_for, config_key, find_parts, meta_model, planned_config)
+from .importance import UnitView, get_importance
+from .layer_importance import influence_terms, lowest
+from .model_passes import loss_gradients, skip_losses
+from .surgery import add_to_bias, keep_inputs, keep_outputs, remove_layers, set_present_attributes, \
+    verify_against_config
+
+
+def round_half(x: float) -> int:
+    return int(x + 0.5)
+
+
+@dataclass
+class UnitSpec:
+    """How every layer's projections split into removable units (all layers alike: uniform widths)."""
+
+    rows: list[str]  # projections whose output features are units (gate/up; q, and k/v for whole KV groups)
+    cols: list[str]  # the output projection, whose input features are units (down; o)
+    units: int  # units per layer
+    kept: int  # units kept per layer
+    blocks: int = 1  # the same number is kept in each block of consecutive units (KV groups in query mode)
+    attributes: dict = field(default_factory=dict)  # module attribute -> new value (num_key_value_groups...)
+    owner: str = ""  # the module holding those attributes (the attention or MLP module)
+
+
+@dataclass
+class Plan:
+    structure: str
+    prefix: str
+    layers: nn.ModuleList
+    changes: dict  # config key -> new value
+    spec: UnitSpec | None = None
+    remove_count: int = 0  # layers
+    layers_key: str = ""
+    heads_mode: str | None = None
+    compensate: bool = False
+    compensation_note: str | None = None
+
+
+def plan_structure(model: nn.Module, config: StructuredConfig) -> Plan:
+    """Everything that can be wrong with the request, found from shapes and config alone."""
+    prefix, layers = decoder_layers(model)
+    family = type(model).__name__
+    if config.structure == "layers":
+        key = config_key(model.config, "layers")
+        count = round_half(len(layers) * config.sparsity)
+        if key is None:
+            raise LLMPruneError(f"{family}'s config states no layer count (looked for num_hidden_layers, n_layer): "
+                                f"--structure layers cannot write a loadable config")
+        if count == 0:
+            raise LLMPruneError(f"--sparsity {config.sparsity:g} of {len(layers)} layers removes none: "
+                                f"use at least {0.5 / len(layers):.3g}")
+        if count >= len(layers):
+            raise LLMPruneError(f"--sparsity {config.sparsity:g} removes all {len(layers)} layers: lower it")
+        return Plan("layers", prefix, layers, {key: len(layers) - count}, remove_count=count, layers_key=key)
+
+    parts = [find_parts(layer) for layer in layers]
+    first = layers[0]
+    if config.structure == "channels":
+        spec, changes = _channel_spec(model, layers, parts, config)
+        heads_mode = None
+    else:
+        spec, changes, heads_mode, shape = _head_spec(model, layers, parts, config)
+    try:
+        _check_family_expresses(model, prefix, spec, changes, first)
+    except LLMPruneError as err:
+        options = _expressible_head_sparsities(model, shape, heads_mode) if config.structure == "heads" else []
+        if options:
+            raise LLMPruneError(f"{err}; --sparsity values it can express here: "
+                                f"{', '.join(f'{o:g}' for o in options)}") from None
+        raise
+    plan = Plan(config.structure, prefix, layers, changes, spec, heads_mode=heads_mode)
+    plan.compensate = config.compensate
+    if plan.compensate:
+        flag = bias_flag_for(model, f"{prefix}.0", spec.cols[0], changes)
+        if flag is None:
+            note = (f"{family} has no bias on {spec.cols[0]} and no config flag that adds one, so a compensated "
+                    f"model would not load as a standard {family}")
+            if config.bias_compensation:
+                raise LLMPruneError(f"{note}: drop --bias-compensation")
+            plan.compensate, plan.compensation_note = False, note + "; bias compensation is off"
+        elif isinstance(flag, str):
+            changes[flag] = True
+            plan.compensation_note = f"config {flag}=true adds the bias (zero biases on the other projections it governs)"
+    return plan
+
+
+def _channel_spec(model, layers, parts, config):
+    family = type(model).__name__
+    for index, p in enumerate(parts):
+        if not p.mlp_inputs or p.mlp_output is None:
+            raise LLMPruneError(f"{family} layer {index} has no MLP this tool recognizes (inputs named "
+                                f"{', '.join(MLP_INPUTS)}; output {', '.join(MLP_OUTPUTS)}): --structure channels "
+                                f"does not apply; try --structure layers")
+    widths = {weight_matrix(layer.get_submodule(name)).shape[0] for layer, p in zip(layers, parts) for name in p.mlp_inputs}
+    widths |= {weight_matrix(layer.get_submodule(p.mlp_output)).shape[1] for layer, p in zip(layers, parts)}
+    if len(widths) != 1 or any(p.mlp_inputs != parts[0].mlp_inputs for p in parts):
+        raise LLMPruneError(f"{family}'s MLPs differ in width or layout across layers ({sorted(widths)}): "
+                            f"--structure channels keeps widths uniform and needs them uniform to begin with")
+    width = widths.pop()
+    key = config_key(model.config, "intermediate")
+    if key is None:
+        raise LLMPruneError(f"{family}'s config states no MLP width (looked for intermediate_size, ffn_dim, n_inner): "
+                            f"--structure channels cannot write a loadable config")
+    kept = width - round_half(width * config.sparsity)
+    if config.round_to > 1:
+        kept = min(width, max(config.round_to, round_half(kept / config.round_to) * config.round_to))
+    if kept >= width:
+        raise LLMPruneError(f"--sparsity {config.sparsity:g} removes no MLP channel of {width} once kept widths are "
+                            f"multiples of --round-to {config.round_to}: raise --sparsity or lower --round-to")
+    if kept < 1:
+        raise LLMPruneError(f"--sparsity {config.sparsity:g} removes every MLP channel: lower it")
+    owner = parts[0].mlp_output.rpartition(".")[0]
+    spec = UnitSpec(parts[0].mlp_inputs, [parts[0].mlp_output], width, kept,
+                    attributes=dict.fromkeys(WIDTH_ATTRIBUTES, kept), owner=owner)
+    return spec, {key: kept}
+
+
+def _head_spec(model, layers, parts, config):
+    family = type(model).__name__
+    p = parts[0]
+    if p.fused_qkv:
+        raise LLMPruneError(f"{family} fuses q, k and v in one projection ({p.fused_qkv}) and its config ties the "
+                            f"head size to the hidden size, so it cannot be saved with fewer heads: use "
+                            f"--structure channels or layers")
+    if None in (p.query, p.key, p.value, p.attention_output) or any(q != p for q in parts):
+        raise LLMPruneError(f"{family}'s attention has no separate q/k/v/o projections this tool recognizes "
+                            f"(fused ones: {', '.join(FUSED_QKV)}): --structure heads does not apply")
+    shape = attention_shape(model, layers[0], p)
+    mode = config.heads_mode if shape.groups > 1 else "groups"  # one query head per KV head: a head is a group
+    if mode == "query":
+        removed = round_half(shape.groups * config.sparsity)
+        if removed == 0:
+            raise LLMPruneError(f"--sparsity {config.sparsity:g} removes no query head of each KV group of "
+                                f"{shape.groups}: use at least {0.5 / shape.groups:.3g}")
+        if removed >= shape.groups:
+            raise LLMPruneError(f"--sparsity {config.sparsity:g} removes every query head of each KV group of "
+                                f"{shape.groups}: lower it, or remove whole groups with --heads-mode groups")
+        spec = UnitSpec([p.query], [p.attention_output], shape.heads, shape.heads - removed * shape.kv_heads,
+                        blocks=shape.kv_heads)
+    else:
+        removed = round_half(shape.kv_heads * config.sparsity)
+        what = "KV groups" if shape.groups > 1 else "heads"
+        if removed == 0:
+            raise LLMPruneError(f"--sparsity {config.sparsity:g} removes none of the {shape.kv_heads} {what}: use at "
+                                f"least {0.5 / shape.kv_heads:.3g}"
+                                + (" or --heads-mode query" if shape.groups > 1 else ""))
+        if removed >= shape.kv_heads:
+            raise LLMPruneError(f"--sparsity {config.sparsity:g} removes all {shape.kv_heads} {what}: lower it")
+        spec = UnitSpec([p.query, p.key, p.value], [p.attention_output], shape.kv_heads, shape.kv_heads - removed)
+    spec.owner = p.attention
+    heads, kv_heads, changes = _head_changes(model, shape, mode, removed)
+    values = {"heads": heads, "kv_heads": kv_heads, "groups": heads // kv_heads}
+    spec.attributes = {attr: values[role] for attr, role in HEAD_ATTRIBUTES.items()}
+    return spec, changes, mode, shape
+
+
+def _head_changes(model, shape, mode: str, removed: int) -> tuple[int, int, dict]:
+    """(query heads, KV heads, config changes) once `removed` query heads of each KV group (query mode) or
+    `removed` whole KV groups (groups mode) are gone. head_dim is written explicitly: it no longer follows
+    from hidden_size / num_attention_heads."""
+    if mode == "query":
+        heads, kv_heads = shape.kv_heads * (shape.groups - removed), shape.kv_heads
+    else:
+        kv_heads = shape.kv_heads - removed
+        heads = kv_heads * shape.groups
+    changes = {config_key(model.config, "heads"): heads, "head_dim": shape.head_dim}
+    kv_key = config_key(model.config, "kv_heads")
+    if kv_key:
+        changes[kv_key] = kv_heads
+    elif kv_heads != heads:
+        raise LLMPruneError(f"{type(model).__name__}'s config has no num_key_value_heads, so it cannot state "
+                            f"{heads} query heads over {kv_heads} KV heads")
+    return heads, kv_heads, changes
+
+
+def _expressible_head_sparsities(model, shape, mode: str) -> list[float]:
+    """The head sparsities whose configs the family's own validation accepts (for the error message)."""
+    per = shape.groups if mode == "query" else shape.kv_heads
+    found = []
+    for removed in range(1, per):
+        try:
+            planned_config(model, _head_changes(model, shape, mode, removed)[2])
+            found.append(round(removed / per, 3))
+        except Exception:  # the family's validation: this count is not expressible
+            continue
+    return found
+
+
+def _check_family_expresses(model, prefix, spec: UnitSpec, changes: dict, layer) -> None:
+    """The model's own class, built from the planned config, must have the planned widths."""
+    family = type(model).__name__
+    why = (f"{family} cannot be saved with {', '.join(f'{k}={v}' for k, v in changes.items())}: its modeling code "
+           f"derives these shapes otherwise (e.g. the head size from hidden_size / num_attention_heads), so the "
+           f"pruned model would not load")
+    try:
+        built = meta_model(model, planned_config(model, changes)).get_submodule(f"{prefix}.0")
+    except Exception as err:  # the family's own constructor rejects the shape (e.g. head size from hidden size)
+        raise LLMPruneError(f"{why}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                            f"try another --structure") from None
+    for name in spec.rows:
+        planned = weight_matrix(layer.get_submodule(name)).shape[0] // spec.units * spec.kept
+        if weight_matrix(built.get_submodule(name)).shape[0] != planned:
+            raise LLMPruneError(f"{why}; try another --structure")
+    for name in spec.cols:
+        planned = weight_matrix(layer.get_submodule(name)).shape[1] // spec.units * spec.kept
+        if weight_matrix(built.get_submodule(name)).shape[1] != planned:
+            raise LLMPruneError(f"{why}; try another --structure")
+
+
+def parameter_counts(model: nn.Module, layers: nn.ModuleList) -> tuple[int, int]:
+    """(all parameters, decoder-layer parameters); a tied embedding counts once."""
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in layers.parameters())
+
+
+def sparsity_for_params(model: nn.Module, config: StructuredConfig, fraction: float) -> float:
+    """The structure's sparsity that removes about `fraction` of the decoder layers' parameters (before
+    --round-to rounding: the report states what was achieved)."""
+    prefix, layers = decoder_layers(model)
+    _, decoder = parameter_counts(model, layers)
+    if config.structure == "layers":
+        per_unit, units = decoder / len(layers), len(layers)
+    else:
+        probe = StructuredConfig(**{**config.__dict__, "sparsity": 0.5, "round_to": 1, "bias_compensation": False})
+        spec = plan_structure(model, probe).spec
+        layer = layers[0]
+        per_unit = 0
+        for name in spec.rows:
+            module = layer.get_submodule(name)
+            rows, inputs = weight_matrix(module).shape
+            per_unit += rows // spec.units * (inputs + (module.bias is not None))
+        for name in spec.cols:
+            outputs, cols = weight_matrix(layer.get_submodule(name)).shape
+            per_unit += cols // spec.units * outputs
+        per_unit, units = per_unit * len(layers), spec.units
+    sparsity = fraction * decoder / (per_unit * units)
+    if not 0 < sparsity < 1:
+        raise LLMPruneError(f"removing {fraction:g} of the decoder parameters with --structure {config.structure} "
+                            f"would need a sparsity of {sparsity:.3g} of that structure: choose a smaller fraction "
+                            f"or another structure")
+    return sparsity
+
+
+@torch.no_grad()
+def prune_structured(model: nn.Module, calibration: torch.Tensor | None, config: StructuredConfig,
+                     progress: bool = True) -> dict:
+    """Prune `model` in place; return the report's `structure` record. `calibration`: (nsamples, seqlen)
+    token ids; only magnitude without bias compensation needs none."""
+    plan = plan_structure(model, config)
+    importance = get_importance(config.method) if plan.spec else None
+    needs_data = plan.structure == "layers" or importance.needs is not None or plan.compensate
+    if needs_data and calibration is None:
+        raise LLMPruneError(f"--structure {plan.structure} with {config.method or config.layer_importance}"
+                            f"{' and bias compensation' if plan.compensate else ''} needs calibration data")
+    device = resolve_device(config.device)
+    params_before, decoder_before = parameter_counts(model, plan.layers)
+    seconds: dict[str, float] = {}
+    record = {"kind": plan.structure, "method": config.method if plan.spec else config.layer_importance,
+              "sparsity": config.sparsity}
+    if plan.spec:
+        record |= _prune_units(model, calibration, config, plan, importance, device, seconds, progress)
+    else:
+        record |= _prune_layers(model, calibration, config, plan, device, seconds, progress)
+    for key, value in plan.changes.items():
+        setattr(model.config, key, value)
+    start = time.perf_counter()
+    verify_against_config(model)
+    seconds["verify"] = time.perf_counter() - start
+    params_after, decoder_after = parameter_counts(model, plan.layers)
+    return record | {
+        "params_before": params_before, "params_after": params_after,
+        "params_removed_fraction": 1 - params_after / params_before,
+        "decoder_params_before": decoder_before, "decoder_params_after": decoder_after,
+        "decoder_params_removed_fraction": 1 - decoder_after / decoder_before,
+        "config_changes": dict(plan.changes), "seconds": seconds,
+    }
+
+
+def _prune_units(model, calibration, config, plan: Plan, importance, device, seconds, progress) -> dict:
+    spec, layers = plan.spec, plan.layers
+    gradients = None
+    if importance.needs == "gradients":
+        start = time.perf_counter()
+        modules = {f"{i}.{name}": layer.get_submodule(name) for i, layer in enumerate(layers)
+                   for name in spec.rows + spec.cols}
+        with torch.enable_grad():
+            gradients = loss_gradients(model, calibration, modules, config.batch_size, progress)
+        seconds["gradients"] = time.perf_counter() - start
+    calls = None
+    if importance.needs == "statistics" or plan.compensate:
+        start = time.perf_counter()
+        calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress)
+        seconds["capture"] = elapsed(start, device)
+    for phase in ("statistics", "prune", "propagate"):
+        seconds[phase] = 0.0
+    per_layer = []
+    for i, layer in enumerate(tqdm(layers, desc=f"pruning {plan.structure}", unit="layer", disable=not progress)):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        start = time.perf_counter()
+        statistics = {}
+        if calls is not None:
+            watched = {name: layer.get_submodule(name) for name in (spec.rows[0], spec.cols[0])}
+            statistics = collect_statistics(layer, i, calls, watched, ("input_moments",))
+        seconds["statistics"] += elapsed(start, device)
+        start = time.perf_counter()
+        layer_gradients = gradients and {name: gradients[f"{i}.{name}"].to(device) for name in spec.rows + spec.cols}
+        scores = importance.fn(unit_view(layer, spec, statistics, layer_gradients))
+        keep = select_units(scores, spec.blocks, spec.kept // spec.blocks)
+        channel_mean = statistics[spec.cols[0]]["input_moments"]["mean"] if plan.compensate else None
+        remove_units(layer, spec, keep, channel_mean)
+        set_present_attributes(layer.get_submodule(spec.owner), spec.attributes)
+        seconds["prune"] += elapsed(start, device)
+        removed = sorted(set(range(spec.units)) - set(keep.tolist()))
+        per_layer.append({"index": i, "kept": spec.kept, "removed": removed})
+        if calls is not None and i + 1 < len(layers):
+            start = time.perf_counter()
+            propagate(layer, i, calls)
+            seconds["propagate"] += elapsed(start, device)
+        layer.to(home)
+    unit = {"channels": "channels", "heads": "heads" if plan.heads_mode == "query" else "kv_groups"}[plan.structure]
+    record = {"unit": unit, "achieved_sparsity": 1 - spec.kept / spec.units, "units_before": spec.units,
+              "units_kept": spec.kept, "layers": per_layer,
+              "bias_compensation": plan.compensate, "bias_compensation_note": plan.compensation_note}
+    if plan.structure == "channels":
+        record["round_to"] = config.round_to
+    else:
+        record["heads_mode"] = plan.heads_mode
+        record["heads_after"] = spec.attributes["num_heads"]
+        record["kv_heads_after"] = spec.attributes["num_key_value_heads"]
+    return record
+
+
+def unit_view(layer: nn.Module, spec: UnitSpec, statistics: dict, gradients: dict | None) -> UnitView:
+    """The layer's weights (and gradients, statistics) grouped by unit, for an importance function."""
+
+    def rows(matrix):  # (units * per, in) -> (units, per, in)
+        return matrix.float().reshape(spec.units, -1, matrix.shape[1])
+
+    def cols(matrix):  # (out, units * per) -> (units, out, per)
+        return matrix.float().reshape(matrix.shape[0], spec.units, -1).transpose(0, 1)
+
+    view = UnitView([rows(weight_matrix(layer.get_submodule(n))) for n in spec.rows],
+                    [cols(weight_matrix(layer.get_submodule(n))) for n in spec.cols])
+    if statistics:
+        inputs, channels = statistics[spec.rows[0]]["input_moments"], statistics[spec.cols[0]]["input_moments"]
+        view.input_norms = inputs["norms"]
+        view.channel_norms = channels["norms"].reshape(spec.units, -1)
+        view.channel_variance = channels["variance"].reshape(spec.units, -1)
+    if gradients:
+        view.row_grads = [rows(gradients[n]) for n in spec.rows]
+        view.col_grads = [cols(gradients[n]) for n in spec.cols]
+    return view
+
+
+def select_units(scores: torch.Tensor, blocks: int, kept_per_block: int) -> torch.Tensor:
+    """Indices of the highest scores, `kept_per_block` in each block of consecutive units, ascending."""
+    if not bool(torch.isfinite(scores).all()):
+        raise LLMPruneError("internal error: importance scores hold NaN or Inf; please report this")
+    grouped = scores.reshape(blocks, -1)
+    top = grouped.topk(kept_per_block, dim=1).indices.sort(dim=1).values
+    return (top + torch.arange(blocks, device=scores.device)[:, None] * grouped.shape[1]).flatten()
+
+
+def _expand(units: torch.Tensor, per: int) -> torch.Tensor:
+    """Unit indices -> the feature indices they cover (each unit `per` consecutive features)."""
+    return (units[:, None] * per + torch.arange(per, device=units.device)).flatten()
+
+
+def remove_units(layer: nn.Module, spec: UnitSpec, keep: torch.Tensor, channel_mean: torch.Tensor | None) -> None:
+    """Slice the kept units out of the layer's projections; with `channel_mean` (the output projection's
+    mean input over the calibration tokens), fold the removed units' mean contribution into its bias."""
+    for name in spec.rows:
+        module = layer.get_submodule(name)
+        keep_outputs(module, _expand(keep, weight_matrix(module).shape[0] // spec.units))
+    for name in spec.cols:
+        module = layer.get_submodule(name)
+        columns = _expand(keep, weight_matrix(module).shape[1] // spec.units)
+        if channel_mean is not None:
+            mask = torch.zeros(weight_matrix(module).shape[1], dtype=torch.bool, device=columns.device)
+            mask[columns] = True
+            add_to_bias(module, removed_mean_contribution(weight_matrix(module), channel_mean, mask))
+        keep_inputs(module, columns)
+
+
+def _prune_layers(model, calibration, config, plan: Plan, device, seconds, progress) -> dict:
+    layers = plan.layers
+    start = time.perf_counter()
+    if config.layer_importance == "influence":
+        calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress)
+        scores = []
+        for i, layer in enumerate(tqdm(layers, desc="block influence", unit="layer", disable=not progress)):
+            home = next(layer.parameters()).device
+            layer.to(device)
+            total, tokens = 0.0, 0
+            for batch, rows in enumerate(calls.batches):
+                out = _run(layer, i, calls, batch)
+                terms = influence_terms(calls.hidden[rows], out)
+                total, tokens = total + float(terms.sum()), tokens + terms.numel()
+                calls.hidden[rows] = out
+            scores.append(total / tokens)
+            layer.to(home)
+    else:
+        scores = skip_losses(model, layers, calibration, config.batch_size, progress)
+    seconds["score"] = elapsed(start, device)
+    removed = lowest(scores, plan.remove_count)
+    remove_layers(layers, removed, model.config, plan.layers_key)
+    return {"unit": "layers", "achieved_sparsity": len(removed) / len(scores), "units_before": len(scores),
+            "units_kept": len(layers), "removed_layers": removed, "layer_scores": scores,
+            "bias_compensation": False, "bias_compensation_note": None}
