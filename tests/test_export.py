@@ -175,3 +175,19 @@ def test_refuses_non_uniform_widths(structured_dir, tmp_path):
     with pytest.raises(LLMPruneError, match="every layer"):
         export_gguf(bent, tmp_path / "bent.gguf")
     assert not (tmp_path / "bent.gguf").exists()
+
+
+def test_preflight_from_loaded_model(tiny_dir):
+    """What a prune run with --save-format gguf checks before pruning, from the model and tokenizer in memory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmprune.output.export import check_gguf_export
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    spec = json.loads(AutoTokenizer.from_pretrained(tiny_dir).backend_tokenizer.to_str())
+    assert check_gguf_export(model.config.to_dict(), spec, "q8_0").arch == "LLAMA"
+    sentencepiece_like = dict(spec, pre_tokenizer={"type": "Metaspace", "replacement": "\u2581"})
+    with pytest.raises(LLMPruneError, match="byte-level BPE"):
+        check_gguf_export(model.config.to_dict(), sentencepiece_like, "f16")
+    with pytest.raises(LLMPruneError, match="'gpt2' architecture"):
+        check_gguf_export(tiny_model("gpt2").config.to_dict(), spec, "f16")

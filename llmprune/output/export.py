@@ -95,16 +95,12 @@ class _Plan:
     vocab: dict  # tokens, token types, merges, pre-tokenizer, special ids, chat template
 
 
-def _plan(model_dir: Path, out_path: Path, outtype: str, overwrite: bool) -> _Plan:
+def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str) -> GGUFArchitecture:
+    """What can be checked from a model's config and tokenizer alone: a prune run with `--save-format gguf`
+    calls this on the loaded model before pruning (`model.config.to_dict()`,
+    `json.loads(tokenizer.backend_tokenizer.to_str())`), so that a long run cannot end in a refusal."""
     if outtype not in OUTTYPES:
         raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(OUTTYPES)}")
-    if out_path.is_dir():
-        raise LLMPruneError(f"{out_path} is a directory: give the .gguf file's path")
-    if out_path.exists() and not overwrite:
-        raise LLMPruneError(f"{out_path} already exists: pass --overwrite to replace it, or choose another output")
-    if not (model_dir / "config.json").is_file():
-        raise LLMPruneError(f"{model_dir} has no config.json: export needs a saved Hugging Face model directory")
-    config = json.loads((model_dir / "config.json").read_text())
     model_type = config.get("model_type")
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
@@ -116,6 +112,22 @@ def _plan(model_dir: Path, out_path: Path, outtype: str, overwrite: bool) -> _Pl
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise LLMPruneError(f"rope scaling '{rope.get('rope_type', rope.get('type'))}' is not exported yet: "
                             f"only plain RoPE models can be exported to GGUF")
+    if tokenizer_spec is not None:
+        _pre_tokenizer_name(tokenizer_spec)
+    return arch
+
+
+def _plan(model_dir: Path, out_path: Path, outtype: str, overwrite: bool) -> _Plan:
+    if outtype not in OUTTYPES:
+        raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(OUTTYPES)}")
+    if out_path.is_dir():
+        raise LLMPruneError(f"{out_path} is a directory: give the .gguf file's path")
+    if out_path.exists() and not overwrite:
+        raise LLMPruneError(f"{out_path} already exists: pass --overwrite to replace it, or choose another output")
+    if not (model_dir / "config.json").is_file():
+        raise LLMPruneError(f"{model_dir} has no config.json: export needs a saved Hugging Face model directory")
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = check_gguf_export(config, None, outtype)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     tensors = _map_tensors(model_dir, config, arch, head_dim)
@@ -177,6 +189,17 @@ def _pre_tokenizer_signature(pre: dict | None) -> tuple:
     return ((pre["type"],),)
 
 
+def _pre_tokenizer_name(spec: dict) -> str:
+    """llama.cpp's name for a tokenizer.json's pre-tokenizer; a one-line refusal for anything else."""
+    model = spec.get("model", {})
+    pre = PRE_TOKENIZERS.get(_pre_tokenizer_signature(spec.get("pre_tokenizer")))
+    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") or pre is None:
+        raise LLMPruneError("GGUF export handles byte-level BPE tokenizers with a GPT-2, SmolLM or Llama-3 "
+                            f"pre-tokenizer; this one is {model.get('type')} with pre-tokenizer "
+                            f"{_pre_tokenizer_signature(spec.get('pre_tokenizer'))}")
+    return pre
+
+
 def _read_tokenizer(model_dir: Path, config: dict) -> dict:
     """Vocabulary, merges and special tokens from tokenizer.json; special ids and chat template from transformers."""
     path = model_dir / "tokenizer.json"
@@ -185,11 +208,7 @@ def _read_tokenizer(model_dir: Path, config: dict) -> dict:
                             f"the model (tokenizer.save_pretrained)")
     spec = json.loads(path.read_text())
     model = spec["model"]
-    pre = PRE_TOKENIZERS.get(_pre_tokenizer_signature(spec.get("pre_tokenizer")))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") or pre is None:
-        raise LLMPruneError("GGUF export handles byte-level BPE tokenizers with a GPT-2, SmolLM or Llama-3 "
-                            f"pre-tokenizer; this one is {model.get('type')} with pre-tokenizer "
-                            f"{_pre_tokenizer_signature(spec.get('pre_tokenizer'))}")
+    pre = _pre_tokenizer_name(spec)
     import gguf
     from transformers import AutoTokenizer
 
