@@ -158,8 +158,8 @@ def prepare(name: str, model_dir: Path, outtypes: list[str], scratch: Path, seql
     return entry
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| model | outtype | decoder params removed | GGUF MiB | pp512 tok/s | tg128 tok/s | tg vs dense "
+def table(rows: list[dict], pp: int, tg: int) -> str:
+    lines = [f"| model | outtype | decoder params removed | GGUF MiB | pp{pp} tok/s | tg{tg} tok/s | tg vs dense "
              "| ppl llama.cpp | ppl ours | ratio | tokens match |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -192,6 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llmprune, not an installed one
 
     python, build = llama_cpp_python(Path(args.cache).expanduser(), build=not args.no_build)
     if python is None:
@@ -265,7 +266,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "deploy_quick" if args.quick else "deploy"
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    markdown = table(rows)
+    markdown = table(rows, args.pp, args.tg)
     (out / f"{name}.md").write_text(markdown + "\n")
     print(markdown)
     if build.get("build_seconds"):

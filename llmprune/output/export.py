@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LLMPruneError
@@ -51,11 +51,18 @@ PRE_TOKENIZERS = {
 
 @dataclass
 class ExportConfig:
-    model: str  # a saved Hugging Face model directory (an llmprune output)
-    format: str = "gguf"
-    outtype: str = "f16"
-    output: str | None = None  # default: <model>/<model dir name>-<outtype>.gguf
-    overwrite: bool = False
+    """The `export` command's options; help texts are for a CLI generated from the fields."""
+
+    model: str = field(metadata={"help": "an llmprune output directory (a saved Hugging Face model)"})
+    format: str = field(default="gguf", metadata={"help": "gguf: one file for llama.cpp and the tools built on it",
+                                                  "choices": FORMATS})
+    outtype: str = field(default="f16", metadata={
+        "help": "type of the weight matrices: f32, f16, bf16, or q8_0 (8-bit, about half of f16); "
+                "norms and biases stay f32", "choices": OUTTYPES})
+    output: str | None = field(default=None, metadata={"help": "the .gguf file to write "
+                                                               "(default: DIR/<DIR's name>-<outtype>.gguf)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing file (only once the new one "
+                                                             "is complete)"})
 
     def output_path(self) -> Path:
         if self.output:
