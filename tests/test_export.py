@@ -1,0 +1,193 @@
+"""GGUF export: the file loads back through transformers' own GGUF loader (independent of our writer: it
+reverses llama.cpp's q/k row order and reads llama.cpp's key names) and gives the saved model's logits."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny_model_dir, tiny_model
+
+from llmprune.errors import LLMPruneError
+from llmprune.output.export import ExportConfig, export_gguf, run_export
+
+# Max |logit difference| allowed, relative to the largest |logit|: f32 is bit-exact, the others round weights.
+TOLERANCE = {"f32": 1e-6, "f16": 3e-3, "bf16": 2e-2, "q8_0": 5e-2}
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = save_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def logits_of(model, vocab: int) -> torch.Tensor:
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def gguf_logits_match(model_dir, gguf_name, outtype, **load_kwargs):
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_name, **load_kwargs).eval()
+    expected, got = logits_of(saved, saved.config.vocab_size), logits_of(loaded, saved.config.vocab_size)
+    error = float((expected - got).abs().max() / expected.abs().max())
+    return error, loaded
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
+def test_round_trip_logits(tiny_dir, outtype):
+    path = export_gguf(tiny_dir, tiny_dir / f"tiny-{outtype}.gguf", outtype)
+    error, _ = gguf_logits_match(tiny_dir, path.name, outtype)
+    assert error <= TOLERANCE[outtype], f"{outtype}: relative logit error {error:.2e}"
+    if outtype != "f32":
+        assert error > 0  # the rounding really happened: the tolerance is not hiding an f32 file
+
+
+def test_file_types_and_sizes(tiny_dir):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    sizes = {}
+    for outtype in ("f32", "f16", "q8_0"):
+        path = export_gguf(tiny_dir, tiny_dir / f"sizes-{outtype}.gguf", outtype)
+        sizes[outtype] = path.stat().st_size
+        kinds = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+        assert kinds["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32  # vectors stay f32
+        assert kinds["blk.0.ffn_down.weight"].name == outtype.upper()
+    assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
+
+
+def test_tokenizer_and_chat_template_carried(tiny_dir):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    path = export_gguf(tiny_dir, tiny_dir / "tok.gguf", "f16")
+    saved = AutoTokenizer.from_pretrained(tiny_dir)
+    loaded = AutoTokenizer.from_pretrained(tiny_dir, gguf_file=path.name)
+    text = "The quick brown fox, 123 jumps over the lazy dog!  It's  quick."
+    assert loaded(text)["input_ids"] == saved(text)["input_ids"]
+    fields = GGUFReader(path).fields
+    assert fields["tokenizer.chat_template"].contents() == CHAT_TEMPLATE
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    merges = json.loads((tiny_dir / "tokenizer.json").read_text())["model"]["merges"]
+    assert fields["tokenizer.ggml.merges"].contents() == [" ".join(pair) for pair in merges]
+
+
+@pytest.fixture(scope="module")
+def structured_dir(tmp_path_factory, tiny_dir):
+    """What structured pruning leaves: 2 layers, 2 heads of head_dim 16 in a hidden size of 64 (so head_dim is
+    not hidden / heads), a 96-wide MLP, biases on the linears (bias compensation), tied embeddings."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, vocab_size=len(tokenizer), attention_bias=True, mlp_bias=True, tie_word_embeddings=True))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("structured")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_structured_shapes_round_trip(structured_dir, outtype):
+    from transformers import LlamaConfig
+
+    path = export_gguf(structured_dir, structured_dir / f"s-{outtype}.gguf", outtype)
+    # transformers' GGUF loader reads no bias flags from a llama file: hand it the config so biases load.
+    error, loaded = gguf_logits_match(structured_dir, path.name, outtype,
+                                      config=LlamaConfig.from_pretrained(structured_dir))
+    assert error <= TOLERANCE[outtype], f"{outtype}: relative logit error {error:.2e}"
+    # The file alone states the shapes: head_dim comes from the GGUF, not from hidden / heads.
+    from transformers import AutoConfig
+
+    from_file = AutoConfig.from_pretrained(structured_dir, gguf_file=path.name)
+    assert (from_file.head_dim, from_file.num_attention_heads, from_file.num_key_value_heads,
+            from_file.intermediate_size, from_file.num_hidden_layers) == (16, 2, 1, 96, 2)
+
+
+def test_refuses_existing_file_unknown_outtype_and_architecture(tiny_dir, tmp_path):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"keep me")
+    with pytest.raises(LLMPruneError, match="--overwrite"):
+        export_gguf(tiny_dir, target)
+    assert target.read_bytes() == b"keep me"
+    with pytest.raises(LLMPruneError, match="outtype"):
+        export_gguf(tiny_dir, tmp_path / "x.gguf", outtype="q4_k")
+    with pytest.raises(LLMPruneError, match="format"):
+        run_export(ExportConfig(model=str(tiny_dir), format="onnx", output=str(tmp_path / "y.gguf")))
+    opt_dir = tmp_path / "opt"
+    tiny_model("opt").save_pretrained(opt_dir)
+    with pytest.raises(LLMPruneError, match="'opt' architecture"):
+        export_gguf(opt_dir, tmp_path / "opt.gguf")
+    with pytest.raises(LLMPruneError, match="config.json"):
+        export_gguf(tmp_path, tmp_path / "none.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "opt"]  # nothing written by any refusal
+
+
+def test_overwrite_replaces_and_interrupt_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    import gguf
+
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"old")
+    path = run_export(ExportConfig(model=str(tiny_dir), outtype="f16", output=str(target), overwrite=True))
+    assert path == target and target.read_bytes()[:4] == b"GGUF"
+    good = target.read_bytes()
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(tiny_dir, target, "q8_0", overwrite=True)
+    assert target.read_bytes() == good  # the previous file survives an interrupted overwrite
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no partial file left behind
+
+
+def test_default_output_path(tiny_dir):
+    config = ExportConfig(model=str(tiny_dir), outtype="q8_0")
+    assert config.output_path() == tiny_dir / f"{tiny_dir.name}-q8_0.gguf"
+
+
+def test_refuses_non_uniform_widths(structured_dir, tmp_path):
+    """A layer narrower than config.json says cannot be described to llama.cpp's llama architecture."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bent = tmp_path / "bent"
+    shutil.copytree(structured_dir, bent, ignore=shutil.ignore_patterns("*.gguf"))
+    weights = load_file(bent / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] = weights["model.layers.1.mlp.up_proj.weight"][:64]
+    save_file(weights, bent / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LLMPruneError, match="every layer"):
+        export_gguf(bent, tmp_path / "bent.gguf")
+    assert not (tmp_path / "bent.gguf").exists()
+
+
+def test_preflight_from_loaded_model(tiny_dir):
+    """What a prune run with --save-format gguf checks before pruning, from the model and tokenizer in memory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmprune.output.export import check_gguf_export
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    spec = json.loads(AutoTokenizer.from_pretrained(tiny_dir).backend_tokenizer.to_str())
+    assert check_gguf_export(model.config.to_dict(), spec, "q8_0").arch == "LLAMA"
+    sentencepiece_like = dict(spec, pre_tokenizer={"type": "Metaspace", "replacement": "\u2581"})
+    with pytest.raises(LLMPruneError, match="byte-level BPE"):
+        check_gguf_export(model.config.to_dict(), sentencepiece_like, "f16")
+    with pytest.raises(LLMPruneError, match="'gpt2' architecture"):
+        check_gguf_export(tiny_model("gpt2").config.to_dict(), spec, "f16")
