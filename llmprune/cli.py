@@ -40,6 +40,8 @@ examples:
   python -m llmprune --model llama --method wanda --sparsity 0.5 --output out/llama-wanda50
   python -m llmprune --model llama --method sparsegpt --pattern 2:4 --output out/llama-sgpt24
   python -m llmprune --config out/llama-wanda50/llmprune_config.json --sparsity 0.6 --output out/w60
+  python -m llmprune --model llama --structure channels --method flap --sparsity 0.2 --output out/ch20
+  python -m llmprune --model llama --structure layers --sparsity 0.1 --recover distill --output out/l10
   python -m llmprune --model meta-llama/Llama-2-7b-hf --method wanda --nsamples 128 --seqlen 2048 --device cuda
 """
 
@@ -123,6 +125,8 @@ def prune_parser() -> argparse.ArgumentParser:
     known = catalog()
     methods = "\n".join(f"  {name:<12}{summary}" for name, summary in known["method"])
     methods += "".join(f"\n  --update {name:<4}{summary}" for name, summary in known["update"])
+    methods += "\n  with --structure channels or heads, --method scores whole channels or heads:\n"
+    methods += "\n".join(f"  {name:<12}{summary}" for name, summary in known["importance"])
     p = Parser(prog="python -m llmprune",
                description="Prune a Hugging Face causal decoder layer by layer, evaluate it, and save it.\n"
                            "Other commands: eval, report, push (python -m llmprune COMMAND --help).",
@@ -131,6 +135,7 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file, such as an output's "
                    "llmprune_config.json (reruns that run exactly); flags given beside it override it")
     titles = {"model": "model", "pruning": "pruning", "calibration": "calibration", "evaluation": "evaluation",
+              "structured": "structured pruning (a smaller ordinary model; --sparsity is the structure's fraction)",
               "recovery": "recovery (fine-tuning that keeps the sparsity pattern)",
               "scale": "scale (models larger than memory, crashes, several processes: torchrun -m llmprune ...)",
               "output": "output"}

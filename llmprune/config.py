@@ -63,10 +63,30 @@ def _at_least(config, names: tuple[str, ...], minimum: int = 1, prefix: str = "-
 class PruneConfig:
     """What to prune and how: the algorithm, its data and its knobs."""
 
-    method: str = option("wanda", "how each weight is scored (and, for sparsegpt, re-fitted); see methods below",
-                         group="pruning", metavar="NAME")
+    method: str | None = option(None, "how each weight (or, with --structure, each channel or head) is scored; "
+                                "see methods below (default: wanda; flap with --structure channels or heads; "
+                                "none with --structure layers, ranked by --layer-importance)", group="pruning",
+                                metavar="NAME")
     sparsity: float | None = option(None, "fraction of each pruned linear's weights set to zero, in [0, 1) "
-                                    "(default: 0.5, or 1-N/M for an N:M pattern)", group="pruning")
+                                    "(default: 0.5, or 1-N/M for an N:M pattern); with --structure, the fraction "
+                                    "of that structure removed (default 0.2)", group="pruning")
+    structure: str = option("none", "remove whole structures and save a smaller ordinary model: MLP channels, "
+                            "attention heads or decoder layers (none: zero single weights)", group="structured",
+                            choices=("none", "channels", "heads", "layers"))
+    remove_params: float | None = option(None, "with --structure: remove about this fraction of the decoder "
+                                         "layers' parameters (chooses --sparsity)", group="structured")
+    round_to: int = option(64, "kept MLP widths are multiples of this (hardware likes them; 1 = exact)",
+                           group="structured")
+    bias_compensation: str = option("auto", "fold the removed channels' or heads' mean output into the next "
+                                    "linear's bias (auto: on for flap, where the family can carry a bias)",
+                                    group="structured", choices=("auto", "on", "off"))
+    heads_mode: str = option("query", "query: remove the same number of query heads from every KV group; "
+                             "groups: remove whole KV groups with their query heads", group="structured",
+                             choices=("query", "groups"))
+    layer_importance: str = option("influence", "how --structure layers ranks layers: influence = 1 - cos(input, "
+                                   "output) over the calibration tokens (ShortGPT); skip_loss = calibration loss "
+                                   "increase when the layer alone is skipped (one model pass per layer)",
+                                   group="structured", choices=("influence", "skip_loss"))
     pattern: str = option("unstructured", "unstructured, or N:M such as 2:4 or 4:8 (see patterns below)",
                           group="pruning")
     update: str = option("none", "re-fit the kept weights after the mask is chosen: none, or a registered "
@@ -91,6 +111,18 @@ class PruneConfig:
     def __post_init__(self):
         from .pruning.methods import get_method, get_update  # the registry imports torch: only when validating
 
+        if self.structure != "none":
+            if self.sparsity is None and self.remove_params is None:
+                self.sparsity = 0.2
+            self.structured()  # validates the structured settings (and the method as an importance)
+            if self.pattern != "unstructured" or self.update != "none" or self.allocation != "uniform":
+                raise LLMPruneError(f"--structure {self.structure} removes whole structures: --pattern, --update and "
+                                    "--allocation apply to unstructured pruning (prune the output again for that)")
+            _at_least(self, ("nsamples", "seqlen", "batch_size"))
+            return
+        if self.remove_params is not None:
+            raise LLMPruneError("--remove-params chooses how much of a structure to remove: give --structure too")
+        self.method = self.method or "wanda"
         get_method(self.method)
         if self.update != "none":
             get_update(self.update)
@@ -133,6 +165,21 @@ class PruneConfig:
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
+
+    def structured(self):
+        """The settings of a structured prune, validated (pruning/structured/config.py)."""
+        from .pruning.structured.config import StructuredConfig
+
+        if self.remove_params is not None:
+            _finite(self.remove_params, "--remove-params", positive=True)
+            if self.sparsity is not None:
+                raise LLMPruneError("--remove-params chooses --sparsity: give one of them")
+        compensation = {"auto": None, "on": True, "off": False}[self.bias_compensation]
+        return StructuredConfig(structure=self.structure, method=self.method,
+                                sparsity=0.5 if self.sparsity is None else self.sparsity, round_to=self.round_to,
+                                bias_compensation=compensation, heads_mode=self.heads_mode,
+                                layer_importance=self.layer_importance, batch_size=self.batch_size,
+                                device=self.device)
 
 
 RECOVERY_LOSSES = ("lm", "distill")

@@ -123,6 +123,10 @@ def preflight(config: RunConfig) -> Plan:
     from .pruning.methods import get_method
     from .runtime import resolve_device, resolve_dtype
 
+    if config.prune.structure != "none" and (config.schedule or config.stream):
+        raise LLMPruneError(f"--structure {config.prune.structure} with --schedule or --stream is not supported yet: "
+                            "prune structurally in one step, in memory")
+
     pc = config.prune
     if config.output:
         check_output(config.output, config.overwrite)
@@ -135,8 +139,11 @@ def preflight(config: RunConfig) -> Plan:
     source = resolve_model(config.model)  # a mistyped path fails now, not after the text is read
     seqlens = {"--seqlen": pc.seqlen} | ({"--recover-seqlen": config.recovery.seqlen} if config.recover else {})
     check_model_files(source, seqlens, config.trust_remote_code)
-    method = get_method(pc.method)
-    needs_calibration = method.statistic is not None or pc.allocation != "uniform" or pc.update != "none"
+    if pc.structure == "none":
+        method = get_method(pc.method)
+        needs_calibration = method.statistic is not None or pc.allocation != "uniform" or pc.update != "none"
+    else:  # every structured scorer but plain magnitude reads calibration activations (or gradients)
+        needs_calibration = pc.method != "magnitude" or pc.bias_compensation == "on"
     stream, reason = _should_stream(config, source)
     work_dir = None
     if config.resume or config.checkpoint or stream:
@@ -193,9 +200,22 @@ def load(config: RunConfig, plan: Plan, progress: bool):
     from .output.atomic import check_free_space
     from .pruning.runner import check_model
 
+    if not progress:  # --quiet: transformers' own loading and saving bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     _say(progress, f"loading {config.model} ({plan.dtype})")
     model, tokenizer, source = load_model(config.model, plan.dtype, config.trust_remote_code)
-    check_model(model, config.prune)
+    pc = config.prune
+    if pc.structure == "none":
+        check_model(model, pc)
+    else:
+        from .pruning.structured.runner import plan_structure, sparsity_for_params
+
+        if pc.remove_params is not None:
+            pc.sparsity = sparsity_for_params(model, pc.structured(), pc.remove_params)
+            _say(progress, f"--remove-params {pc.remove_params:g}: removing {pc.sparsity:.4f} of the {pc.structure}")
+        plan_structure(model, pc.structured())  # shapes the family cannot express fail now, before any work
     if config.output:
         check_free_space(config.output, sum(p.numel() * p.element_size() for p in model.parameters()))
     return model, tokenizer, source
@@ -234,7 +254,7 @@ def recovery_data(model, tokenizer, config: RunConfig, plan: Plan, progress: boo
     from .recovery.train import check_recovery, recovery_windows
 
     rc = config.recovery
-    check_recovery(model, rc)
+    check_recovery(model, rc, structured=config.prune.structure != "none")
     source = rc.data or config.calib
     train, val = recovery_windows(tokenize(tokenizer, load_text(source, "calib")), rc)
     teacher = None
@@ -269,6 +289,8 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
 
     from .pruning.runner import prune
 
+    if config.prune.structure != "none":
+        return prune_structure(model, calibration, config, progress)
     pc = replace(config.prune, sparsity=sparsity) if sparsity != config.prune.sparsity else config.prune
     before = _zeros(model) if config.schedule else None
     options = {"parallel": plan.parallel, "offload_activations": config.offload_activations}
@@ -287,6 +309,19 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
     return pruned
 
 
+def prune_structure(model, calibration, config: RunConfig, progress: bool):
+    """Remove whole channels, heads or layers: the model becomes smaller; its record is the report's `structure`."""
+    from .pruning.runner import PruneReport
+    from .pruning.structured.runner import prune_structured
+
+    pc = config.prune
+    record = prune_structured(model, calibration, pc.structured(), progress=progress)
+    pruned = PruneReport(record["method"], pc.sparsity, "structured", "uniform")
+    pruned.structure = record
+    pruned.seconds = {phase: float(value) for phase, value in record.get("seconds", {}).items()}
+    return pruned
+
+
 def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, progress: bool) -> dict:
     """Train the pruned model (its zeros kept) on this stage's share of the recovery windows."""
     import tempfile
@@ -299,6 +334,7 @@ def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, prog
     first = sum(rc.steps // stages + (1 if s < rc.steps % stages else 0) for s in range(stage)) * rc.batch
     train = inputs.train[first : first + steps * rc.batch]
     teacher = inputs.teacher.subset(first, first + steps * rc.batch) if inputs.teacher is not None else None
+    # A structurally smaller model has no mask ({}: every weight trains); a sparse one keeps its zeros.
     masks = {layer["name"]: model.get_submodule(layer["name"]).weight != 0 for layer in pruned.layers}
     keep_adapter = inputs.keep_adapter and stage == stages - 1
     adapter_dir = Path(tempfile.mkdtemp(prefix="llmprune-adapter-")) if keep_adapter else None
@@ -306,8 +342,9 @@ def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, prog
                            adapter_dir=adapter_dir)
     from .inputs.models import weight_matrix
 
-    weights = [weight_matrix(model.get_submodule(name)) for name in masks]
-    stats["achieved_sparsity"] = sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
+    if masks:
+        weights = [weight_matrix(model.get_submodule(name)) for name in masks]
+        stats["achieved_sparsity"] = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     if adapter_dir is not None:
         stats["adapter"] = "adapter"  # its folder in the output
         stats["_adapter_dir"] = str(adapter_dir)  # where it waits until save_output moves it (not reported)
@@ -353,10 +390,10 @@ def assemble_report(architecture, source, config, plan, pruned, dense, windows, 
         "base_model": source.base_model,
         "license": source.license,
         "architecture": architecture,
-        "method": pc.method,
+        "method": pruned.method,
         "update": pc.update,
         "sparsity": pc.sparsity,
-        "pattern": pc.pattern,
+        "pattern": pruned.pattern,
         "allocation": pc.allocation,
         "calibration": Calibration(config.calib, pc.nsamples, pc.seqlen, pc.seed).__dict__
         if plan.needs_calibration else None,
@@ -375,6 +412,7 @@ def assemble_report(architecture, source, config, plan, pruned, dense, windows, 
         "dtype": plan.dtype,
         "versions": {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "command": command,
+        "structure": getattr(pruned, "structure", None),
         "scale": {"stream": plan.stream, "reason": plan.stream_reason,
                   "ranks": plan.parallel.world if plan.parallel is not None else 1,
                   "checkpointed": plan.work_dir is not None, "resumed": config.resume},

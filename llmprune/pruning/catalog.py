@@ -10,21 +10,22 @@ import ast
 from pathlib import Path
 
 METHODS_DIR = Path(__file__).parent / "methods"
+IMPORTANCE_DIR = Path(__file__).parent / "structured" / "importance"
+KINDS = {"register": "method", "register_update": "update", "register_importance": "importance"}
 
 
 def catalog() -> dict[str, list[tuple[str, str]]]:
-    """{"method": [(name, summary)...], "update": [...]}, in file order."""
-    found: dict[str, list[tuple[str, str]]] = {"method": [], "update": []}
-    for path in sorted(METHODS_DIR.glob("*.py")):
+    """{"method": [(name, summary)...], "update": [...], "importance": [...]}, in file order."""
+    found: dict[str, list[tuple[str, str]]] = {kind: [] for kind in KINDS.values()}
+    for path in [*sorted(METHODS_DIR.glob("*.py")), *sorted(IMPORTANCE_DIR.glob("*.py"))]:
         if path.name.startswith("_"):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                    and node.func.id in ("register", "register_update") and node.args):
+                    and node.func.id in KINDS and node.args):
                 continue
             summary = next((k.value for k in node.keywords if k.arg == "summary"), None)
             name = node.args[0]
             if isinstance(name, ast.Constant) and isinstance(summary, ast.Constant):
-                kind = "method" if node.func.id == "register" else "update"
-                found[kind].append((name.value, summary.value))
+                found[KINDS[node.func.id]].append((name.value, summary.value))
     return found

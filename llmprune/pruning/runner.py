@@ -65,6 +65,7 @@ class PruneReport:
     layers: list[dict] = field(default_factory=list)
     layer_sparsity: list[float] = field(default_factory=list)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    structure: dict | None = None  # what a structured prune removed (pruning/structured/runner.py)
 
     @property
     def achieved_sparsity(self) -> float:
