@@ -1,7 +1,7 @@
 """Command line: a thin layer generated from the config dataclasses, which then calls the Python API.
 
     python -m llmprune [prune options]          prune (the default command)
-    python -m llmprune eval|report|push ...     see `python -m llmprune COMMAND --help`
+    python -m llmprune eval|report|push|export  see `python -m llmprune COMMAND --help`
 
 Each option is a field of config.py (its flag, help, group and choices live there); `--config FILE` fills
 the same fields from YAML or JSON, and flags given beside it override the file.
@@ -129,7 +129,7 @@ def prune_parser() -> argparse.ArgumentParser:
     methods += "\n".join(f"  {name:<12}{summary}" for name, summary in known["importance"])
     p = Parser(prog="python -m llmprune",
                description="Prune a Hugging Face causal decoder layer by layer, evaluate it, and save it.\n"
-                           "Other commands: eval, report, push (python -m llmprune COMMAND --help).",
+                           "Other commands: eval, report, push, export (python -m llmprune COMMAND --help).",
                epilog=EPILOG.format(methods=methods, sources=", ".join(source_names())),
                formatter_class=HelpFormatter)
     p.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file, such as an output's "
@@ -232,7 +232,27 @@ def push_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"prune": prune_command, "eval": eval_command, "report": report_command, "push": push_command}
+def export_command(argv: list[str]) -> int:
+    from .output.export import ExportConfig
+
+    p = Parser(prog="python -m llmprune export", description="Write a saved model (an llmprune output) as one "
+               "GGUF file for llama.cpp and the tools built on it (Llama family, structured shapes included).",
+               formatter_class=HelpFormatter)
+    p.add_argument("model", metavar="DIR", help="an llmprune output directory (a saved Hugging Face model)")
+    add_fields(p, ExportConfig, {})
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = vars(p.parse_args(argv))
+    config = build_config(ExportConfig, args)
+
+    from .output.export import run_export
+
+    path = run_export(config)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+COMMANDS = {"prune": prune_command, "eval": eval_command, "report": report_command, "push": push_command,
+            "export": export_command}
 
 
 class Terminated(BaseException):

@@ -320,6 +320,10 @@ class RunConfig:
                                 "report.json and a model card (README.md) here (default: print the report only)",
                                 group="output", metavar="DIR")
     overwrite: bool = option(False, "replace an existing --output", group="output")
+    save_format: str = option("hf", "hf: a Hugging Face folder; gguf: the same plus NAME-OUTTYPE.gguf in it, for "
+                              "llama.cpp (Llama family)", group="output", choices=("hf", "gguf"))
+    gguf_outtype: str = option("f16", "weight type of the GGUF's matrices (norms and biases stay f32)",
+                               group="output", choices=("f32", "f16", "bf16", "q8_0"))
     push_to_hub: str | None = option(None, "upload --output to this Hub model repo (token from HF_TOKEN or "
                                      "`hf auth login`)", group="output", metavar="OWNER/NAME")
     private: bool = option(False, "with --push-to-hub: make the repo private (a new one, or an existing one)",
@@ -348,6 +352,8 @@ class RunConfig:
             self.schedule_sparsities()
         if (self.resume or self.checkpoint) and not (self.output or self.work_dir):
             raise LLMPruneError("--resume and --checkpoint keep their work beside --output: give --output DIR")
+        if self.save_format == "gguf" and not self.output:
+            raise LLMPruneError("--save-format gguf writes into the --output folder: give --output DIR")
         if self.dtype not in DTYPES:
             raise LLMPruneError(f"--dtype must be one of {', '.join(DTYPES)} (got '{self.dtype}')")
 

@@ -9,10 +9,11 @@ soon as what it needs exists, before minutes of work.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None,
         model, tokenizer, source = load(config, plan, progress)
     with clock("calibrate"):
         calibration = calibration_data(tokenizer, config, plan, progress)
-    with clock("recover"):
+    with clock("recover") if config.recover else nullcontext():
         recovery_inputs = recovery_data(model, tokenizer, config, plan, progress)  # the teacher sees the dense model
     with clock("evaluate"):
         windows, dense = evaluate_dense(model, tokenizer, config, plan, dense, progress)
@@ -216,6 +217,12 @@ def load(config: RunConfig, plan: Plan, progress: bool):
             pc.sparsity = sparsity_for_params(model, pc.structured(), pc.remove_params)
             _say(progress, f"--remove-params {pc.remove_params:g}: removing {pc.sparsity:.4f} of the {pc.structure}")
         plan_structure(model, pc.structured())  # shapes the family cannot express fail now, before any work
+    if config.save_format == "gguf":  # an architecture or tokenizer the exporter does not know fails now
+        from .output.export import check_gguf_export
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        check_gguf_export(model.config.to_dict(), json.loads(backend.to_str()) if backend else None,
+                          config.gguf_outtype)
     if config.output:
         check_free_space(config.output, sum(p.numel() * p.element_size() for p in model.parameters()))
     return model, tokenizer, source
@@ -434,6 +441,12 @@ def save_output(model, tokenizer, config: RunConfig, report: Report, recovery: d
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             config.save(staging / "llmprune_config.json")
+            if config.save_format == "gguf":
+                from .output.export import export_gguf
+
+                name = f"{Path(config.output).name}-{config.gguf_outtype}.gguf"
+                export_gguf(staging, staging / name, config.gguf_outtype)
+                report.gguf = {"file": name, "outtype": config.gguf_outtype, "bytes": (staging / name).stat().st_size}
             report.save(staging / "report.json")
             write_model_card(staging, report)
     finally:

@@ -77,6 +77,7 @@ class Report:
     recovery: dict | None = None
     structure: dict | None = None
     scale: dict | None = None  # {stream, reason, ranks, checkpointed, resumed}
+    gguf: dict | None = None  # {file, outtype, bytes} with --save-format gguf
     seconds: dict[str, float] = field(default_factory=dict)
     prune_phases: dict[str, float] = field(default_factory=dict)
     rss_after_load_bytes: int | None = None

@@ -53,7 +53,7 @@ PRE_TOKENIZERS = {
 class ExportConfig:
     """The `export` command's options; help texts are for a CLI generated from the fields."""
 
-    model: str = field(metadata={"help": "an llmprune output directory (a saved Hugging Face model)"})
+    model: str = field(metadata={"help": "an llmprune output directory (a saved Hugging Face model)", "cli": False})
     format: str = field(default="gguf", metadata={"help": "gguf: one file for llama.cpp and the tools built on it",
                                                   "choices": FORMATS})
     outtype: str = field(default="f16", metadata={
