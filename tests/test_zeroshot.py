@@ -171,3 +171,90 @@ def test_dense_model_beats_chance_and_magnitude_pruning_hurts(embedded):
     pruned = evaluate_zero_shot(model, tokenizer, tasks, limit=limit, offline=True)
     model.load_state_dict(dense_state)
     assert pruned["mean_acc"] <= dense["mean_acc"] - 0.10  # measured gap: 0.57 -> 0.38
+
+
+# ---------------------------------------------------------------- scores against the model's own forward
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A tiny random Llama and a byte-level BPE tokenizer (any text tokenizes) with an end-of-text token."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from llmprune.inputs.data import load_text
+    from tiny_models import tiny_model
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([load_text("wiki", "calib")[:20_000]], vocab_size=500, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    model = tiny_model("llama", layers=2, vocab=len(tokenizer))
+    with torch.no_grad():  # sharper next-token distributions than the initial ones: scores far from ties
+        model.lm_head.weight.mul_(5)
+    return model, tokenizer
+
+
+def loglikelihood_by_hand(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """log p(continuation | context) from the model's own logits in float64, and whether every continuation
+    token is the model's argmax. The continuation's tokens are those the joined text has after the context's."""
+    import torch
+
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    assert whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
+    positions = range(len(context_ids), len(whole))
+    total = sum(float(log_probs[p - 1, whole[p]]) for p in positions)
+    return total, all(int(log_probs[p - 1].argmax()) == whole[p] for p in positions)
+
+
+def test_zero_shot_scores_equal_the_models_own_log_likelihoods(tiny_lm, offline_tasks, monkeypatch):
+    """evaluate_zero_shot on the offline tasks (our YAMLs, our data, the model in memory) asks exactly the
+    documented prompts and reports what the model's own forward gives for them: every (context, continuation)
+    log-likelihood, lambada_openai's perplexity and last-word greedy accuracy, arc_easy's acc and acc_norm
+    (log-likelihood per answer character)."""
+    import math
+
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny_lm
+    limit = 6
+    expected = {}
+    lambada = [doc["text"].rsplit(" ", 1) for doc in offline_tasks["lambada_openai"].eval_docs.select(range(limit))]
+    for context, word in lambada:
+        expected[context, " " + word] = loglikelihood_by_hand(model, tokenizer, context, " " + word)
+    lambada_lls = [expected[context, " " + word] for context, word in lambada]
+    acc = acc_norm = 0
+    for doc in offline_tasks["arc_easy"].eval_docs.select(range(limit)):
+        context, answers = f"Question: {doc['question']}\nAnswer:", doc["choices"]["text"]
+        gold = doc["choices"]["label"].index(doc["answerKey"])
+        for answer in answers:
+            expected[context, " " + answer] = loglikelihood_by_hand(model, tokenizer, context, " " + answer)
+        lls = [expected[context, " " + answer][0] for answer in answers]
+        acc += max(range(len(lls)), key=lls.__getitem__) == gold
+        acc_norm += max(range(len(lls)), key=lambda i: lls[i] / len(answers[i])) == gold
+
+    asked = {}  # what lm-eval computed for each request, observed on the way out
+    loglikelihood = HFLM.loglikelihood
+
+    def observed(self, requests, *args, **kwargs):
+        results = loglikelihood(self, requests, *args, **kwargs)
+        asked.update({tuple(request.args): result for request, result in zip(requests, results)})
+        return results
+
+    monkeypatch.setattr(HFLM, "loglikelihood", observed)
+    result = evaluate_zero_shot(model, tokenizer, ["lambada_openai", "arc_easy"], limit=limit, batch_size=4,
+                                offline=True)
+
+    assert asked.keys() == expected.keys()
+    for request, (ll, greedy) in expected.items():
+        assert asked[request][0] == pytest.approx(ll, rel=1e-5, abs=1e-4) and asked[request][1] == greedy, request
+    lambada_scores, arc_scores = result["tasks"]["lambada_openai"], result["tasks"]["arc_easy"]
+    assert lambada_scores["samples"] == arc_scores["samples"] == limit
+    assert lambada_scores["perplexity"] == pytest.approx(math.exp(-sum(ll for ll, _ in lambada_lls) / limit), rel=1e-4)
+    assert lambada_scores["acc"] == sum(greedy for _, greedy in lambada_lls) / limit
+    assert (arc_scores["acc"], arc_scores["acc_norm"]) == (acc / limit, acc_norm / limit)
+    assert result["mean_acc"] == pytest.approx((lambada_scores["acc"] + arc_scores["acc"]) / 2)
