@@ -21,3 +21,19 @@ def tiny_dir(tmp_path_factory):
     from tiny_models import save_tiny_model_dir
 
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def lm_eval_builtin_tasks():
+    """lm-eval's TaskManager over its ~15k bundled task YAMLs: indexing them takes seconds, so once a session."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@pytest.fixture
+def builtin_task_names(lm_eval_builtin_tasks, monkeypatch):
+    """Task-name checks read the session's index of lm-eval's tasks (the same names) instead of building one."""
+    from llmprune.evaluation import zeroshot
+
+    monkeypatch.setattr(zeroshot, "_builtin_task_names", lambda: frozenset(lm_eval_builtin_tasks.all_tasks))

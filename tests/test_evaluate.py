@@ -82,7 +82,7 @@ def test_failed_eval_keeps_the_old_results(tiny_dir, tmp_path, capsys):
     assert results.read_text() == '{"old": true}'
 
 
-def test_eval_errors(tmp_path, capsys):
+def test_eval_errors(tmp_path, capsys, builtin_task_names):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
     assert main(["eval", "--model", str(tmp_path / "empty")]) == 2

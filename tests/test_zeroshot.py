@@ -29,27 +29,27 @@ def offline_tasks():
     return manager.load(list(OFFLINE_TASKS))["tasks"]
 
 
-@pytest.fixture(scope="module")
-def builtin_manager():
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
+@pytest.fixture
+def builtin_manager(lm_eval_builtin_tasks):
+    return lm_eval_builtin_tasks
 
 
 def builtin_task(name, raw: datasets.DatasetDict, builtin_manager, monkeypatch):
-    """lm-eval's own task `name`, built by lm-eval from its YAML, with only the download replaced by `raw`.
+    """lm-eval's own task `name`, built by lm-eval from its YAML (its prompts, its Python preprocessing), with
+    only the download replaced by the first rows of `raw`: both sides render the same documents, so any
+    difference is in how the offline YAMLs and prompts.py copy lm-eval's.
 
-    The offline copies have no train split, lm-eval's few-shot pool (unused at zero shots): a few
-    scored rows stand in for it.
+    The offline copies have no train split, lm-eval's few-shot pool (unused at zero shots): the same
+    rows stand in for it.
     """
     import lm_eval.api.task
 
     requested = {}
+    first = datasets.DatasetDict({split: rows.select(range(COMPARED_DOCS)) for split, rows in raw.items()})
 
     def load_dataset(path, name=None, **_):
         requested.update(path=path, name=name)
-        scored = raw["test"] if "test" in raw else raw["validation"]
-        return datasets.DatasetDict({"train": scored.select(range(COMPARED_DOCS)), **raw})
+        return datasets.DatasetDict({"train": first["test"] if "test" in first else first["validation"], **first})
 
     monkeypatch.setattr(lm_eval.api.task.datasets, "load_dataset", load_dataset)
     task = builtin_manager.load([name])["tasks"][name]
@@ -71,13 +71,14 @@ def test_offline_task_matches_lm_eval(name, offline_tasks, builtin_manager, monk
     ours = offline_tasks[name]
     theirs, requested = builtin_task(name, ours.dataset, builtin_manager, monkeypatch)
 
-    # The same Hub dataset is copied, and the same documents are scored.
+    # The same Hub dataset is copied, and as many documents are scored as its published split holds.
     assert (requested["path"], requested["name"]) == (ours.config.dataset_path, ours.config.dataset_name)
-    assert len(ours.eval_docs) == len(theirs.eval_docs) == EVAL_SIZES[name]
+    scored = ours.eval_docs  # lm-eval re-runs a task's process_docs on every access (hellaswag: seconds)
+    assert len(scored) == EVAL_SIZES[name]
     for field in ("output_type", "metric_list", "target_delimiter", "fewshot_delimiter", "description"):
         assert getattr(ours.config, field) == getattr(theirs.config, field), field
 
-    our_docs = [ours.eval_docs[i] for i in range(COMPARED_DOCS)]
+    our_docs = [scored[i] for i in range(COMPARED_DOCS)]
     their_docs = [theirs.eval_docs[i] for i in range(COMPARED_DOCS)]
     assert rendered(ours, our_docs) == rendered(theirs, their_docs)
     # The exact (context, continuation) pairs the model is asked to score.
@@ -128,14 +129,14 @@ def test_resolve_tasks_expands_suites_in_order_without_duplicates():
     assert resolve_tasks("wanda-suite,piqa,lambada_openai")[-2:] == ["piqa", "lambada_openai"]
 
 
-def test_resolve_tasks_names_close_matches_and_offline_tasks():
+def test_resolve_tasks_names_close_matches_and_offline_tasks(builtin_task_names):
     with pytest.raises(LLMPruneError, match=r"did you mean arc_easy.*available offline: arc_easy"):
         resolve_tasks("arc_eazy")
     with pytest.raises(LLMPruneError, match="no task given"):
         resolve_tasks(" , ")
 
 
-def test_evaluate_rejects_bad_requests_before_touching_the_model(monkeypatch):
+def test_evaluate_rejects_bad_requests_before_touching_the_model(monkeypatch, builtin_task_names):
     with pytest.raises(LLMPruneError, match="limit must be at least 1"):
         evaluate_zero_shot(None, None, ["piqa"], limit=0)
     with pytest.raises(LLMPruneError, match="none of the tasks mmlu can run offline"):
