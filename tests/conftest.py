@@ -8,12 +8,24 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, hub_server
 
 
 @pytest.fixture(scope="session")
-def embedded():
-    """The embedded SmolLM2-135M, loaded once per session (about 30 s); tests restore `dense_state`."""
+def embedded_session():
+    """The embedded SmolLM2-135M, loaded once per session (about 30 s), with a copy of its dense weights."""
     from llmprune.inputs.models import load_model
 
     model, tokenizer, source = load_model("llama")
     return model, tokenizer, copy.deepcopy(model.state_dict())
+
+
+@pytest.fixture
+def embedded(embedded_session):
+    """The session's model, dense and in eval mode when a test starts and again when it ends, passed or failed:
+    no test sees what another pruned or trained (a strict load also fails if a wrapper was left in place)."""
+    model, _, dense_state = embedded_session
+    model.load_state_dict(dense_state)
+    model.eval()
+    yield embedded_session
+    model.load_state_dict(dense_state)
+    model.eval()
 
 
 @pytest.fixture(scope="session")
