@@ -178,18 +178,18 @@ def test_dense_model_beats_chance_and_magnitude_pruning_hurts(embedded):
 
 
 @pytest.fixture(scope="module")
-def tiny_lm():
-    """A tiny random Llama and a byte-level BPE tokenizer (any text tokenizes) with an end-of-text token."""
+def tiny_lm(offline_tasks):
+    """A tiny random Llama and a byte-level BPE tokenizer (any text tokenizes) with an end-of-text token,
+    its merges learnt from a few hundred LAMBADA passages (common English words become single tokens)."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from llmprune.inputs.data import load_text
     from tiny_models import tiny_model
 
+    passages = offline_tasks["lambada_openai"].dataset["test"].select(range(300))["text"]
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([load_text("wiki", "calib")[:20_000]], vocab_size=500, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
+    bpe.train_from_iterator(passages, vocab_size=500, special_tokens=["<|endoftext|>"], show_progress=False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
     model = tiny_model("llama", layers=2, vocab=len(tokenizer))
     with torch.no_grad():  # sharper next-token distributions than the initial ones: scores far from ties
