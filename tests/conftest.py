@@ -7,6 +7,21 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, hub_server
 
 
+@pytest.fixture(autouse=True)
+def one_thread_unless_slow(request):
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP's waits for descheduled threads make
+    their small matmuls many times slower: one intra-op thread for every test but the slow 135M ones."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def embedded_session():
     """The embedded SmolLM2-135M, loaded once per session (about 30 s), with a copy of its dense weights."""

@@ -28,16 +28,6 @@ def bench():
     return module
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model gains nothing from threads, and on a shared CPU OpenMP's waits for descheduled threads make
-    its small matmuls ~100x slower: one thread keeps the test fast whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
     """A 2-layer random Llama with a byte-level BPE tokenizer trained offline on a slice of the wiki text:
@@ -61,7 +51,7 @@ def perplexity_by_hand(model, windows: torch.Tensor) -> float:
     return math.exp(-float(log_probs[:, :-1].gather(-1, windows[:, 1:, None]).mean()))
 
 
-def test_quick_run_writes_every_row(bench, tiny_llama_dir, tmp_path, one_thread):
+def test_quick_run_writes_every_row(bench, tiny_llama_dir, tmp_path):
     out = tmp_path / "results"
     bench.main(["--model", str(tiny_llama_dir), "--quick", "--out", str(out)])
 
