@@ -60,16 +60,37 @@ def test_hub_id_and_hub_dataset_offline(capsys, monkeypatch):
     fails(capsys, ["--eval", "wikitext2"], "Offline, use wiki or file:PATH")
 
 
-def test_offline_flag_never_contacts_the_hub(capsys, monkeypatch):
+@pytest.fixture
+def connection_guard(monkeypatch):
+    """Every outgoing connection this process attempts is recorded, then refused as an unreachable Hub would."""
     import socket
 
+    attempts = []
+
+    def refuse(address, *_, **__):
+        attempts.append(address)
+        raise ConnectionRefusedError(f"test guard: no connection to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: refuse(address))
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: refuse(address))
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "someone/some-model"], "Offline, use the embedded model (--model llama)"),
+    (["--calib", "c4"], "Offline, use wiki or file:PATH"),
+])
+def test_offline_flag_never_contacts_the_hub(capsys, monkeypatch, tmp_path, connection_guard, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test: --offline sets both for the process
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    connections = []
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: connections.append(a) or 1 / 0)
-    fails(capsys, ["--offline", "--model", "someone/some-model"], "Offline, use the embedded model (--model llama)")
-    fails(capsys, ["--offline", "--calib", "c4"], "Offline, use wiki or file:PATH")
-    assert connections == []
+    args = [*args, "--output", str(tmp_path / "out")]
+    # Without --offline the same command does try to reach the Hub: the guard sees it.
+    fails(capsys, args, message, tmp_path)
+    assert connection_guard, "no connection attempted: this command cannot show a leak"
+    connection_guard.clear()
+    fails(capsys, ["--offline", *args], message, tmp_path)
+    assert connection_guard == []
 
 
 def test_existing_output_needs_overwrite(capsys, tmp_path):

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def texts(embedded):
-    _, tokenizer, _ = embedded
+def texts(embedded_session):
+    _, tokenizer, _ = embedded_session
     calib = calibration_windows(tokenize(tokenizer, load_text("wiki", "calib")), 8, 128, seed=0)
     held_out = eval_windows(tokenize(tokenizer, load_text("wiki", "eval")), 128, 8)
     return calib, held_out

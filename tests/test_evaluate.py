@@ -13,6 +13,13 @@ from llmprune.evaluation.perplexity import perplexity
 from tiny_models import tiny_model
 
 
+def perplexity_by_hand(model, windows):
+    """exp of the mean negative log-likelihood of every token after the first of each window, in float64."""
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(windows).logits.double(), dim=-1)
+    return math.exp(-float(log_probs[:, :-1].gather(-1, windows[:, 1:, None]).mean()))
+
+
 def test_perplexity_matches_hand_computed_nll():
     model = tiny_model("llama")
     tokens = torch.randint(0, 128, (3 * 20 + 7,), generator=torch.Generator().manual_seed(0))
@@ -35,15 +42,36 @@ def text_file(tmp_path):
     return f"file:{path}"
 
 
-def test_eval_model_against_itself(tiny_dir, text_file, tmp_path):
+def test_eval_model_beside_its_baseline(tiny_dir, text_file, tmp_path):
+    """A pruned copy against its dense original: each column holds its own model's perplexity, computed here
+    from that model's logits, so swapping model and baseline (or scoring one of them twice) fails."""
+    from llmprune import PruneConfig, prune
+    from llmprune.inputs.data import load_text, tokenize
+    from llmprune.inputs.models import load_model
+
+    dense, tokenizer, _ = load_model(str(tiny_dir))
+    windows = eval_windows(tokenize(tokenizer, load_text(text_file, "eval")), 16, 3)
+    dense_ppl = perplexity_by_hand(dense, windows)
+    prune(dense, None, PruneConfig(method="magnitude", sparsity=0.5), progress=False)
+    pruned_ppl = perplexity_by_hand(dense, windows)
+    dense.save_pretrained(tmp_path / "pruned")
+    tokenizer.save_pretrained(tmp_path / "pruned")
+    assert abs(pruned_ppl - dense_ppl) > 1  # far apart at the table's precision
+
     results = tmp_path / "eval.json"
-    result = evaluate(EvalConfig(model=str(tiny_dir), baseline=str(tiny_dir), ppl=(text_file,), seqlen=16,
-                                 eval_windows=3, results=str(results)), progress=False)
+    result = evaluate(EvalConfig(model=str(tmp_path / "pruned"), baseline=str(tiny_dir), ppl=(text_file,),
+                                 seqlen=16, eval_windows=3, results=str(results)), progress=False)
     entry = result["perplexity"][text_file]
-    assert entry["model"] == entry["baseline"] and entry["windows"] == 3
+    assert entry["windows"] == 3
+    assert entry["model"] == pytest.approx(pruned_ppl, rel=1e-5)
+    assert entry["baseline"] == pytest.approx(dense_ppl, rel=1e-5)
     assert json.loads(results.read_text()) == result
-    table = comparison_table(result)
-    assert "+0.0000" in table and f"ppl {text_file} (3 x 16)" in table
+    header, row = comparison_table(result).splitlines()
+    assert header.split() == ["metric", "baseline", "model", "delta"]
+    assert row.startswith(f"ppl {text_file} (3 x 16)")
+    baseline_cell, model_cell, delta_cell = map(float, row.split()[-3:])
+    assert baseline_cell == pytest.approx(dense_ppl, abs=0.01) and model_cell == pytest.approx(pruned_ppl, abs=0.01)
+    assert delta_cell == pytest.approx(pruned_ppl - dense_ppl, abs=1e-3)
 
 
 def test_failed_eval_keeps_the_old_results(tiny_dir, tmp_path, capsys):
@@ -54,7 +82,7 @@ def test_failed_eval_keeps_the_old_results(tiny_dir, tmp_path, capsys):
     assert results.read_text() == '{"old": true}'
 
 
-def test_eval_errors(tmp_path, capsys):
+def test_eval_errors(tmp_path, capsys, builtin_task_names):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
     assert main(["eval", "--model", str(tmp_path / "empty")]) == 2

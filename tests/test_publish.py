@@ -267,14 +267,24 @@ def test_not_an_output_directory(tmp_path):
 
 
 def test_unreachable_endpoint_fails_fast(output, monkeypatch, no_stored_login):
+    """A refused connection is one attempt and an error at once: no retries, no back-off sleeps (a client
+    default of retries with back-off would keep a user waiting for nothing)."""
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    start = time.monotonic()
+    attempts, sleeps = [], []
+    connect = socket.socket.connect
+
+    def counted_connect(self, address):
+        attempts.append(address)
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", counted_connect)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     with pytest.raises(LLMPruneError, match=f"cannot reach the Hub at http://127.0.0.1:{port}"):
         push(output[0], REPO_ID, token="hf_x")
-    assert time.monotonic() - start < 5
+    assert attempts == [("127.0.0.1", port)] and sleeps == []
 
 
 def test_offline_mode_is_named(output, monkeypatch, no_stored_login):

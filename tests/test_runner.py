@@ -46,16 +46,21 @@ def test_sparsity_zero_changes_nothing(family, method):
         assert torch.equal(value, before[name]), name
 
 
+def dense_linears(model):
+    _, layers = decoder_layers(model)
+    return [weight_matrix(module).clone() for layer in layers for module in linears(layer).values()]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_linear_pruned_to_target(family):
     model = tiny_model(family)
+    dense = dense_linears(model)
     report = prune(model, tokens(), PruneConfig(method="wanda", sparsity=0.5, batch_size=4), progress=False)
-    _, layers = decoder_layers(model)
-    assert len(report.layers) == sum(len(linears(layer)) for layer in layers)
-    for layer in layers:
-        for module in linears(layer).values():
-            w = weight_matrix(module)
-            assert ((w == 0).sum(1) >= w.shape[1] // 2).all()
+    pruned = dense_linears(model)
+    assert len(report.layers) == len(pruned) == len(dense)
+    for w, before in zip(pruned, dense):
+        assert ((w == 0).sum(1) == w.shape[1] // 2).all()  # every row loses exactly half, no more
+        assert torch.equal(w, before * (w != 0))  # Wanda only masks: what it keeps is untouched
     assert report.achieved_sparsity == pytest.approx(0.5, abs=1e-3)
 
 
@@ -123,12 +128,15 @@ def test_same_seed_same_mask_and_skip_keeps_dense():
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_nm_pattern_exact_in_model(method, pattern):
     model = tiny_model("llama")
+    dense = dense_linears(model)
     prune(model, tokens(), PruneConfig(method=method, pattern=pattern), progress=False)
     n, m = map(int, pattern.split(":"))
-    for layer in model.model.layers:
-        for module in linears(layer).values():
-            w = module.weight
-            assert ((w != 0).view(w.shape[0], -1, m).sum(-1) <= n).all()
+    for w, before in zip(dense_linears(model), dense):
+        assert ((w != 0).view(w.shape[0], -1, m).sum(-1) == n).all()  # exactly N kept in every group
+        if method == "sparsegpt":  # its OBS updates move the kept weights
+            assert not torch.equal(w, before * (w != 0))
+        else:
+            assert torch.equal(w, before * (w != 0))
 
 
 def test_nm_width_not_divisible_is_an_error():

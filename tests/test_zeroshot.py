@@ -29,27 +29,27 @@ def offline_tasks():
     return manager.load(list(OFFLINE_TASKS))["tasks"]
 
 
-@pytest.fixture(scope="module")
-def builtin_manager():
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
+@pytest.fixture
+def builtin_manager(lm_eval_builtin_tasks):
+    return lm_eval_builtin_tasks
 
 
 def builtin_task(name, raw: datasets.DatasetDict, builtin_manager, monkeypatch):
-    """lm-eval's own task `name`, built by lm-eval from its YAML, with only the download replaced by `raw`.
+    """lm-eval's own task `name`, built by lm-eval from its YAML (its prompts, its Python preprocessing), with
+    only the download replaced by the first rows of `raw`: both sides render the same documents, so any
+    difference is in how the offline YAMLs and prompts.py copy lm-eval's.
 
-    The offline copies have no train split, lm-eval's few-shot pool (unused at zero shots): a few
-    scored rows stand in for it.
+    The offline copies have no train split, lm-eval's few-shot pool (unused at zero shots): the same
+    rows stand in for it.
     """
     import lm_eval.api.task
 
     requested = {}
+    first = datasets.DatasetDict({split: rows.select(range(COMPARED_DOCS)) for split, rows in raw.items()})
 
     def load_dataset(path, name=None, **_):
         requested.update(path=path, name=name)
-        scored = raw["test"] if "test" in raw else raw["validation"]
-        return datasets.DatasetDict({"train": scored.select(range(COMPARED_DOCS)), **raw})
+        return datasets.DatasetDict({"train": first["test"] if "test" in first else first["validation"], **first})
 
     monkeypatch.setattr(lm_eval.api.task.datasets, "load_dataset", load_dataset)
     task = builtin_manager.load([name])["tasks"][name]
@@ -71,13 +71,14 @@ def test_offline_task_matches_lm_eval(name, offline_tasks, builtin_manager, monk
     ours = offline_tasks[name]
     theirs, requested = builtin_task(name, ours.dataset, builtin_manager, monkeypatch)
 
-    # The same Hub dataset is copied, and the same documents are scored.
+    # The same Hub dataset is copied, and as many documents are scored as its published split holds.
     assert (requested["path"], requested["name"]) == (ours.config.dataset_path, ours.config.dataset_name)
-    assert len(ours.eval_docs) == len(theirs.eval_docs) == EVAL_SIZES[name]
+    scored = ours.eval_docs  # lm-eval re-runs a task's process_docs on every access (hellaswag: seconds)
+    assert len(scored) == EVAL_SIZES[name]
     for field in ("output_type", "metric_list", "target_delimiter", "fewshot_delimiter", "description"):
         assert getattr(ours.config, field) == getattr(theirs.config, field), field
 
-    our_docs = [ours.eval_docs[i] for i in range(COMPARED_DOCS)]
+    our_docs = [scored[i] for i in range(COMPARED_DOCS)]
     their_docs = [theirs.eval_docs[i] for i in range(COMPARED_DOCS)]
     assert rendered(ours, our_docs) == rendered(theirs, their_docs)
     # The exact (context, continuation) pairs the model is asked to score.
@@ -128,7 +129,7 @@ def test_resolve_tasks_expands_suites_in_order_without_duplicates():
     assert resolve_tasks("wanda-suite,piqa,lambada_openai")[-2:] == ["piqa", "lambada_openai"]
 
 
-def test_resolve_tasks_names_close_matches_and_offline_tasks():
+def test_resolve_tasks_names_close_matches_and_offline_tasks(builtin_task_names):
     with pytest.raises(LLMPruneError, match=r"did you mean arc_easy.*available offline: arc_easy"):
         resolve_tasks("arc_eazy")
     with pytest.raises(LLMPruneError) as unrelated:  # only close matches: a shared suffix is not one
@@ -138,7 +139,7 @@ def test_resolve_tasks_names_close_matches_and_offline_tasks():
         resolve_tasks(" , ")
 
 
-def test_evaluate_rejects_bad_requests_before_touching_the_model(monkeypatch):
+def test_evaluate_rejects_bad_requests_before_touching_the_model(monkeypatch, builtin_task_names):
     with pytest.raises(LLMPruneError, match="limit must be at least 1"):
         evaluate_zero_shot(None, None, ["piqa"], limit=0)
     with pytest.raises(LLMPruneError, match="none of the tasks mmlu can run offline"):
@@ -174,3 +175,90 @@ def test_dense_model_beats_chance_and_magnitude_pruning_hurts(embedded):
     pruned = evaluate_zero_shot(model, tokenizer, tasks, limit=limit, offline=True)
     model.load_state_dict(dense_state)
     assert pruned["mean_acc"] <= dense["mean_acc"] - 0.10  # measured gap: 0.57 -> 0.38
+
+
+# ---------------------------------------------------------------- scores against the model's own forward
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(offline_tasks):
+    """A tiny random Llama and a byte-level BPE tokenizer (any text tokenizes) with an end-of-text token,
+    its merges learnt from a few hundred LAMBADA passages (common English words become single tokens)."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny_models import tiny_model
+
+    passages = offline_tasks["lambada_openai"].dataset["test"].select(range(300))["text"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(passages, vocab_size=500, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    model = tiny_model("llama", layers=2, vocab=len(tokenizer))
+    with torch.no_grad():  # sharper next-token distributions than the initial ones: scores far from ties
+        model.lm_head.weight.mul_(5)
+    return model, tokenizer
+
+
+def loglikelihood_by_hand(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """log p(continuation | context) from the model's own logits in float64, and whether every continuation
+    token is the model's argmax. The continuation's tokens are those the joined text has after the context's."""
+    import torch
+
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    assert whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
+    positions = range(len(context_ids), len(whole))
+    total = sum(float(log_probs[p - 1, whole[p]]) for p in positions)
+    return total, all(int(log_probs[p - 1].argmax()) == whole[p] for p in positions)
+
+
+def test_zero_shot_scores_equal_the_models_own_log_likelihoods(tiny_lm, offline_tasks, monkeypatch):
+    """evaluate_zero_shot on the offline tasks (our YAMLs, our data, the model in memory) asks exactly the
+    documented prompts and reports what the model's own forward gives for them: every (context, continuation)
+    log-likelihood, lambada_openai's perplexity and last-word greedy accuracy, arc_easy's acc and acc_norm
+    (log-likelihood per answer character)."""
+    import math
+
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny_lm
+    limit = 6
+    expected = {}
+    lambada = [doc["text"].rsplit(" ", 1) for doc in offline_tasks["lambada_openai"].eval_docs.select(range(limit))]
+    for context, word in lambada:
+        expected[context, " " + word] = loglikelihood_by_hand(model, tokenizer, context, " " + word)
+    lambada_lls = [expected[context, " " + word] for context, word in lambada]
+    acc = acc_norm = 0
+    for doc in offline_tasks["arc_easy"].eval_docs.select(range(limit)):
+        context, answers = f"Question: {doc['question']}\nAnswer:", doc["choices"]["text"]
+        gold = doc["choices"]["label"].index(doc["answerKey"])
+        for answer in answers:
+            expected[context, " " + answer] = loglikelihood_by_hand(model, tokenizer, context, " " + answer)
+        lls = [expected[context, " " + answer][0] for answer in answers]
+        acc += max(range(len(lls)), key=lls.__getitem__) == gold
+        acc_norm += max(range(len(lls)), key=lambda i: lls[i] / len(answers[i])) == gold
+
+    asked = {}  # what lm-eval computed for each request, observed on the way out
+    loglikelihood = HFLM.loglikelihood
+
+    def observed(self, requests, *args, **kwargs):
+        results = loglikelihood(self, requests, *args, **kwargs)
+        asked.update({tuple(request.args): result for request, result in zip(requests, results)})
+        return results
+
+    monkeypatch.setattr(HFLM, "loglikelihood", observed)
+    result = evaluate_zero_shot(model, tokenizer, ["lambada_openai", "arc_easy"], limit=limit, batch_size=4,
+                                offline=True)
+
+    assert asked.keys() == expected.keys()
+    for request, (ll, greedy) in expected.items():
+        assert asked[request][0] == pytest.approx(ll, rel=1e-5, abs=1e-4) and asked[request][1] == greedy, request
+    lambada_scores, arc_scores = result["tasks"]["lambada_openai"], result["tasks"]["arc_easy"]
+    assert lambada_scores["samples"] == arc_scores["samples"] == limit
+    assert lambada_scores["perplexity"] == pytest.approx(math.exp(-sum(ll for ll, _ in lambada_lls) / limit), rel=1e-4)
+    assert lambada_scores["acc"] == sum(greedy for _, greedy in lambada_lls) / limit
+    assert (arc_scores["acc"], arc_scores["acc_norm"]) == (acc / limit, acc_norm / limit)
+    assert result["mean_acc"] == pytest.approx((lambada_scores["acc"] + arc_scores["acc"]) / 2)
