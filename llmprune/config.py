@@ -45,6 +45,13 @@ class PruneConfig:
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     update: str = "none"
+    ria_alpha: float = 0.5  # RIA: exponent of the input norm ||X_j|| in the score
+    admm_iterations: int = 20  # ADMM (--update admm, --method admm): iterations
+    admm_rho: float = 1.0  # ADMM: penalty rho, relative to the unit-scaled X^T X
+    admm_damp: float = 0.1  # ADMM: ridge towards the dense weights, relative to the unit-scaled X^T X
+    admm_gradual_steps: int = 15  # --method admm: iterations over which the sparsity rises to the target
+    dsnot_cycles: int = 50  # DSnoT: most grow/prune swaps per row
+    dsnot_threshold: float = 0.1  # DSnoT: a row stops once |expected output error| is at most this
     device: str | None = None
 
     def __post_init__(self):

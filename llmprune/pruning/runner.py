@@ -96,12 +96,13 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
         report.seconds["capture"] += elapsed(start, device)
     report.layer_sparsity = allocate_sparsity(layers, targets, calls, config, device, report, progress)
 
-    bar = tqdm(total=len(layers), desc="pruning", unit="layer", disable=not progress)
-    for i, layer in enumerate(layers):
+    last = max(i for i, layer_targets in enumerate(targets) if layer_targets)  # later layers stay as they are
+    bar = tqdm(total=last + 1, desc="pruning", unit="layer", disable=not progress)
+    for i, layer in enumerate(layers[: last + 1]):
         home = next(layer.parameters()).device
         layer.to(device)
         statistics = {}
-        if calls is not None and kinds:
+        if calls is not None and kinds and targets[i]:
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: statistics")
             start = time.perf_counter()
             statistics = collect_statistics(layer, i, calls, targets[i], kinds)
@@ -112,7 +113,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
             prune_group(group, targets[i], statistics.get(group[0], {}), method, update, report.layer_sparsity[i],
                         config, report)
         report.seconds["solve"] += elapsed(start, device)
-        if statistics and i + 1 < len(layers):
+        if calls is not None and kinds and i < last:  # a layer --skip keeps whole still feeds the next
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: propagate")
             start = time.perf_counter()
             propagate(layer, i, calls)

@@ -93,4 +93,4 @@ def get_update(name: str) -> Update:
     return UPDATES[name]
 
 
-from . import magnitude, wanda, sparsegpt  # noqa: E402,F401  (registration)
+from . import magnitude, wanda, sparsegpt, ria, admm, dsnot  # noqa: E402,F401  (registration)
