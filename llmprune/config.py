@@ -52,6 +52,7 @@ class PruneConfig:
     admm_gradual_steps: int = 15  # --method admm: iterations over which the sparsity rises to the target
     dsnot_cycles: int = 50  # DSnoT: most grow/prune swaps per row
     dsnot_threshold: float = 0.1  # DSnoT: a row stops once |expected output error| is at most this
+    scan_max_shift: float = 0.1  # --allocation scan: each layer's sparsity stays within the target +/- this
     device: str | None = None
 
     def __post_init__(self):

@@ -256,6 +256,10 @@ def test_scan_allocation_errors():
     table = hand_table()
     with pytest.raises(LLMPruneError, match="3 layers but the model has 2"):
         scan_allocation(table, 0.6, sizes=[1, 2])
+    with pytest.raises(LLMPruneError, match="narrow --skip"):
+        scan_allocation(table, 0.6, sizes=[1, 0, 2])
+    with pytest.raises(LLMPruneError, match="must be in"):
+        scan_allocation(table, 1.0)
     table.by = "linear"
     with pytest.raises(LLMPruneError, match="scan by layer"):
         scan_allocation(table, 0.6)

@@ -150,9 +150,12 @@ def scan_allocation(table: ScanTable, target: float, sizes: list[int] | None = N
     if table.by != "layer":
         raise LLMPruneError(f"--allocation scan needs a scan by layer (this one is by {table.by})")
     sizes = list(table.sizes if sizes is None else sizes)
-    if len(sizes) != len(table.units) or min(sizes) <= 0:
-        raise LLMPruneError(f"the scan has {len(table.units)} layers but the model has {len(sizes)} to prune: "
-                            f"scan this model with the same --skip")
+    if len(sizes) != len(table.units):
+        raise LLMPruneError(f"the scan has {len(table.units)} layers but the model has {len(sizes)}: "
+                            f"scan this model")
+    if min(sizes) <= 0:
+        raise LLMPruneError("--allocation scan gives every layer a sparsity, but --skip keeps a whole layer dense: "
+                            "narrow --skip")
     if not 0 <= target < 1 or max_shift < 0:
         raise LLMPruneError(f"--sparsity {target:g} must be in [0, 1) and the shift {max_shift:g} not negative")
     if sorted(table.sparsities) != table.sparsities or not table.sparsities or min(table.sparsities) <= 0:
