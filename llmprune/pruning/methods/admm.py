@@ -49,18 +49,17 @@ class ScaledProblem:
         diagonal = torch.diag(hessian)
         # An input never seen in calibration has a zero row and column in H: any scale keeps it zero there.
         self.scale = torch.where(diagonal > 0, diagonal.sqrt(), torch.ones_like(diagonal))
-        scaled = hessian / self.scale[:, None] / self.scale[None, :]
-        scaled.diagonal().add_(damp)  # the damped objective: (W' - W) (H + damp * diag H) (W' - W)^T
+        system = hessian / self.scale[:, None] / self.scale[None, :]
+        # The damped objective (W' - W) (H + damp diag H) (W' - W)^T is H + damp I here; + rho I for ADMM's step.
+        system.diagonal().add_(damp + rho)
+        self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(system))  # positive definite: rho > 0
         self.rho = rho
         self.dense = weight * self.scale
-        system = scaled.clone()
-        system.diagonal().add_(rho)
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(system))  # H + (damp + rho) I is positive definite
-        self.inverse = inverse
-        self.fixed = self.dense @ scaled @ inverse  # H W0 (H + rho I)^-1: the same every iteration
 
     def least_squares_step(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.fixed, z - u, self.inverse, alpha=self.rho)
+        """(W0 H + rho (Z - U)) (H + rho I)^-1, written as W0 + rho (Z - U - W0) (H + rho I)^-1 (since
+        H (H + rho I)^-1 = I - rho (H + rho I)^-1): one matmul per iteration."""
+        return torch.addmm(self.dense, z - u - self.dense, self.inverse, alpha=self.rho)
 
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
         return z / self.scale

@@ -12,8 +12,9 @@ Each cycle, for every row whose |e| is above `dsnot_threshold`, one pair is swap
 - prune the kept weight of least Wanda score |W_j| ||X_j|| among those whose W_j E[X_j] has the opposite sign
   of e (pruning it also moves e towards zero). For N:M the pruned partner is the least-Wanda kept weight of
   the grown weight's own group, so every group keeps exactly N.
-A row stops for good once a swap would flip the sign of its error (it would overshoot zero), when it has
-no candidate left, or after `dsnot_cycles` cycles. Only weights of the initial mask's other side are
+A row stops for good once a swap would flip the sign of its error (it would overshoot zero) or would not
+shrink it (a stricter rule than the paper's code, which can grow a weight of the wrong sign late in a row),
+when it has no candidate left, or after `dsnot_cycles` cycles. Only weights of the initial mask's other side are
 candidates: a weight is grown or pruned at most once. Every row keeps its exact count.
 """
 
@@ -56,7 +57,7 @@ def refine_mask(weight, keep, wanda, mean, variance, nm=None, cycles=50, thresho
         prune = prune_scores.argmin(1)
         found = grow_candidates[every_row, grow] & prune_candidates[every_row, prune]
         after = error - contribution[every_row, grow] + contribution[every_row, prune]
-        active &= found & (error.abs() > threshold) & (after.sign() == initial_sign)
+        active &= found & (error.abs() > threshold) & (after.sign() == initial_sign) & (after.abs() < error.abs())
         swap_rows = every_row[active]
         keep[swap_rows, grow[active]] = True
         keep[swap_rows, prune[active]] = False
