@@ -1,7 +1,7 @@
 """Command line: a thin layer generated from the config dataclasses, which then calls the Python API.
 
     python -m llmprune [prune options]          prune (the default command)
-    python -m llmprune eval|report|push|export  see `python -m llmprune COMMAND --help`
+    python -m llmprune eval|report|push|export|scan   see `python -m llmprune COMMAND --help`
 
 Each option is a field of config.py (its flag, help, group and choices live there); `--config FILE` fills
 the same fields from YAML or JSON, and flags given beside it override the file.
@@ -77,13 +77,14 @@ def _field_type(annotation: str):
     return str
 
 
-def add_fields(parser: argparse.ArgumentParser, config_cls, groups: dict[str, argparse._ArgumentGroup]) -> None:
+def add_fields(parser: argparse.ArgumentParser, config_cls, groups: dict[str, argparse._ArgumentGroup],
+               only: set[str] | None = None, skip: set[str] = frozenset()) -> None:
     """One flag per field with CLI metadata. Defaults are SUPPRESSed: the namespace then holds only the flags
     the user gave, so a --config file's values survive unless a flag overrides them."""
     defaults = config_cls.__dataclass_fields__
     for f in fields(config_cls):
         meta = f.metadata
-        if not meta.get("cli", True) or "help" not in meta:
+        if not meta.get("cli", True) or "help" not in meta or f.name in skip or (only and f.name not in only):
             continue
         group = groups.get(meta.get("group")) or parser
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
@@ -129,7 +130,7 @@ def prune_parser() -> argparse.ArgumentParser:
     methods += "\n".join(f"  {name:<12}{summary}" for name, summary in known["importance"])
     p = Parser(prog="python -m llmprune",
                description="Prune a Hugging Face causal decoder layer by layer, evaluate it, and save it.\n"
-                           "Other commands: eval, report, push, export (python -m llmprune COMMAND --help).",
+                           "Other commands: eval, report, push, export, scan (python -m llmprune COMMAND --help).",
                epilog=EPILOG.format(methods=methods, sources=", ".join(source_names())),
                formatter_class=HelpFormatter)
     p.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file, such as an output's "
@@ -232,6 +233,45 @@ def push_command(argv: list[str]) -> int:
     return 0
 
 
+def scan_command(argv: list[str]) -> int:
+    from .config import PruneConfig, RunConfig
+
+    p = Parser(prog="python -m llmprune scan", description="Per-layer sensitivity: the loss on validation "
+               "windows (cut from the calibration text, never its held-out part) when only one layer, or one kind "
+               "of linear across all layers, is pruned. Writes scan.json, scan.md and a heat-map scan.png; "
+               "`--allocation scan:DIR/scan.json` then prunes the least sensitive layers most.",
+               formatter_class=HelpFormatter)
+    p.add_argument("--sparsities", default="0.5,0.7,0.8", metavar="S1,S2,..", help="sparsities to scan; for a "
+                   "target T with --scan-max-shift D, include one at or above T + D (default: 0.5,0.7,0.8)")
+    p.add_argument("--by", default="layer", choices=["layer", "linear"], help="one decoder layer, or one kind of "
+                   "linear (q_proj, down_proj...) across all layers (default: layer)")
+    p.add_argument("--val-windows", type=int, default=8, metavar="N", help="validation windows of --seqlen "
+                   "(default: 8)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for scan.json, scan.md, scan.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "calibration")}
+    add_fields(p, RunConfig, groups, only={"model", "dtype", "trust_remote_code", "offline", "calib"})
+    add_fields(p, PruneConfig, groups, skip={"sparsity", "allocation", "structure", "remove_params", "round_to",
+                                             "bias_compensation", "heads_mode", "layer_importance", "scan_max_shift"})
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = vars(p.parse_args(argv))
+    go_offline(args.get("offline"))
+    try:
+        sparsities = [float(s) for s in args["sparsities"].split(",") if s.strip()]
+    except ValueError:
+        raise LLMPruneError(f"--sparsities must be a comma list such as 0.5,0.7 (got '{args['sparsities']}')") from None
+    prune = build_config(PruneConfig, {**args, "sparsity": sparsities[0] if sparsities else None})
+    run = build_config(RunConfig, {k: v for k, v in args.items() if k in ("model", "dtype", "trust_remote_code",
+                                                                             "offline", "calib")})
+    from .pruning.scan import run_scan
+
+    table_path = run_scan(run, prune, sparsities, args["by"], args["val_windows"], args["output"],
+                          args.get("overwrite", False), progress=not args.get("quiet"))
+    print(f"wrote {table_path} (allocate with --allocation scan:{table_path})")
+    return 0
+
+
 def export_command(argv: list[str]) -> int:
     from .output.export import ExportConfig
 
@@ -252,7 +292,7 @@ def export_command(argv: list[str]) -> int:
 
 
 COMMANDS = {"prune": prune_command, "eval": eval_command, "report": report_command, "push": push_command,
-            "export": export_command}
+            "export": export_command, "scan": scan_command}
 
 
 class Terminated(BaseException):

@@ -93,11 +93,24 @@ class PruneConfig:
                          "update", group="pruning", metavar="NAME")
     skip: str | None = option(None, "linears whose full name matches stay dense (lm_head and embeddings are "
                               "never pruned)", group="pruning", metavar="REGEX")
-    allocation: str = option("uniform", "per-layer sparsity: the same everywhere, or OWL outlier-weighted "
-                             "(Yin et al. 2023)", group="pruning", choices=ALLOCATIONS)
+    allocation: str = option("uniform", "per-layer sparsity: uniform (the same everywhere), owl (outlier-weighted, "
+                             "Yin et al. 2023), or scan:FILE (from `llmprune scan`: least sensitive layers pruned "
+                             "most)", group="pruning", metavar="uniform|owl|scan:FILE")
     owl_m: float = option(5.0, "OWL: a score is an outlier above M x the mean (SmolLM2: 7 works best)",
                           group="pruning")
     owl_lambda: float = option(0.08, "OWL: layer sparsities span sparsity +/- lambda", group="pruning")
+    ria_alpha: float = option(0.5, "RIA: exponent a of the input norm ||X_j||^a in the score", group="pruning")
+    admm_iterations: int = option(20, "ADMM (--update admm, --method admm): iterations", group="pruning")
+    admm_rho: float = option(1.0, "ADMM: penalty rho, relative to the unit-scaled X^T X", group="pruning")
+    admm_damp: float = option(0.1, "ADMM: ridge towards the dense weights, relative to the unit-scaled X^T X",
+                              group="pruning")
+    admm_gradual_steps: int = option(15, "--method admm: iterations over which the sparsity rises to the target",
+                                     group="pruning")
+    dsnot_cycles: int = option(50, "DSnoT: most grow/prune swaps per row", group="pruning")
+    dsnot_threshold: float = option(0.1, "DSnoT: a row stops once its expected output error is at most this",
+                                    group="pruning")
+    scan_max_shift: float = option(0.1, "--allocation scan:FILE: each layer's sparsity stays within the target "
+                                   "+/- this", group="pruning")
     blocksize: int = option(128, "SparseGPT: columns per lazy-update block", group="pruning")
     percdamp: float = option(0.01, "SparseGPT: damping added to the Hessian diagonal, as a fraction of its mean",
                              group="pruning")
@@ -148,10 +161,24 @@ class PruneConfig:
             raise LLMPruneError(f"--sparsity must be in [0, 1) (got {self.sparsity:g})")
         _at_least(self, ("nsamples", "seqlen", "batch_size", "blocksize"))
         _finite(self.percdamp, "--percdamp", positive=True)
+        _finite(self.ria_alpha, "--ria-alpha", nonnegative=True)
+        _finite(self.admm_rho, "--admm-rho", positive=True)
+        _finite(self.admm_damp, "--admm-damp", nonnegative=True)
+        _finite(self.dsnot_threshold, "--dsnot-threshold", nonnegative=True)
+        _finite(self.scan_max_shift, "--scan-max-shift", nonnegative=True)
+        _at_least(self, ("admm_iterations", "admm_gradual_steps"))
+        _at_least(self, ("dsnot_cycles",), minimum=0)
+        if self.admm_gradual_steps > self.admm_iterations:
+            raise LLMPruneError(f"--admm-gradual-steps {self.admm_gradual_steps} must not exceed --admm-iterations "
+                                f"{self.admm_iterations}")
         _finite(self.owl_m, "--owl-m", positive=True)
         _finite(self.owl_lambda, "--owl-lambda", nonnegative=True)
-        if self.allocation not in ALLOCATIONS:
-            raise LLMPruneError(f"--allocation must be one of {', '.join(ALLOCATIONS)} (got '{self.allocation}')")
+        if self.allocation.startswith("scan:"):
+            from .pruning.scan import ScanTable
+
+            ScanTable.load(self.allocation.removeprefix("scan:"))  # a missing or broken table fails now
+        elif self.allocation not in ALLOCATIONS:
+            raise LLMPruneError(f"--allocation must be uniform, owl or scan:FILE (got '{self.allocation}')")
         if self.allocation == "owl" and not (self.sparsity - self.owl_lambda >= 0
                                              and self.sparsity + self.owl_lambda < 1):
             raise LLMPruneError(f"--owl-lambda {self.owl_lambda:g} must keep every layer's sparsity, "

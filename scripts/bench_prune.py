@@ -34,9 +34,11 @@ from llmprune.pruning.runner import capture_layer_calls, propagate
 
 TEXT, SEED, BATCH_SIZE = "wiki", 0, PruneConfig().batch_size
 METHODS = ("magnitude", "wanda", "sparsegpt")
+# Issue 13's methods, (method, update), every shape of the mode: RIA, DSnoT on Wanda, gradual ADMM, ADMM re-fits.
+NEW_METHODS = (("ria", "none"), ("dsnot", "none"), ("admm", "none"), ("wanda", "admm"), ("ria", "admm"))
 # (sparsity, pattern) per mode; N:M patterns imply their sparsity. OWL rows: {method: sparsities}.
 FULL = {"shapes": [(0.5, "unstructured"), (0.6, "unstructured"), (0.7, "unstructured"), (None, "2:4"), (None, "4:8")],
-        "owl": {m: (0.6, 0.7) for m in METHODS}, "nsamples": 32, "seqlen": 512, "eval_windows": 40}
+        "owl": {m: (0.6, 0.7) for m in METHODS}, "new": NEW_METHODS, "nsamples": 32, "seqlen": 512, "eval_windows": 40}
 QUICK = {"shapes": [(0.5, "unstructured"), (None, "2:4")],
          "owl": {"wanda": (0.7,)}, "nsamples": 4, "seqlen": 128, "eval_windows": 4}
 NM_MARKERS = {"2:4": "^", "4:8": "s"}
@@ -61,9 +63,13 @@ FIELDS = {  # written into bench.json, so that every number says what it is
 }
 
 
+def method_label(method: str, update: str) -> str:
+    return method if update == "none" else f"{method}+{update}"
+
+
 def row_name(config: PruneConfig) -> str:
     shape = config.pattern if config.nm else f"{config.sparsity:.0%}"
-    return f"{config.method}-{shape}-{config.allocation}"
+    return f"{method_label(config.method, config.update)}-{shape}-{config.allocation}"
 
 
 def matrix(mode: dict, **common) -> list[PruneConfig]:
@@ -72,6 +78,8 @@ def matrix(mode: dict, **common) -> list[PruneConfig]:
     for method in METHODS:
         rows += [PruneConfig(method=method, sparsity=s, pattern=p, **common) for s, p in mode["shapes"]]
         rows += [PruneConfig(method=method, sparsity=s, allocation="owl", **common) for s in mode["owl"].get(method, ())]
+    for method, update in mode.get("new", ()):
+        rows += [PruneConfig(method=method, update=update, sparsity=s, pattern=p, **common) for s, p in mode["shapes"]]
     return rows
 
 
@@ -121,7 +129,7 @@ def bench_row(model, config: PruneConfig, calibration, windows, device, floor: d
     evaluate_s = time.perf_counter() - start
     seconds = {phase: report.seconds.get(phase, 0.0) for phase in PHASES} | {"prune": prune_s, "evaluate": evaluate_s}
     peak_after = peak_rss_bytes()
-    return {"name": row_name(config), "method": config.method, "pattern": config.pattern, "sparsity": config.sparsity,
+    return {"name": row_name(config), "method": method_label(config.method, config.update), "pattern": config.pattern, "sparsity": config.sparsity,
             "allocation": config.allocation, "ppl": ppl, "achieved_sparsity": report.achieved_sparsity,
             "layer_sparsity": report.layer_sparsity, "seconds": seconds, "x_floor": prune_s / floor["two_pass_s"],
             "peak_rss_bytes": peak_after, "peak_rss_increase_bytes": peak_after - peak_before,
@@ -168,9 +176,10 @@ def plot(results: dict, path: Path) -> None:
     figure = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(figure)  # a private Agg canvas: no pyplot, no global backend state
     axes = figure.subplots()
-    colours = {method: f"C{i}" for i, method in enumerate(METHODS)}
     pruned = [row for row in results["rows"] if row["method"] != "dense" and math.isfinite(row["ppl"])]
-    for method in METHODS:
+    methods = list(dict.fromkeys(row["method"] for row in pruned))  # method+update labels, in row order
+    colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}
+    for method in methods:
         for allocation, style in (("uniform", "-"), ("owl", "--")):
             points = sorted((r["sparsity"], r["ppl"]) for r in pruned if r["method"] == method
                             and r["allocation"] == allocation and r["pattern"] == "unstructured")

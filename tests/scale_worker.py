@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+torch.set_num_threads(1)  # the same summation order as the in-process runs it is compared with (conftest)
+
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from llmprune import PruneConfig  # noqa: E402

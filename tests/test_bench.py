@@ -87,11 +87,12 @@ def test_quick_run_writes_every_row(bench, tiny_llama_dir, tmp_path):
 
 def test_row_selection(bench):
     full = bench.matrix(bench.FULL)
-    assert len(full) == 3 * 5 + 3 * 2  # every method x pattern, plus OWL at 60% and 70%
+    assert len(full) == 3 * 5 + 3 * 2 + 5 * 5  # every method x pattern, OWL at 60% and 70%, the new methods' rows
     assert all(config.pattern == "unstructured" for config in full if config.allocation == "owl")
     assert [bench.row_name(c) for c in bench.select_rows(full, "sparsegpt-.*owl")] == \
         ["sparsegpt-60%-owl", "sparsegpt-70%-owl"]
-    assert len(bench.select_rows(full, "wanda")) == 7
+    assert len(bench.select_rows(full, "^wanda-")) == 7
+    assert len(bench.select_rows(full, r"\+admm-")) == 2 * 5
     with pytest.raises(SystemExit, match="matches none"):
         bench.select_rows(full, "nonexistent")
 

@@ -48,9 +48,9 @@ def test_unknown_method_is_one_line_pointing_at_help(capsys):
     assert main(["--method", "obs"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown --method 'obs'" in err[0] and "see --help" in err[0], err
-    assert main(["--allocation", "owls"]) == 2
+    assert main(["--dtype", "fp8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "invalid choice: 'owls'" in err[0] and "--help" in err[0], err
+    assert len(err) == 1 and "invalid choice: 'fp8'" in err[0] and "--help" in err[0], err
 
 
 def test_hub_id_and_hub_dataset_offline(capsys, monkeypatch):

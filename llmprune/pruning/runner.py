@@ -111,11 +111,12 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
     if first == 0:
         report.layer_sparsity = allocate_sparsity(store, targets, calls, config, device, report, progress, reduce)
 
+    last = max(i for i, layer_targets in enumerate(targets) if layer_targets)  # no data flows past it
     bar = tqdm(total=len(layers), initial=first, desc="pruning", unit="layer", disable=not progress)
     for i in range(first, len(layers)):
         layer = store.load(i)
         statistics = {}
-        if calls is not None and kinds:
+        if calls is not None and kinds and targets[i]:
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: statistics")
             start = time.perf_counter()
             statistics = collect_statistics(layer, i, calls, targets[i], kinds, reduce=reduce)
@@ -129,7 +130,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
         if parallel is not None:
             parallel.broadcast(list(targets[i].values()))
         report.seconds["solve"] += elapsed(start, device)
-        if statistics and i + 1 < len(layers):
+        if calls is not None and kinds and i < last:  # a layer --skip keeps whole still feeds the next
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: propagate")
             start = time.perf_counter()
             propagate(layer, i, calls)
@@ -373,6 +374,12 @@ def allocate_sparsity(store, targets, calls, config, device, report, progress, r
     dense model's statistics of every layer: one extra pass, then layer 0's inputs are restored."""
     if config.allocation == "uniform":
         return [config.sparsity] * len(targets)
+    if config.allocation.startswith("scan:"):  # measured sensitivities: no pass needed here
+        from .scan import ScanTable, scan_allocation
+
+        sizes = [sum(weight_matrix(m).numel() for m in layer_targets.values()) for layer_targets in targets]
+        table = ScanTable.load(config.allocation.removeprefix("scan:"))
+        return scan_allocation(table, config.sparsity, sizes, config.scan_max_shift)
     start = time.perf_counter()
     layer0_inputs = calls.hidden.clone()
     ratios, sizes = [], []
