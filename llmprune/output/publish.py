@@ -38,7 +38,7 @@ def model_card(report: Report | dict, repo_id: str | None = None) -> str:
         _evaluation(report),
         _recovery(report.recovery),
         _usage(repo_id or LOCAL_PLACEHOLDER),
-        _storage_note(report.pattern),
+        "" if report.structure else _storage_note(report.pattern),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
@@ -57,13 +57,32 @@ def _front_matter(report: Report) -> str:
     if report.license:
         metadata["license"] = report.license
     metadata["pipeline_tag"] = "text-generation"
-    tags = ["pruned", "sparse", report.method, report.pattern, "llmprune"]
+    tags = (["pruned", "structured-pruning", f"{report.structure['kind']}", report.method, "llmprune"]
+            if report.structure else ["pruned", "sparse", report.method, report.pattern, "llmprune"])
     metadata["tags"] = [str(tag) for tag in dict.fromkeys(tags) if tag]
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---"
 
 
+def _structured_intro(report: Report, base: str) -> str:
+    s = report.structure
+    what = {"channels": "MLP channels", "heads": "attention heads", "layers": "decoder layers"}[s["kind"]]
+    removed = (f"decoder layers {', '.join(map(str, s['removed_layers']))} removed" if s["kind"] == "layers" else
+               f"{s['units_before'] - s['units_kept']} of every {s['units_before']} {what} removed in each layer")
+    base_link = f"[{base}](https://huggingface.co/{base})" if "/" in base else f"`{base}`"
+    return (f"# {base.rsplit('/', 1)[-1]}, {_pct(s['params_removed_fraction'], 0)} smaller ({s['kind']}, "
+            f"{s['method']})\n\n{base_link} made smaller by structured pruning with "
+            f"[llmprune](https://pypi.org/project/llmprune/): {removed}, scored by **{s['method']}**"
+            f"{' with bias compensation' if s.get('bias_compensation') else ''}. Parameters "
+            f"{_count(s['params_before'])} → {_count(s['params_after'])}; the config states the new shapes "
+            f"({', '.join(f'`{k}={v}`' for k, v in s['config_changes'].items())}), and it loads with plain "
+            f"transformers. " + ("Its weights were then fine-tuned to recover quality (see Recovery)."
+                                 if report.recovery else "No weight was retrained."))
+
+
 def _intro(report: Report) -> str:
     base = report.base_model or report.model or "a causal language model"
+    if report.structure:
+        return _structured_intro(report, base)
     method = METHOD_NAMES.get(report.method, report.method)
     pattern = report.pattern
     sparsity = report.achieved_sparsity
