@@ -289,7 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
         calibration = calibration_windows(tokenize(tokenizer, load_text(TEXT, "calib")), mode["nsamples"],
                                           mode["seqlen"], SEED)
         windows = eval_windows(tokenize(tokenizer, load_text(TEXT, "eval")), mode["seqlen"], mode["eval_windows"])
-        name = args.model
+        from llmprune.inputs.models import resolve_model
+        from llmprune.report import display_name
+
+        name = display_name(resolve_model(args.model))  # the real model (SmolLM2-135M-Instruct), not the alias
     dense.to(device)
     vocab = dense.config.vocab_size
     params, decoder = parameters(dense)
