@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     dense = dense_row(model, windows, device)
     memory["peak_rss_before_rows_bytes"] = peak_rss_bytes()
-    results = {"complete": False, "model": args.model, "architecture": type(model).__name__,
+    from llmprune.inputs.models import resolve_model
+    from llmprune.report import display_name
+
+    results = {"complete": False, "model": display_name(resolve_model(args.model)), "architecture": type(model).__name__,
                "dtype": str(next(model.parameters()).dtype), "machine": machine_info(device),
                "calibration": {"source": TEXT, "part": "calib", "nsamples": nsamples, "seqlen": seqlen,
                                "seed": SEED, "batch_size": BATCH_SIZE},
