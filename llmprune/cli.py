@@ -166,7 +166,8 @@ def prune_command(argv: list[str]) -> int:
     from .pipeline import run
 
     report = run(config, progress=not args.get("quiet"), command="python -m llmprune " + shlex.join(argv))
-    print(format_summary(report))
+    if report is not None:  # under torchrun only rank 0 reports
+        print(format_summary(report))
     return 0
 
 
