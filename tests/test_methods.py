@@ -211,3 +211,14 @@ def test_sparsegpt_equals_the_papers_algorithm(case, dtype, rtol):
     assert float((new.double() - expected).norm() / expected.norm()) < rtol
     # the updates matter: pruning alone (same mask, kept weights untouched) is far from the paper's weights
     assert float((weight.double() * keep - expected).norm() / expected.norm()) > 0.1
+
+
+def test_row_mask_in_chunks_equals_one_selection(monkeypatch):
+    """Streaming bounds memory by selecting rows a chunk at a time; ties and counts must come out the same."""
+    from llmprune.pruning import masks
+
+    scores = torch.randint(0, 4, (300, 70), generator=torch.Generator().manual_seed(1)).float()  # many ties
+    whole = row_mask(scores, 0.43)
+    monkeypatch.setattr(masks, "ROW_CHUNK", 70 * 7)  # 7 rows a chunk, the last one short
+    chunked = row_mask(scores, 0.43)
+    assert torch.equal(whole, chunked) and (chunked.sum(1) == 70 - round(70 * 0.43)).all()

@@ -32,9 +32,18 @@ def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return ~(below | (at & (at.cumsum(-1) <= still_needed)))
 
 
+ROW_CHUNK = 2**22  # scores per chunk of rows: bounds the selection's temporaries (an int64 cumsum, masks)
+
+
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Unstructured, compared within each output row: every row loses exactly floor(in * sparsity)."""
-    return _prune_lowest(scores, pruned_count(scores.shape[-1], sparsity))
+    """Unstructured, compared within each output row: every row loses exactly floor(in * sparsity).
+    Rows are independent, so they are selected a chunk at a time: the same mask, with temporaries of one
+    chunk instead of several copies of the whole (stacked) matrix, which dominated a streamed run's memory."""
+    count = pruned_count(scores.shape[-1], sparsity)
+    rows = max(1, ROW_CHUNK // max(1, scores.shape[-1]))
+    if scores.dim() != 2 or scores.shape[0] <= rows:
+        return _prune_lowest(scores, count)
+    return torch.cat([_prune_lowest(chunk, count) for chunk in scores.split(rows)])
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
