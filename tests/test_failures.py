@@ -240,7 +240,10 @@ def test_signal_mid_run_removes_the_partial_folder(tmp_path, tiny_dir, corpus, s
     """The signal arrives while the output folder is being written (a slow save): it is removed, and the
     message says no output was written, which is true."""
     inject = f"""
-        import time, transformers
+        import signal, time, transformers
+        # A shell that starts a job in the background (CI may) leaves SIGINT ignored, and Python then installs
+        # no KeyboardInterrupt handler: restore the one an interactive user has.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         real = transformers.PreTrainedModel.save_pretrained
         def slow(self, path, *a, **k):
             real(self, path, *a, **k)
