@@ -15,8 +15,10 @@ import argparse
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,8 +134,9 @@ def main(argv=None) -> None:
         args.ranks, args.parallel_model = args.ranks or "1,2", None
     from make_random_model import SHAPES, make_config, write_random_model
 
-    out = Path(args.out)
+    out = Path(args.out)  # the JSON and markdown only: pruned weights never go into the repository
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="llmprune-bench-scale-"))
     model_dir = Path(args.model_dir or f"/tmp/llmprune-random-{args.config}")
     if not (model_dir / "model.safetensors.index.json").is_file():
         print(f"writing a random {args.config} to {model_dir}", file=sys.stderr)
@@ -145,18 +148,21 @@ def main(argv=None) -> None:
     for method in args.methods.split(","):
         base = {"method": method, "model": str(model_dir), "nsamples": args.nsamples, "seqlen": args.seqlen,
                 "batch": args.batch}
-        streamed = spawn(base | {"mode": "stream", "out": str(out / f"{method}-stream"),
-                                 "offload": str(out / "activations") if args.offload else None})[0]
+        streamed = spawn(base | {"mode": "stream", "out": str(work / f"{method}-stream"),
+                                 "offload": str(work / "activations") if args.offload else None})[0]
         row = {"method": method, "model_bytes": size, "activation_bytes": activations, "streamed": streamed,
                "rss_over_model": streamed["peak_rss_bytes"] / size,
                "rss_above_baseline_over_model": (streamed["peak_rss_bytes"] - streamed["baseline_rss_bytes"]) / size,
                "rss_minus_activations_over_model": (streamed["peak_rss_bytes"] - activations) / size}
         if args.in_memory:
-            row["in_memory"] = spawn(base | {"mode": "memory", "out": str(out / f"{method}-memory")})[0]
-            row["streamed_equals_in_memory"] = tensor_hashes(out / f"{method}-stream") == \
-                tensor_hashes(out / f"{method}-memory")
+            row["in_memory"] = spawn(base | {"mode": "memory", "out": str(work / f"{method}-memory")})[0]
+            row["streamed_equals_in_memory"] = tensor_hashes(work / f"{method}-stream") == \
+                tensor_hashes(work / f"{method}-memory")
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
+        shutil.rmtree(work / f"{method}-stream", ignore_errors=True)  # a 7B-shaped output is 27 GB
+        shutil.rmtree(work / f"{method}-memory", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     parallel = []
     for ranks in [int(r) for r in args.ranks.split(",") if r]:
         job = {"method": "sparsegpt", "model": args.parallel_model or str(model_dir), "nsamples": args.nsamples,
