@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import LLMPruneError
+from .output.atomic import umask
 
 SCHEMA_VERSION = 2  # 1: the untyped dict of llmprune 0.1 (no schema_version, no per-linear layer index)
 
@@ -125,7 +126,7 @@ class Report:
         try:
             with os.fdopen(handle, "w") as stream:
                 stream.write(self.to_json() + "\n")
-            os.chmod(partial, 0o666 & ~_umask())
+            os.chmod(partial, 0o666 & ~umask())
             os.replace(partial, path)
         except BaseException:
             Path(partial).unlink(missing_ok=True)
@@ -183,8 +184,3 @@ def display_name(source) -> str:
     return _display_name(source.base_model or source.path if not source.gguf_file else
                          source.base_model or source.gguf_file)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

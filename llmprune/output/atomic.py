@@ -42,14 +42,15 @@ def check_free_space(path: str | Path, needed_bytes: int, margin: float = 1.1) -
                             f"{needed_bytes * margin / 2**30:.2f} GiB: free some space or choose another --output")
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
 def _ordinary_permissions(root: Path) -> None:
-    mask = _umask()
+    mask = umask()
     os.chmod(root, 0o777 & ~mask)
     for folder, dirs, files in os.walk(root):
         for name in dirs:
