@@ -43,6 +43,25 @@ def elapsed(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def release_free_memory() -> None:
+    """Hand the allocator's freed pages back to the OS (glibc's malloc_trim; a no-op elsewhere). A layer-by-layer
+    run frees hundreds of MB per layer in pieces glibc keeps in its heaps; without this the streamed RSS creeps."""
+    import ctypes
+    import ctypes.util
+
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def peak_rss_bytes() -> int:
     """The process's high-water mark of resident memory."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,6 +1,6 @@
 """GPU checks and timings, for a machine with a CUDA GPU (nothing here runs in CI).
 
-Three parts, each printing a table and writing into one JSON file:
+Four parts, each printing a table and writing into one JSON file (after every part):
 
 1. `agreement`: tiny random decoders of several families pruned on the CPU and on the GPU (float32):
    the fraction of identical mask entries, and the relative difference of the pruned models' logits.
@@ -8,7 +8,9 @@ Three parts, each printing a table and writing into one JSON file:
 2. `prune`: wall time per phase of Wanda and SparseGPT on random Llama-shaped models on the GPU, at the
    papers' 128 x 2048 calibration, with the floor (two bare forwards of the same batches through the
    decoder layers) for the ratio.
-3. `sparse24`: real 2:4 speed. The 2:4 masks llmprune writes are handed to PyTorch's semi-structured
+3. `solver`: SparseGPT's two GPU costs on LLaMA-7B shapes: X^T X in float32 against tensor cores (each against
+   float64), and the column loop eager against its CUDA-graph replay (time, and bit-identity of the weights).
+4. `sparse24`: real 2:4 speed. The 2:4 masks llmprune writes are handed to PyTorch's semi-structured
    sparse kernels (`to_sparse_semi_structured`); each linear's matmul and a whole decoder forward are
    timed dense and sparse, and the sparse results checked against the dense product of the pruned
    weights.
@@ -91,15 +93,84 @@ def _all_linears(model):
     return [m for layer in layers for m in linears(layer).values()]
 
 
-def prune_timings(rows: list, nsamples: int, seqlen: int, device: torch.device) -> None:
+def solver(rows: list, device: torch.device) -> None:
+    """SparseGPT's two GPU costs on LLaMA-7B shapes: X^T X from bf16 activations (float32 against tensor cores
+    with float32 sums, both against float64), and the column loop (eager against its CUDA-graph replay)."""
+    from llmprune.pruning.methods import sparsegpt as solver_module
+    from llmprune.pruning.methods import LayerTarget
+    from llmprune.pruning.statistics import Hessian
+
+    print("\n== SparseGPT's parts on the GPU (LLaMA-7B shapes, 16384 bf16 tokens)")
+    generator = torch.Generator(device=device).manual_seed(0)
+    for features in (4096, 11008):
+        x = torch.randn(8, 2048, features, device=device, generator=generator).to(torch.bfloat16)
+        exact = x.reshape(-1, features).double()
+        exact = exact.t() @ exact * (2 / exact.shape[0])
+        timings = {}
+        for name, tensor in (("float32", x.float()), ("tensor cores", x)):
+            hessian = Hessian(features, device)
+            hessian.add(tensor)  # warm-up
+            hessian = Hessian(features, device)
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(4):
+                hessian.add(tensor)
+            torch.cuda.synchronize(device)
+            timings[name] = (time.perf_counter() - start) / 4
+            error = float((hessian.finalize().double() - exact).norm() / exact.norm())  # finalize: 2/n over all adds
+            print(f"X^T X, {features:5d} features, {name:12}: {timings[name] * 1e3:8.2f} ms per 16384 tokens, "
+                  f"relative error against float64 {error:.2e}")
+            rows.append({"part": "hessian", "features": features, "path": name, "ms": timings[name] * 1e3,
+                         "rel_err_vs_float64": error})
+        del x, exact
+
+    eager = lambda rows_, width, nm, device_, dtype: (  # noqa: E731  the loop without the graph
+        lambda *t: solver_module.column_loop(*t, nm))
+    for (out_features, in_features), pattern in [((12288, 4096), None), ((4096, 11008), None), ((12288, 4096), (2, 4))]:
+        weight = torch.randn(out_features, in_features, device=device, generator=generator)
+        x = torch.randn(4096, in_features, device=device, generator=generator)
+        hessian = x.t() @ x * (2 / 4096)
+        target = LayerTarget(sparsity=0.5, nm=pattern)
+        results = {}
+        for name in ("eager", "CUDA graph"):
+            if name == "eager":
+                solver_module.column_graph, saved = eager, solver_module.column_graph
+            solver_module.sparsegpt(weight[:, :256], hessian[:256, :256], target)  # warm-up, graph capture
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            results[name] = solver_module.sparsegpt(weight, hessian, target)
+            torch.cuda.synchronize(device)
+            results[name + " s"] = time.perf_counter() - start
+            if name == "eager":
+                solver_module.column_graph = saved
+        identical = bool(torch.equal(results["eager"][0], results["CUDA graph"][0])
+                         and torch.equal(results["eager"][1], results["CUDA graph"][1]))
+        label = "2:4" if pattern else "50%"
+        print(f"solve {out_features}x{in_features} {label}: eager {results['eager s']:.3f} s, CUDA graph "
+              f"{results['CUDA graph s']:.3f} s ({results['eager s'] / results['CUDA graph s']:.1f}x), "
+              f"bit-identical: {identical}")
+        rows.append({"part": "solve", "shape": [out_features, in_features], "pattern": label,
+                     "eager_s": results["eager s"], "graph_s": results["CUDA graph s"], "bit_identical": identical})
+
+
+PRUNE_ROWS = ("smollm2-135m:wanda:unstructured", "smollm2-135m:sparsegpt:unstructured", "smollm2-135m:sparsegpt:2:4",
+              "llama-7b:wanda:unstructured", "llama-7b:sparsegpt:unstructured", "llama-7b:sparsegpt:2:4")
+
+
+def prune_timings(rows: list, nsamples: int, seqlen: int, device: torch.device, layers_7b: int = 32,
+                  only: tuple[str, ...] = PRUNE_ROWS) -> None:
     print(f"\n== prune on the GPU: seconds per phase, {nsamples} x {seqlen} calibration (random bf16 weights)")
     print(f"{'model':22} {'method':10} {'pattern':12} {'capture':>8} {'stats':>8} {'solve':>8} {'propag':>8} "
           f"{'total':>8} {'floor':>7} {'x floor':>8} {'peak GPU GiB':>13}")
     calibration = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-    for shape, layers in [("smollm2-135m", 30), ("llama-7b", 4)]:
+    for shape, layers in [("smollm2-135m", 30), ("llama-7b", layers_7b)]:
+        if not any(row.startswith(shape + ":") for row in only):
+            continue
         base = random_llama(shape, layers, torch.bfloat16, device)
         floor = time_floor(copy.deepcopy(base), calibration, device)["two_pass_s"]
         for method, pattern in [("wanda", "unstructured"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")]:
+            if f"{shape}:{method}:{pattern}" not in only:
+                continue
             model = copy.deepcopy(base)
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
@@ -191,10 +262,12 @@ def sparse24(rows: list, token_counts: list[int], device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/gpu.json", help="JSON file for every figure printed")
-    parser.add_argument("--parts", default="agreement,prune,sparse24", help="comma-separated parts to run")
+    parser.add_argument("--parts", default="agreement,solver,prune,sparse24", help="comma-separated parts to run")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--tokens", default="2048,32768", help="tokens per matmul in the 2:4 timings, comma list")
+    parser.add_argument("--prune-rows", default=",".join(PRUNE_ROWS), help="shape:method:pattern rows of the prune part")
+    parser.add_argument("--layers-7b", type=int, default=32, help="decoder layers of the LLaMA-7B shape (32: whole)")
     parser.add_argument("--device", default="cuda", help="the CUDA device to measure: cuda, cuda:N")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not args.device.startswith("cuda"):  # CUDA events, CUDA's 2:4 kernels
@@ -207,16 +280,16 @@ def main() -> None:
         torch.cuda.set_device(device)  # the events and synchronisations below address the current device
     results = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "transformers": __import__("transformers").__version__, "python": platform.python_version()}
-    parts = args.parts.split(",")
-    if "agreement" in parts:
-        agreement(results.setdefault("agreement", []), device)
-    if "prune" in parts:
-        prune_timings(results.setdefault("prune", []), args.nsamples, args.seqlen, device)
-    if "sparse24" in parts:
-        sparse24(results.setdefault("sparse24", []), [int(t) for t in args.tokens.split(",")], device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    parts = {"agreement": lambda rows: agreement(rows, device),
+             "solver": lambda rows: solver(rows, device),
+             "prune": lambda rows: prune_timings(rows, args.nsamples, args.seqlen, device, args.layers_7b,
+                                                 tuple(args.prune_rows.split(","))),
+             "sparse24": lambda rows: sparse24(rows, [int(t) for t in args.tokens.split(",")], device)}
+    for part in args.parts.split(","):
+        parts[part](results.setdefault(part, []))
+        out.write_text(json.dumps(results, indent=2))  # after every part: a run cut short keeps what it measured
     print(f"\nwrote {out}")
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import LLMPruneError
 from ..inputs.models import DTYPES, decoder_layers, linears, weight_matrix
-from ..runtime import resolve_device
+from ..runtime import release_free_memory, resolve_device
 from .checkpoint import WorkFolder, default_work_dir, settings_of, shard_name
 
 INDEX = "model.safetensors.index.json"
@@ -133,6 +133,7 @@ class StreamedLayers:
 
     def done(self, i: int, layer: nn.Module) -> None:
         self.streamed.free(layer)
+        release_free_memory()
 
 
 def prune_streamed(model_dir, out_dir, calibration, config, *, dtype: str = "float32", work_dir=None,

@@ -7,6 +7,7 @@ to later blocks are applied lazily, once per block of `blocksize` columns, as on
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -17,19 +18,25 @@ from . import register
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int = 4) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean(diag H), raised 10x on failure."""
+    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean(diag H), raised 10x on failure.
+
+    Damping is added to the diagonal in place and each intermediate is dropped as soon as it is used: at most
+    three features x features matrices live at once (the largest transient of a streamed run's layer)."""
     h = hessian.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0  # an input never seen in calibration: no information, keep H invertible
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    damp = percdamp * torch.diag(h).mean()
+    diagonal = h.diagonal()
+    diagonal[diagonal == 0] = 1.0  # an input never seen in calibration: no information, keep H invertible
+    undamped = diagonal.clone()
+    damp = percdamp * undamped.mean()
     for attempt in range(retries + 1):
-        factor, info = torch.linalg.cholesky_ex(h + damp * eye)
+        torch.add(undamped, damp, out=diagonal)
+        factor, info = torch.linalg.cholesky_ex(h)
         if info == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info == 0:
                 return upper
+            del inverse, upper
         if attempt < retries:
             warnings.warn(f"SparseGPT: Hessian not positive definite at damping {damp:.3g}; retrying at 10x")
             damp = damp * 10
@@ -43,6 +50,48 @@ def _block_counts(segments: list[int], cols: int, i1: int, i2: int, sparsity: fl
     """How many weights each segment prunes in columns [i1, i2): the cumulative rounding makes every
     segment lose exactly floor(rows * cols * sparsity) over all its blocks."""
     return [pruned_count(rows * i2, sparsity) - pruned_count(rows * i1, sparsity) for rows in segments]
+
+
+def column_loop(block, drop, keep_block, errors, hinv_block, inv_diag_sq, nm) -> None:
+    """One block's columns, in place: three tensor ops per column (the pruned weights' error, scaled, and its
+    compensation on the block's later columns); zeroing waits until the block is done."""
+    for j in range(block.shape[1]):
+        if nm is not None and j % nm[1] == 0:  # N:M groups chosen on the weights updated so far
+            group = slice(j, j + nm[1])
+            keep_block[:, group] = nm_mask(block[:, group] ** 2 / inv_diag_sq[group], *nm)
+            drop[:, group] = ~keep_block[:, group]
+        error = torch.div(block[:, j] * drop[:, j], hinv_block[j, j], out=errors[:, j])
+        block[:, j + 1 :].addr_(error, hinv_block[j, j + 1 :], alpha=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def column_graph(rows: int, width: int, nm, device: torch.device, dtype: torch.dtype):
+    """`column_loop` for one block shape captured as a CUDA graph. On a GPU the loop is bound by kernel launches
+    (about 20 us of Python and driver per column against a few us of work); a replay launches them all at once.
+    The kernels are the same, so the weights are bit-identical to the eager loop's."""
+    static = [torch.zeros(rows, width, device=device, dtype=dtype),  # block
+              torch.zeros(rows, width, device=device, dtype=dtype),  # drop
+              torch.ones(rows, width, device=device, dtype=torch.bool),  # keep_block
+              torch.zeros(rows, width, device=device, dtype=dtype),  # errors
+              torch.eye(width, device=device, dtype=dtype),  # hinv_block (identity: the warm-up must not blow up)
+              torch.ones(width, device=device, dtype=dtype)]  # inv_diag_sq
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        column_loop(*static, nm)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        column_loop(*static, nm)
+
+    def run(*tensors) -> None:
+        for buffer, tensor in zip(static, tensors):
+            buffer.copy_(tensor)
+        graph.replay()
+        for k in (0, 1, 2, 3):  # block, drop, keep_block, errors: the loop's outputs
+            tensors[k].copy_(static[k])
+
+    return run
 
 
 @register("sparsegpt", statistic="hessian", compares="matrix", knobs=("blocksize", "percdamp"),
@@ -65,15 +114,11 @@ def sparsegpt(weight, hessian, target, blocksize=128, percdamp=0.01):
             for start, size, count in zip(starts, segments, _block_counts(segments, cols, i1, i2, sparsity)):
                 keep_block[start : start + size] = lowest_mask(scores[start : start + size], count)
         drop = (~keep_block).to(block.dtype)
-        # Three tensor ops per column (the loop is launch-bound on a GPU): the pruned weight's error,
-        # scaled, and its compensation on the block's later columns. Zeroing waits until the block is done.
-        for j in range(i2 - i1):
-            if nm is not None and j % nm[1] == 0:  # N:M groups chosen on the weights updated so far
-                group = slice(j, j + nm[1])
-                keep_block[:, group] = nm_mask(block[:, group] ** 2 / inv_diag_sq[group], *nm)
-                drop[:, group] = ~keep_block[:, group]
-            error = torch.div(block[:, j] * drop[:, j], hinv_block[j, j], out=errors[:, j])
-            block[:, j + 1 :].addr_(error, hinv_block[j, j + 1 :], alpha=-1)
+        if block.is_cuda:  # the same kernels, replayed as one CUDA graph: no launch cost per column
+            column_graph(*block.shape, tuple(nm) if nm else None, block.device, block.dtype)(block, drop, keep_block, errors, hinv_block,
+                                                                       inv_diag_sq)
+        else:
+            column_loop(block, drop, keep_block, errors, hinv_block, inv_diag_sq, nm)
         block.mul_(keep_block)
         w[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1)
     return w, keep
