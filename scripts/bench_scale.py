@@ -145,7 +145,7 @@ def main(argv=None) -> None:
     hidden = SHAPES[args.config][0]
     activations = args.nsamples * args.seqlen * hidden * 4
     rows = []
-    for method in args.methods.split(","):
+    for method in [m for m in args.methods.split(",") if m]:  # --methods "": only the --ranks timings
         base = {"method": method, "model": str(model_dir), "nsamples": args.nsamples, "seqlen": args.seqlen,
                 "batch": args.batch}
         streamed = spawn(base | {"mode": "stream", "out": str(work / f"{method}-stream"),
