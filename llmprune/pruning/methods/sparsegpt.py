@@ -114,11 +114,11 @@ def sparsegpt(weight, hessian, target, blocksize=128, percdamp=0.01):
             for start, size, count in zip(starts, segments, _block_counts(segments, cols, i1, i2, sparsity)):
                 keep_block[start : start + size] = lowest_mask(scores[start : start + size], count)
         drop = (~keep_block).to(block.dtype)
+        loop_state = (block, drop, keep_block, errors, hinv_block, inv_diag_sq)
         if block.is_cuda:  # the same kernels, replayed as one CUDA graph: no launch cost per column
-            column_graph(*block.shape, tuple(nm) if nm else None, block.device, block.dtype)(block, drop, keep_block, errors, hinv_block,
-                                                                       inv_diag_sq)
+            column_graph(*block.shape, tuple(nm) if nm else None, block.device, block.dtype)(*loop_state)
         else:
-            column_loop(block, drop, keep_block, errors, hinv_block, inv_diag_sq, nm)
+            column_loop(*loop_state, nm)
         block.mul_(keep_block)
         w[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1)
     return w, keep
