@@ -285,7 +285,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="smoke run on a tiny random model, in this process")
     p.add_argument("--out", default="results", help="folder for recover.json and recover.png")
     p.add_argument("--prunes", default=",".join(DEFAULT_PRUNES),
-                   help=f"comma-separated, of: {', '.join([*PRUNES, *STRUCTURED])}")
+                   help=f"comma-separated, of: {', '.join([*PRUNES, *STRUCTURED])}".replace("%", "%%"))
     p.add_argument("--rows", metavar="REGEX", help="only prune/recipe/budget rows matching, e.g. 'full', '2:4/.*/1x'")
     p.add_argument("--tasks", help="zero-shot tasks or suite (e.g. wanda-suite); default: none")
     p.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (default 100)")

@@ -32,6 +32,8 @@ def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     below = scores < threshold
     at = scores == threshold
     still_needed = count - below.sum(-1, keepdim=True)
+    if bool((at.sum(-1, keepdim=True) == still_needed).all()):  # no tie to break (the usual case): no cumsum
+        return ~(below | at)
     return ~(below | (at & (at.cumsum(-1) <= still_needed)))
 
 
@@ -52,14 +54,18 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N:M (NVIDIA's convention): in every m consecutive input weights of a row, the n highest are kept.
 
-    Each entry's rank in its group is counted by pairwise comparison (m x m per group, all at once): for
-    the small m of N:M this is far faster than a selection over millions of tiny rows, and it ranks ties
-    by position exactly as a stable sort does."""
+    Each entry's rank in its group is the number of entries ordered before it, counted by comparing every group
+    with its j-th entry, one j at a time: for the small m of N:M this is far faster than a selection over millions
+    of tiny rows (and than materialising all m x m comparisons at once), and it ranks ties by position exactly
+    as a stable sort does."""
     rows, cols = scores.shape
     grouped = scores.reshape(rows, cols // m, m)
-    own, other = grouped.unsqueeze(-1), grouped.unsqueeze(-2)  # [.., i, 1] against [.., 1, j]
-    earlier = torch.ones(m, m, dtype=torch.bool, device=scores.device).tril(-1)  # j < i
-    rank = ((other < own) | ((other == own) & earlier)).sum(-1)  # entries ordered before i
+    rank = torch.zeros(grouped.shape, dtype=torch.uint8 if m < 256 else torch.int32, device=scores.device)
+    for j in range(m):
+        other = grouped[..., j : j + 1]
+        rank += other < grouped
+        if j < m - 1:  # a tie: the entry at the earlier position j is ordered before the later ones
+            rank[..., j + 1 :] += other == grouped[..., j + 1 :]
     return (rank >= m - n).reshape(rows, cols)
 
 

@@ -63,11 +63,22 @@ class InputNorms:
 
 @register_statistic("hessian")
 class Hessian:
-    """2/n X^T X over the n calibration tokens (SparseGPT, ADMM): the layer-wise least-squares Hessian."""
+    """2/n X^T X over the n calibration tokens (SparseGPT, ADMM): the layer-wise least-squares Hessian.
+
+    On a CPU only the upper triangle is accumulated, a panel of rows at a time (rows [a, b) against columns
+    [a, n)): X^T X is symmetric, so this does 5/8 of the full product's work at 4 panels, and `finalize` mirrors
+    it into the lower triangle (which also makes the result exactly symmetric)."""
+
+    PANELS = 4  # more, thinner panels save a little more work but run each GEMM less efficiently
 
     def __init__(self, features: int, device: torch.device):
         self.tokens = 0
         self.total = torch.zeros(features, features, dtype=torch.float32, device=device)
+
+    def _edges(self) -> list[int]:
+        n = self.total.shape[0]
+        panels = self.PANELS if n >= 256 else 1
+        return [n * k // panels for k in range(panels + 1)]
 
     def add(self, x: torch.Tensor) -> None:
         self.tokens += x.numel() // x.shape[-1]
@@ -81,10 +92,17 @@ class Hessian:
                 self.total.addmm_(x.t().float(), x.float())
         else:
             x = _rows(x)
-            self.total.addmm_(x.t(), x)
+            edges = self._edges()
+            for a, b in zip(edges, edges[1:]):
+                self.total[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
 
     def finalize(self) -> torch.Tensor:
-        return self.total.mul_(2 / self.tokens)
+        edges, total = self._edges(), self.total
+        for a, b in zip(edges, edges[1:]):  # lower triangle := upper, a panel at a time (small temporaries)
+            total[b:, a:b] = total[a:b, b:].t()
+            diagonal = total[a:b, a:b]
+            diagonal.copy_(diagonal.triu() + diagonal.triu(1).t())
+        return total.mul_(2 / self.tokens)
 
 
 @register_statistic("input_moments")
