@@ -211,6 +211,7 @@ class PruneConfig:
 
 RECOVERY_LOSSES = ("lm", "distill")
 RECOVERY_PARAMS = ("lora", "full")
+RECOVERY_PRECISIONS = ("float32", "bf16")
 DEFAULT_RECOVERY_LR = {"lora": 5e-4, "full": 1e-4}
 
 
@@ -240,6 +241,10 @@ class RecoverConfig:
                               "part)", group="recovery", flag="--recover-val-windows")
     data: str | None = option(None, "recovery text source (its training part; default: --calib)",
                               group="recovery", flag="--recover-data", metavar="SOURCE")
+    precision: str = option("float32", "training arithmetic: float32, or bf16 mixed precision (matmuls in "
+                            "bfloat16 under autocast; weights, gradients and optimizer state stay float32): for "
+                            "GPUs and CPUs with AMX (on AVX-512 BF16 alone it measured slower than float32)",
+                            group="recovery", flag="--recover-precision", choices=RECOVERY_PRECISIONS)
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, about "
                                           "a third more time", group="recovery")
     distill_temperature: float = option(1.0, "distillation: softmax temperature of teacher and student",
@@ -262,6 +267,9 @@ class RecoverConfig:
             raise LLMPruneError(f"--recover must be one of lora, {', '.join(RECOVERY_LOSSES)} (got '{self.loss}')")
         if self.params not in RECOVERY_PARAMS:
             raise LLMPruneError(f"--recover-params must be one of {', '.join(RECOVERY_PARAMS)} (got '{self.params}')")
+        if self.precision not in RECOVERY_PRECISIONS:
+            raise LLMPruneError(f"--recover-precision must be one of {', '.join(RECOVERY_PRECISIONS)} "
+                                f"(got '{self.precision}')")
         if self.lr is None:
             self.lr = DEFAULT_RECOVERY_LR[self.params]
         _at_least(self, ("steps", "batch", "r", "distill_topk", "val_windows"))

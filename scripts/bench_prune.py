@@ -10,11 +10,13 @@ The model is loaded once; its dense weights are restored before every row.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import platform
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -49,7 +51,8 @@ FIELDS = {  # written into bench.json, so that every number says what it is
     "achieved_sparsity": "fraction of zeros over all pruned linears, counted after the prune",
     "seconds": "wall seconds: capture/statistics/solve/propagate/allocation are the library's own phases; "
                "prune is the whole prune() call; evaluate is the perplexity pass",
-    "x_floor": "seconds.prune / floor.two_pass_s",
+    "x_floor": "seconds.prune / floor.two_pass_s; with --repeats N, the median of N such ratios "
+               "(x_floor_repeats), each prune against a floor timed just before it",
     "floor": "a bare dense forward of the calibration batches through the decoder layers (capture layer-0 "
              "inputs, then every layer over every batch; inference_mode, no hooks), timed once after a warm-up",
     "peak_rss_bytes": "the process's RSS high-water mark (ru_maxrss) after the row: it never decreases, so it "
@@ -57,6 +60,8 @@ FIELDS = {  # written into bench.json, so that every number says what it is
     "peak_rss_increase_bytes": "how much this row raised the high-water mark; 0 means it stayed under an "
                                "earlier peak, not that it allocated nothing",
     "rss_after_bytes": "the current RSS (/proc/self/statm) after the row",
+    "zero_shot_mean": "with --tasks: mean accuracy over the tasks (lm-eval, 0-shot, the first --limit documents of "
+                      "each); zero_shot holds each task's",
     "memory": "rss_after_load: current RSS once the model is loaded; peak_rss_after_load: the high-water mark "
               "then (loading may peak above what it keeps); peak_rss_before_rows: after reading the text, "
               "copying the dense weights, timing the floor and evaluating the dense model",
@@ -119,7 +124,18 @@ def time_floor(model, calibration: torch.Tensor, device: torch.device) -> dict:
     return {"capture_s": capture_s, "layers_s": layers_s, "one_pass_s": one_pass, "two_pass_s": 2 * one_pass}
 
 
-def bench_row(model, config: PruneConfig, calibration, windows, device, floor: dict) -> dict:
+def zero_shot_mean(model, tokenizer, tasks: str | None, limit: int) -> dict:
+    """The mean zero-shot accuracy over `tasks` (lm-eval, offline sets), and each task's; nothing without tasks."""
+    if not tasks:
+        return {}
+    from llmprune.evaluation.zeroshot import evaluate_zero_shot, resolve_tasks
+
+    result = evaluate_zero_shot(model, tokenizer, resolve_tasks(tasks), limit=limit, num_fewshot=0, batch_size=16,
+                                seed=SEED)
+    return {"zero_shot_mean": result["mean_acc"], "zero_shot": result}
+
+
+def bench_row(model, config: PruneConfig, calibration, windows, device, floor: dict, zero_shot=dict) -> dict:
     peak_before = peak_rss_bytes()
     start = time.perf_counter()
     report = prune(model, calibration, config, progress=False)
@@ -127,22 +143,24 @@ def bench_row(model, config: PruneConfig, calibration, windows, device, floor: d
     start = time.perf_counter()
     ppl = perplexity(model, windows, device, progress=False)
     evaluate_s = time.perf_counter() - start
+    scores = zero_shot(model)
     seconds = {phase: report.seconds.get(phase, 0.0) for phase in PHASES} | {"prune": prune_s, "evaluate": evaluate_s}
     peak_after = peak_rss_bytes()
     return {"name": row_name(config), "method": method_label(config.method, config.update), "pattern": config.pattern, "sparsity": config.sparsity,
             "allocation": config.allocation, "ppl": ppl, "achieved_sparsity": report.achieved_sparsity,
             "layer_sparsity": report.layer_sparsity, "seconds": seconds, "x_floor": prune_s / floor["two_pass_s"],
             "peak_rss_bytes": peak_after, "peak_rss_increase_bytes": peak_after - peak_before,
-            "rss_after_bytes": current_rss_bytes()}
+            "rss_after_bytes": current_rss_bytes()} | scores
 
 
-def dense_row(model, windows, device) -> dict:
+def dense_row(model, windows, device, zero_shot=dict) -> dict:
     start = time.perf_counter()
     ppl = perplexity(model, windows, device, progress=False)
+    scores = zero_shot(model)
     return {"name": "dense", "method": "dense", "pattern": "-", "sparsity": 0.0, "allocation": "-", "ppl": ppl,
             "achieved_sparsity": None, "layer_sparsity": None, "seconds": {"evaluate": time.perf_counter() - start},
             "x_floor": None, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_increase_bytes": None,
-            "rss_after_bytes": current_rss_bytes()}
+            "rss_after_bytes": current_rss_bytes()} | scores
 
 
 def machine_info(device: torch.device) -> dict:
@@ -154,19 +172,23 @@ def machine_info(device: torch.device) -> dict:
 
 def markdown(results: dict) -> str:
     floor, calib = results["floor"], results["calibration"]
+    zero_shot = any("zero_shot_mean" in row for row in results["rows"])
     lines = [f"# llmprune benchmark: {results['model']}", "",
              f"Calibration {calib['nsamples']} x {calib['seqlen']} tokens of `{TEXT}`; perplexity on "
              f"{results['evaluation']['windows']} held-out windows. Floor (two bare passes): "
              f"{floor['two_pass_s']:.2f} s. Peak RSS is the process high-water mark after the row.", "",
-             "| method | pattern | allocation | ppl | achieved | prune s | x floor | peak RSS MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| method | pattern | allocation | ppl | achieved | prune s | x floor | peak RSS MiB |"
+             + (" zero-shot mean |" if zero_shot else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if zero_shot else "")]
     for row in results["rows"]:
         pattern = f"{row['sparsity']:.0%} unstructured" if row["pattern"] == "unstructured" else row["pattern"]
         pruned = row["method"] != "dense"
         cells = [row["method"], pattern, row["allocation"], f"{row['ppl']:.2f}",
                  f"{row['achieved_sparsity']:.3f}" if pruned else "-",
-                 f"{row['seconds']['prune']:.1f}" if pruned else "-", f"{row['x_floor']:.1f}" if pruned else "-",
+                 f"{row['seconds']['prune']:.1f}" if pruned else "-", f"{row['x_floor']:.2f}" if pruned else "-",
                  f"{row['peak_rss_bytes'] / 2**20:.0f}"]
+        if zero_shot:
+            cells.append(f"{row['zero_shot_mean']:.4f}" if "zero_shot_mean" in row else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -218,12 +240,20 @@ def parse_args(argv):
     p.add_argument("--seqlen", type=int, help="tokens per calibration and eval window (default 512; --quick 128)")
     p.add_argument("--eval-windows", type=int, help="held-out perplexity windows, 0 = all (default 40; --quick 4)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--tasks", help="zero-shot tasks or suite for every row too, e.g. wanda-suite (default: none; "
+                   "minutes per row: select the rows that matter with --rows)")
+    p.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (default 100)")
+    p.add_argument("--repeats", type=int, default=1, help="time each row's prune N times, each against a floor "
+                   "timed just before it, and report the median ratio (a shared or virtual CPU's speed drifts "
+                   "by tens of percent over minutes; default 1: one floor for the whole run)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     mode = QUICK if args.quick else FULL
+    if args.repeats < 1:
+        raise SystemExit(f"bench_prune: error: --repeats must be at least 1 (got {args.repeats})")
     nsamples, seqlen, eval_count = (mode[key] if getattr(args, key) is None else getattr(args, key)
                                     for key in ("nsamples", "seqlen", "eval_windows"))
     device = resolve_device(args.device)
@@ -231,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.tasks:  # an unknown task fails now, not after the floor and the dense evaluation
+        from llmprune.evaluation.zeroshot import resolve_tasks
+
+        resolve_tasks(args.tasks)
     model, tokenizer, _ = load_model(args.model, resolve_dtype("auto", device))
     memory = {"rss_after_load_bytes": current_rss_bytes(), "peak_rss_after_load_bytes": peak_rss_bytes()}
     calibration = calibration_windows(tokenize(tokenizer, load_text(TEXT, "calib")), nsamples, seqlen, SEED)
@@ -240,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"floor: one bare pass {floor['one_pass_s']:.2f} s (capture {floor['capture_s']:.2f} s + layers "
           f"{floor['layers_s']:.2f} s); two passes {floor['two_pass_s']:.2f} s", flush=True)
 
-    dense = dense_row(model, windows, device)
+    zero_shot = functools.partial(zero_shot_mean, tokenizer=tokenizer, tasks=args.tasks, limit=args.limit)
+    dense = dense_row(model, windows, device, zero_shot)
     memory["peak_rss_before_rows_bytes"] = peak_rss_bytes()
     from llmprune.inputs.models import resolve_model
     from llmprune.report import display_name
@@ -255,11 +290,22 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(rows, desc="bench", unit="row")
     for config in bar:
         bar.set_postfix_str(row_name(config))
+        ratios = []
+        for _ in range(args.repeats - 1):  # timing only, each prune against a floor timed just before it
+            model.load_state_dict(dense_state)
+            row_floor = time_floor(model, calibration, device)
+            start = time.perf_counter()
+            prune(model, calibration, config, progress=False)
+            ratios.append(elapsed(start, device) / row_floor["two_pass_s"])
         model.load_state_dict(dense_state)
-        row = bench_row(model, config, calibration, windows, device, floor)
+        row_floor = time_floor(model, calibration, device) if args.repeats > 1 else floor
+        row = bench_row(model, config, calibration, windows, device, row_floor, zero_shot)
+        if args.repeats > 1:
+            row["x_floor_repeats"] = [*ratios, row["x_floor"]]
+            row["x_floor"] = statistics.median(row["x_floor_repeats"])
         results["rows"].append(row)
         tqdm.write(f"{row['name']}: ppl {row['ppl']:.2f}, achieved {row['achieved_sparsity']:.3f}, "
-                   f"prune {row['seconds']['prune']:.1f} s = {row['x_floor']:.1f} x floor")
+                   f"prune {row['seconds']['prune']:.1f} s = {row['x_floor']:.2f} x floor")
         write_json(out, results)
 
     results["complete"] = True

@@ -242,6 +242,27 @@ def test_gradient_checkpointing_checkpoints_and_trains_the_same(params, monkeypa
     torch.testing.assert_close(checkpointed_weight, plain_weight, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_precision_keeps_zeros_and_matches_float32_closely():
+    """Mixed precision runs the matmuls in bfloat16 (the first loss differs from float32's in the low bits) while
+    the weights stay float32, masked gradients keep every zero, and training still lowers the KL."""
+    runs = []
+    for precision in ("float32", "bf16"):
+        dense_logits, targets, model, masks, train, val = dense_and_pruned("llama")
+        kl_before = kl_to(model, dense_logits, train)
+        config = RecoveryConfig(loss="distill", params="full", steps=8, batch=2, seqlen=32, lr=1e-3,
+                                distill_topk=16, precision=precision)
+        stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False)
+        modules = dict(model.named_modules())
+        for name, mask in masks.items():
+            weight = modules[name].weight
+            assert weight.dtype == torch.float32 and not bool(weight[~mask].any()), name
+        assert kl_to(model, dense_logits, train) < 0.8 * kl_before
+        runs.append(stats)
+    plain, mixed = runs
+    assert mixed["precision"] == "bf16" and mixed["loss_first"] != plain["loss_first"]
+    assert mixed["loss_first"] == pytest.approx(plain["loss_first"], rel=0.05)
+
+
 def test_structurally_smaller_model_trains_every_weight():
     """masks={}: no zeros to keep (e.g. channels removed), so full fine-tuning trains embeddings and norms too."""
     model = tiny_model("llama")

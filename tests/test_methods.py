@@ -109,6 +109,39 @@ def test_inverse_hessian_factor_retries_with_more_damping():
     assert torch.isfinite(upper).all() and torch.equal(upper, upper.triu())
 
 
+@pytest.mark.parametrize("features", [40, 300])  # below and above the size at which panels start
+def test_hessian_statistic_equals_float64_product(features):
+    """The upper-triangle panels, mirrored, give 2/n X^T X over every batch, exactly symmetric."""
+    from llmprune.pruning.statistics import Hessian
+
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, 50, features, generator=generator) * torch.linspace(0.1, 4, features)
+               for _ in range(3)]
+    statistic = Hessian(features, torch.device("cpu"))
+    for batch in batches:
+        statistic.add(batch)
+    hessian = statistic.finalize()
+    x = torch.cat([b.reshape(-1, features) for b in batches]).double()
+    exact = 2 / x.shape[0] * x.T @ x
+    assert torch.equal(hessian, hessian.T)
+    assert float((hessian.double() - exact).norm() / exact.norm()) < 1e-6
+
+
+def test_inverse_hessian_factor_against_float64_inverse():
+    """U is upper triangular with U^T U = (H + damp I)^-1, damp = 1% of the mean diagonal, a dead input's
+    diagonal set to 1 first; checked against a float64 solve, a different route."""
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.05, 3, 64)
+    x[:, 7] = 0  # an input never seen: its row and column of H are zero
+    hessian = 2 / 500 * x.T @ x
+    damped = hessian.double().clone()
+    damped[7, 7] = 1.0
+    damped += 0.01 * damped.diagonal().mean() * torch.eye(64, dtype=torch.float64)
+    upper = inverse_hessian_factor(hessian, percdamp=0.01).double()
+    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    inverse = torch.linalg.solve(damped, torch.eye(64, dtype=torch.float64))
+    assert float((upper.T @ upper - inverse).norm() / inverse.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("levels", [3, 1000])
 def test_selection_equals_a_stable_sort(levels):
     """The linear-time selection prunes exactly what a stable sort would: the lowest, ties by position."""

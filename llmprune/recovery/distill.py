@@ -198,7 +198,10 @@ def distill_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t
     keeps the gradient's scale independent of the temperature (Hinton et al.). The teacher's k + 1 log-probs are
     renormalised first: float16 storage leaves their sum a hair off 1.
     """
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    logits = student_logits.float()
+    if temperature != 1:  # at T = 1 no vocabulary-sized copy (logits / 1 is logits)
+        logits = logits / temperature
+    student = F.log_softmax(logits, dim=-1)
     student_top = student.gather(-1, teacher_indices)
     if teacher_indices.shape[-1] < student.shape[-1]:
         student_top = torch.cat([student_top, _log_rest(student, teacher_indices)], dim=-1)

@@ -100,11 +100,15 @@ def train_recovery(
     desc = f"recovery ({config.params} + {config.loss})"
 
     def run(trainee: nn.Module, params: list[nn.Parameter]) -> dict:
+        def forward(**inputs):  # bf16: the model's matmuls under autocast; the losses below are float32
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                return trainee(**inputs, use_cache=False)
+
         def loss_of(window_indices: torch.Tensor) -> torch.Tensor:
             ids = train_windows[window_indices.to(device)]
             if config.loss == "lm":
-                return trainee(input_ids=ids, labels=ids, use_cache=False).loss
-            logits = trainee(input_ids=ids, use_cache=False).logits
+                return forward(input_ids=ids, labels=ids).loss
+            logits = forward(input_ids=ids).logits
             targets = (t.to(device) for t in teacher.rows(window_indices))
             loss = distill_loss(logits, *targets, config.distill_temperature)
             if config.distill_alpha:
@@ -158,6 +162,7 @@ def train_recovery(
         "lr": config.lr,
         "weight_decay": config.weight_decay,
         "gradient_checkpointing": config.gradient_checkpointing,
+        "precision": config.precision,
         "tokens": config.tokens,
         "trained_parameters": result["trained_parameters"],
         "loss_first": result["losses"][0],
