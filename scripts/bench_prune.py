@@ -195,7 +195,7 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     """ppl against sparsity: a line per method+allocation (unstructured), a marker per N:M row, dense as a reference."""
-    figure = Figure(figsize=(7, 4.5))
+    figure = Figure(figsize=(10, 5))
     FigureCanvasAgg(figure)  # a private Agg canvas: no pyplot, no global backend state
     axes = figure.subplots()
     pruned = [row for row in results["rows"] if row["method"] != "dense" and math.isfinite(row["ppl"])]
@@ -213,7 +213,7 @@ def plot(results: dict, path: Path) -> None:
                          color=colours[method], zorder=3, label=f"{method} {row['pattern']}")
     axes.axhline(results["dense_ppl"], color="black", linestyle=":", label=f"dense ({results['dense_ppl']:.2f})")
     axes.set(yscale="log", xlabel="sparsity", ylabel="held-out perplexity (log scale)", title=results["model"])
-    axes.legend(fontsize="small", ncol=2)
+    axes.legend(fontsize="small", ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=120)
 
