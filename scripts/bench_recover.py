@@ -253,9 +253,13 @@ def plot(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     prunes = list(dict.fromkeys(row["prune"] for row in results["rows"]))
-    figure = Figure(figsize=(6 * max(1, len(prunes)), 4.5))
+    columns = min(3, max(1, len(prunes)))  # a grid, three panels to a row
+    grid_rows = -(-max(1, len(prunes)) // columns)
+    figure = Figure(figsize=(6 * columns, 4.5 * grid_rows))
     FigureCanvasAgg(figure)  # a private Agg canvas: no pyplot, no global backend state
-    axes_list = figure.subplots(1, max(1, len(prunes)), squeeze=False)[0]
+    axes_list = figure.subplots(grid_rows, columns, squeeze=False).flatten()
+    for unused in axes_list[len(prunes):]:
+        unused.set_visible(False)
     colours = {recipe: f"C{i}" for i, recipe in enumerate(RECIPES)}
     for axes, prune in zip(axes_list, prunes):
         for row in (r for r in results["rows"] if r["prune"] == prune):
