@@ -85,6 +85,17 @@ def test_quick_run_writes_every_row(bench, tiny_llama_dir, tmp_path):
     assert not list(out.glob(".*partial"))  # every write was renamed into place
 
 
+def test_repeats_time_each_prune_against_its_own_floor(bench, tiny_llama_dir, tmp_path):
+    out = tmp_path / "results"
+    bench.main(["--model", str(tiny_llama_dir), "--quick", "--out", str(out), "--rows", "^wanda-50%", "--repeats", "3"])
+    row = json.loads((out / "bench.json").read_text())["rows"][1]
+    ratios = row["x_floor_repeats"]
+    assert row["name"] == "wanda-50%-uniform" and len(ratios) == 3 and all(r > 0 for r in ratios)
+    assert row["x_floor"] == sorted(ratios)[1]  # the median of three
+    with pytest.raises(SystemExit, match="--repeats must be at least 1"):
+        bench.main(["--model", str(tiny_llama_dir), "--quick", "--out", str(out), "--repeats", "0"])
+
+
 def test_row_selection(bench):
     full = bench.matrix(bench.FULL)
     assert len(full) == 3 * 5 + 3 * 2 + 5 * 5  # every method x pattern, OWL at 60% and 70%, the new methods' rows
