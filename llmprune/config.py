@@ -253,6 +253,13 @@ class RecoverConfig:
                                   group="recovery")
     distill_topk: int = option(64, "distillation: the dense teacher's top-k tokens kept per position, the rest "
                                "as one bucket", group="recovery")
+    distill_hidden: float = option(0.0, "distillation: weight of a hidden-state term, the relative squared error "
+                                   "between matched decoder layers' outputs of the pruned and the dense model "
+                                   "(0: off; the teacher pass then also keeps those layers' outputs)",
+                                   group="recovery")
+    distill_hidden_layers: int = option(4, "distillation: how many dense layers' outputs --distill-hidden "
+                                        "matches, evenly spaced, the last included (layers a structured prune "
+                                        "removed are skipped)", group="recovery")
     teacher_spill: str | None = option(None, "distillation: keep the teacher's targets in this folder instead "
                                        "of memory", group="recovery", metavar="DIR")
     r: int = option(8, "LoRA rank", group="recovery", flag="--lora-r")
@@ -272,7 +279,7 @@ class RecoverConfig:
                                 f"(got '{self.precision}')")
         if self.lr is None:
             self.lr = DEFAULT_RECOVERY_LR[self.params]
-        _at_least(self, ("steps", "batch", "r", "distill_topk", "val_windows"))
+        _at_least(self, ("steps", "batch", "r", "distill_topk", "val_windows", "distill_hidden_layers"))
         _at_least(self, ("eval_every",), minimum=0)
         _at_least(self, ("seqlen",), minimum=2)  # a next-token loss needs two tokens
         _finite(self.lr, "--recover-lr", positive=True)
@@ -280,6 +287,7 @@ class RecoverConfig:
         _finite(self.weight_decay, "--recover-weight-decay", nonnegative=True)
         _finite(self.distill_temperature, "--distill-temperature", positive=True)
         _finite(self.distill_alpha, "--distill-alpha", nonnegative=True)
+        _finite(self.distill_hidden, "--distill-hidden", nonnegative=True)
         _finite(self.dropout, "--lora-dropout", nonnegative=True)
         if self.distill_alpha > 1:
             raise LLMPruneError(f"--distill-alpha is the LM loss's share, in [0, 1] (got {self.distill_alpha:g})")
@@ -371,6 +379,8 @@ class RunConfig:
             self.recovery = RecoverConfig(**self.recovery)
         if self.recover in ("lm", "distill") and self.recovery.loss != self.recover:
             self.recovery = replace(self.recovery, loss=self.recover)
+        if self.recovery.distill_hidden and not (self.recover and self.recovery.loss == "distill"):
+            raise LLMPruneError("--distill-hidden adds to the distillation loss: use it with --recover distill")
         _at_least(self, ("eval_windows", "num_fewshot"), minimum=0)
         _at_least(self, ("eval_batch_size",))
         if self.limit is not None:

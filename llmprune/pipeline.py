@@ -269,8 +269,14 @@ def recovery_data(model, tokenizer, config: RunConfig, plan: Plan, progress: boo
         from .recovery.distill import teacher_topk
 
         _say(progress, f"distillation targets: the dense model's top {rc.distill_topk} on {len(train)} windows")
+        hidden_layers = ()
+        if rc.distill_hidden:
+            from .inputs.models import decoder_layers
+            from .recovery.distill import evenly_spaced_layers
+
+            hidden_layers = evenly_spaced_layers(len(decoder_layers(model)[1]), rc.distill_hidden_layers)
         teacher = teacher_topk(model, train, rc.distill_topk, progress=progress, temperature=rc.distill_temperature,
-                               spill_dir=rc.teacher_spill)
+                               spill_dir=rc.teacher_spill, hidden_layers=hidden_layers)
     return RecoveryInputs(train, val, teacher, rc, config.keep_adapter)
 
 
@@ -329,6 +335,17 @@ def prune_structure(model, calibration, config: RunConfig, progress: bool):
     return pruned
 
 
+def _kept_layers(model, pruned) -> list[int] | None:
+    """The dense index of each decoder layer left after a layer prune (None: no layer was removed)."""
+    removed = set((pruned.structure or {}).get("removed_layers") or ())
+    if not removed:
+        return None
+    from .inputs.models import decoder_layers
+
+    n_dense = len(decoder_layers(model)[1]) + len(removed)
+    return [index for index in range(n_dense) if index not in removed]
+
+
 def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, progress: bool) -> dict:
     """Train the pruned model (its zeros kept) on this stage's share of the recovery windows."""
     import tempfile
@@ -346,7 +363,7 @@ def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, prog
     keep_adapter = inputs.keep_adapter and stage == stages - 1
     adapter_dir = Path(tempfile.mkdtemp(prefix="llmprune-adapter-")) if keep_adapter else None
     stats = train_recovery(model, train, inputs.val, replace(rc, steps=steps), teacher, masks, progress=progress,
-                           adapter_dir=adapter_dir)
+                           adapter_dir=adapter_dir, kept_layers=_kept_layers(model, pruned))
     from .inputs.models import weight_matrix
 
     if masks:

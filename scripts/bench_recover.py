@@ -42,7 +42,8 @@ def shrink(structure: str, sparsity: float, model, calibration) -> None:
     from llmprune.pruning.structured.config import StructuredConfig
     from llmprune.pruning.structured.runner import prune_structured
 
-    prune_structured(model, calibration, StructuredConfig(structure=structure, sparsity=sparsity), progress=False)
+    return prune_structured(model, calibration, StructuredConfig(structure=structure, sparsity=sparsity),
+                            progress=False)
 
 
 STRUCTURED = {"channels-20%": functools.partial(shrink, "channels", 0.2),
@@ -50,7 +51,9 @@ STRUCTURED = {"channels-20%": functools.partial(shrink, "channels", 0.2),
 DEFAULT_PRUNES = ("wanda-50%", "sparsegpt-2:4")
 RECIPES = {"lora-lm": {"loss": "lm", "params": "lora"},
            "lora-distill": {"loss": "distill", "params": "lora"},
-           "full-distill": {"loss": "distill", "params": "full"}}
+           "full-distill": {"loss": "distill", "params": "full"},
+           # the same, plus the hidden-state term on 4 evenly spaced dense layers' outputs (those that survive)
+           "full-distill-hidden": {"loss": "distill", "params": "full", "distill_hidden": 1.0}}
 # Goals of issue 12, as a multiple of the dense held-out perplexity (keys are prune-name prefixes).
 GOALS = {"x_dense": {"sparsegpt-50%": 1.2, "wanda-50%": 1.2, "sparsegpt-2:4": 1.5, "channels": 1.3, "layers": 1.3},
          "minutes": 15, "peak_rss_x_prune": 2.0}
@@ -145,6 +148,7 @@ def prune_job(args, mode: dict, name: str, folder: str) -> dict:
     """Prune once, evaluate, and save the pruned model (a plain HF folder) for the rows to start from."""
     from llmprune import PruneConfig, prune
     from llmprune.inputs.data import calibration_windows
+    from llmprune.inputs.models import decoder_layers
     from llmprune.runtime import peak_rss_bytes, resolve_device
 
     device = resolve_device(args.device)
@@ -152,8 +156,11 @@ def prune_job(args, mode: dict, name: str, folder: str) -> dict:
     model, tokenizer = load(args.model, device)
     calibration = calibration_windows(tokens_of(tokenizer, TEXT, "calib"), mode["nsamples"],
                                       mode["calib_seqlen"], SEED)
+    kept_layers = None
     if name in STRUCTURED:
-        STRUCTURED[name](model, calibration)
+        n_dense = len(decoder_layers(model)[1])
+        removed = STRUCTURED[name](model, calibration).get("removed_layers") or []
+        kept_layers = [index for index in range(n_dense) if index not in removed] if removed else None
         masks = None
     else:
         report = prune(model, calibration, PruneConfig(**PRUNES[name], nsamples=mode["nsamples"],
@@ -163,7 +170,7 @@ def prune_job(args, mode: dict, name: str, folder: str) -> dict:
     minutes = (time.perf_counter() - start) / 60
     result = {"minutes": minutes, "ppl": perplexities(model, held_out(tokenizer, mode), device),
               "zero_shot_mean": zero_shot(model, tokenizer, args), "peak_rss_bytes": peak_rss_bytes(),
-              "masked_linears": masks}
+              "masked_linears": masks, "kept_layers": kept_layers}
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (Path(folder) / "bench_prune.json").write_text(json.dumps(result))
@@ -174,7 +181,8 @@ def row_job(args, mode: dict, prune_name: str, folder: str, recipe: str, budget:
     """Teacher pass on the dense model (distillation), then the pruned model's recovery and evaluation."""
     import gc
 
-    from llmprune.recovery.distill import teacher_topk
+    from llmprune.inputs.models import decoder_layers
+    from llmprune.recovery.distill import evenly_spaced_layers, teacher_topk
     from llmprune.recovery.train import recovery_windows, train_recovery
     from llmprune.runtime import peak_rss_bytes, resolve_device
 
@@ -185,16 +193,20 @@ def row_job(args, mode: dict, prune_name: str, folder: str, recipe: str, budget:
     train, val = recovery_windows(tokens_of(tokenizer, TEXT, "calib"), config)
     if config.loss == "distill":
         start = time.perf_counter()
+        hidden_layers = evenly_spaced_layers(len(decoder_layers(model)[1]), config.distill_hidden_layers) \
+            if config.distill_hidden else ()
         teacher = teacher_topk(model, train, config.distill_topk, batch_size=4, progress=not args.quick,
-                               temperature=config.distill_temperature)
+                               temperature=config.distill_temperature, hidden_layers=hidden_layers)
         teacher_minutes = (time.perf_counter() - start) / 60
     del model
     gc.collect()
 
     model, tokenizer = load(folder, device)
-    masked = json.loads((Path(folder) / "bench_prune.json").read_text())["masked_linears"]
+    pruned = json.loads((Path(folder) / "bench_prune.json").read_text())
+    masked = pruned["masked_linears"]
     masks = {} if masked is None else {name: model.get_submodule(name).weight != 0 for name in masked}
-    stats = train_recovery(model, train, val, config, teacher=teacher, masks=masks, progress=not args.quick)
+    stats = train_recovery(model, train, val, config, teacher=teacher, masks=masks, progress=not args.quick,
+                           kept_layers=pruned.get("kept_layers"))
     return {"teacher_minutes": teacher_minutes, "recovery": stats,
             "ppl": perplexities(model, held_out(tokenizer, mode), device),
             "zero_shot_mean": zero_shot(model, tokenizer, args), "peak_rss_bytes": peak_rss_bytes()}

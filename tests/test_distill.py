@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from llmprune.errors import LLMPruneError
 from llmprune.inputs.models import decoder_layers, is_linear, weight_matrix
-from llmprune.recovery.distill import TeacherTargets, distill_loss, teacher_topk, topk_with_bucket
+from llmprune.recovery.distill import (TeacherTargets, distill_loss, evenly_spaced_layers, hidden_loss, teacher_topk,
+                                      topk_with_bucket)
 from llmprune.recovery.lora import RecoverConfig, recover_lora
 from llmprune.recovery.loop import epoch_order
 from llmprune.recovery.train import RecoveryConfig, check_recovery, recovery_windows, train_recovery
@@ -119,6 +120,104 @@ def test_spilled_targets_equal_in_memory_ones(tmp_path):
     # The bucket holds the rest of the mass: top-k probabilities and bucket sum to 1 (float16 values).
     logprobs, _, rest = expected
     torch.testing.assert_close(logprobs.exp().sum(-1) + rest.exp().squeeze(-1), torch.ones(5, 32), atol=2e-3, rtol=0)
+
+
+# ---- hidden-state matching ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_teacher_keeps_the_layer_outputs_the_model_computes(family, tmp_path):
+    """hidden_layers=(0, 1) of 3: what is stored is the model's own hidden_states[i + 1] (bfloat16), spilled or not."""
+    model = tiny_model(family)
+    windows = random_windows(5)
+    with torch.no_grad():
+        reference = model(windows, output_hidden_states=True).hidden_states
+    hooks = [len(layer._forward_hooks) for layer in decoder_layers(model)[1]]  # transformers may keep its own
+    kwargs = dict(k=4, batch_size=2, progress=False, chunk_windows=2, hidden_layers=(1, 0))
+    in_memory = teacher_topk(model, windows, **kwargs)
+    teacher_topk(model, windows, spill_dir=tmp_path / "t", **kwargs)
+    reloaded = TeacherTargets.load(tmp_path / "t")
+    order = torch.tensor([4, 0, 2])
+    for targets in (in_memory, reloaded):
+        assert targets.hidden_layers == (0, 1) and targets.hidden_size == 64
+        rows = targets.hidden_rows(order)
+        for layer in (0, 1):
+            torch.testing.assert_close(rows[layer], reference[layer + 1][order], rtol=8e-3, atol=1e-5)
+    assert in_memory.bytes_per_token == 4 * 6 + 4 + 2 * 2 * 64
+    assert [len(layer._forward_hooks) for layer in decoder_layers(model)[1]] == hooks
+
+
+def test_hidden_loss_matches_a_float64_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    student = [torch.randn(2, 3, 5, generator=generator) for _ in range(2)]
+    teacher = [torch.randn(2, 3, 5, generator=generator) * 4 for _ in range(2)]
+    per_layer = []
+    for s, t in zip(student, teacher):
+        s, t = s.double().tolist(), t.double().tolist()
+        ratios = [sum((a - b) ** 2 for a, b in zip(s[i][j], t[i][j])) / sum(b * b for b in t[i][j])
+                  for i in range(2) for j in range(3)]
+        per_layer.append(sum(ratios) / len(ratios))
+    assert hidden_loss(student, teacher).item() == pytest.approx(sum(per_layer) / 2, rel=1e-6)
+
+
+def test_evenly_spaced_layers_end_at_the_last():
+    assert evenly_spaced_layers(30, 4) == (7, 14, 21, 29)
+    assert evenly_spaced_layers(3, 1) == (2,) and evenly_spaced_layers(3, 8) == (0, 1, 2)
+
+
+def test_hidden_term_matches_layers_by_their_dense_index_after_layer_removal():
+    """Dense 4 layers, layer 1 removed: dense layers 0 and 2 are the student's 0 and 1. The first loss (before any
+    step) is the full KL plus the mean relative error of those two pairs, computed here from the models' own
+    forwards; an unpruned student starts at zero."""
+    import copy
+
+    model = tiny_model("llama", layers=4)
+    windows = random_windows(4)
+    targets = teacher_topk(model, windows, VOCAB, batch_size=2, progress=False, hidden_layers=(0, 2))
+    config = RecoveryConfig(loss="distill", params="full", steps=1, batch=4, seqlen=32, lr=1e-3, distill_topk=VOCAB,
+                            distill_hidden=0.5)
+    same = train_recovery(copy.deepcopy(model), windows, None, config, teacher=targets, masks={}, progress=False)
+    assert same["loss_first"] < 1e-4 and same["hidden"]["student_layers"] == [0, 2]
+
+    student = copy.deepcopy(model)
+    del student.model.layers[1]
+    student.config.num_hidden_layers = 3
+    for index, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = index
+    with torch.no_grad():
+        dense = model(windows, output_hidden_states=True)
+        pruned = student(windows, output_hidden_states=True)
+    pairs = [(pruned.hidden_states[1], dense.hidden_states[1]), (pruned.hidden_states[2], dense.hidden_states[3])]
+    hooks = [len(layer._forward_hooks) for layer in student.model.layers]  # transformers may keep its own
+    relative = [float(((s - t).double().pow(2).sum(-1) / t.double().pow(2).sum(-1)).mean()) for s, t in pairs]
+    expected = full_kl(dense.logits, pruned.logits) + 0.5 * sum(relative) / 2
+    stats = train_recovery(student, windows, None, config, teacher=targets, masks={}, progress=False,
+                           kept_layers=[0, 2, 3])
+    assert stats["hidden"] == {"weight": 0.5, "dense_layers": [0, 2], "student_layers": [0, 1]}
+    assert relative[1] > 0.01 and stats["loss_first"] == pytest.approx(expected, rel=2e-3)
+    assert [len(layer._forward_hooks) for layer in student.model.layers] == hooks
+
+
+def test_hidden_term_refuses_what_it_cannot_match():
+    model = tiny_model("llama")
+    windows = random_windows(2)
+    config = RecoveryConfig(loss="distill", params="full", steps=1, batch=2, seqlen=32, distill_topk=8,
+                            distill_hidden=1.0)
+    plain = teacher_topk(model, windows, 8, progress=False)
+    with pytest.raises(LLMPruneError, match="hidden_layers"):
+        train_recovery(model, windows, None, config, teacher=plain, masks={}, progress=False)
+    last_only = teacher_topk(model, windows, 8, progress=False, hidden_layers=(2,))
+    with pytest.raises(LLMPruneError, match="survived the prune: raise --distill-hidden-layers"):
+        train_recovery(model, windows, None, config, teacher=last_only, masks={}, progress=False,
+                       kept_layers=[0, 1, 3])
+    with pytest.raises(LLMPruneError, match="use loss='distill'"):
+        train_recovery(model, windows, None, RecoveryConfig(steps=1, batch=2, seqlen=32, distill_hidden=1.0),
+                       masks={}, progress=False)
+    with pytest.raises(LLMPruneError, match="outside the model's 3 decoder layers"):
+        teacher_topk(model, windows, 8, progress=False, hidden_layers=(3,))
+    from llmprune.config import RunConfig
+
+    with pytest.raises(LLMPruneError, match="--distill-hidden adds to the distillation loss"):
+        RunConfig(model="llama", recover="lora", recovery={"distill_hidden": 1.0})
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
@@ -341,6 +440,8 @@ def test_full_params_refused_when_the_mask_cannot_be_held(monkeypatch):
         ({"eval_every": -1}, "--eval-every"),
         ({"steps": 0}, "--recover-steps"),
         ({"r": 0}, "--lora-r"),
+        ({"distill_hidden": -1.0}, "--distill-hidden"),
+        ({"distill_hidden_layers": 0}, "--distill-hidden-layers"),
     ],
 )
 def test_bad_config_values_name_the_fix(kwargs, hint):

@@ -33,3 +33,23 @@ def test_recovery_reports_the_sparsity_it_kept(tmp_path, tiny_dir):
                                     recovery=RecoverConfig(steps=2, batch=1, seqlen=16)), progress=False)
     assert report.recovery["achieved_sparsity"] == report.achieved_sparsity > 0.49
     assert None not in (report.perplexity.dense, report.perplexity.pruned, report.perplexity.recovered)
+
+
+def test_layer_prune_distills_hidden_states_of_the_surviving_layers(tmp_path, tiny_dir):
+    """--structure layers with --distill-hidden: the teacher keeps evenly spaced dense layers' outputs before the
+    prune; recovery matches those whose layer survived, each by its dense index (removed ones are skipped)."""
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(6000)))
+    report = pipeline.run(RunConfig(model=str(tiny_dir), prune=PruneConfig(structure="layers", sparsity=0.5,
+                                                                           nsamples=2, seqlen=16),
+                                    calib=f"file:{text}", eval=f"file:{text}", eval_windows=2, recover="distill",
+                                    recovery=RecoverConfig(params="full", steps=2, batch=1, seqlen=16, distill_topk=8,
+                                                           distill_hidden=1.0, distill_hidden_layers=8)),
+                          progress=False)
+    removed = report.structure["removed_layers"]
+    n_dense = report.structure["units_before"]
+    kept = [index for index in range(n_dense) if index not in removed]
+    hidden = report.recovery["hidden"]
+    assert removed and hidden["dense_layers"] == kept  # every layer was kept by the teacher, the survivors matched
+    assert hidden["student_layers"] == list(range(len(kept)))
+    assert report.perplexity.recovered is not None

@@ -11,12 +11,18 @@ The student's distribution is collapsed onto the same k + 1 outcomes (the teache
 else as one outcome) before the KL is taken, so the loss compares two proper distributions over the same events.
 It is the full-vocabulary KL when k covers the vocabulary, and a lower bound of it otherwise (merging outcomes
 cannot increase a KL).
+
+Optionally the same pass keeps the outputs of a few decoder layers (``hidden_layers``, bfloat16, whose range
+holds any residual stream: ``2 * hidden``
+bytes per token per layer, 59 MB per layer for the default budget at hidden size 576), for a hidden-state term
+(:func:`hidden_loss`) that pulls each surviving layer's output towards the dense model's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,13 +52,15 @@ class TeacherTargets:
     chunk_windows: int
     chunks: list = field(repr=False)  # dict[str, Tensor] per chunk, or Path per spilled chunk
     offset: int = 0
+    hidden_layers: tuple[int, ...] = ()  # decoder layers (of the dense model) whose outputs were kept
+    hidden_size: int = 0
 
     def __len__(self) -> int:
         return len(self.windows)
 
     @property
     def bytes_per_token(self) -> int:
-        return self.topk * (2 + 4) + 4
+        return self.topk * (2 + 4) + 4 + 2 * self.hidden_size * len(self.hidden_layers)
 
     def subset(self, start: int, stop: int) -> TeacherTargets:
         """Targets of windows[start:stop] (no copy)."""
@@ -62,17 +70,25 @@ class TeacherTargets:
 
     def rows(self, window_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log-probs float32 [b, seqlen, k], token ids int64 [b, seqlen, k], bucket float32 [b, seqlen, 1])."""
+        logprobs, indices, rest = self._read(window_indices, FIELDS)
+        return logprobs.float(), indices.long(), rest.float().unsqueeze(-1)
+
+    def hidden_rows(self, window_indices: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Dense layer index -> that layer's output, float32 [b, seqlen, hidden], for each of ``hidden_layers``."""
+        read = self._read(window_indices, tuple(_hidden_field(layer) for layer in self.hidden_layers))
+        return {layer: tensor.float() for layer, tensor in zip(self.hidden_layers, read)}
+
+    def _read(self, window_indices: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
         by_chunk: dict[int, list[tuple[int, int]]] = {}  # chunk -> (slot in the batch, row in the chunk)
         for slot, index in enumerate(window_indices.tolist()):
             position = index + self.offset
             by_chunk.setdefault(position // self.chunk_windows, []).append((slot, position % self.chunk_windows))
         rows: list = [None] * len(window_indices)
         for chunk_index, slots in by_chunk.items():
-            read = _read_rows(self.chunks[chunk_index], [row for _, row in slots])
+            read = _read_rows(self.chunks[chunk_index], [row for _, row in slots], names)
             for j, (slot, _) in enumerate(slots):
-                rows[slot] = tuple(read[name][j] for name in FIELDS)
-        logprobs, indices, rest = (torch.stack(column) for column in zip(*rows))
-        return logprobs.float(), indices.long(), rest.float().unsqueeze(-1)
+                rows[slot] = tuple(read[name][j] for name in names)
+        return [torch.stack(column) for column in zip(*rows)]
 
     @classmethod
     def load(cls, spill_dir: str | Path) -> TeacherTargets:
@@ -88,18 +104,23 @@ class TeacherTargets:
         windows = load_file(str(spill_dir / "windows.safetensors"))["windows"]
         return cls(windows=windows, vocab_size=manifest["vocab_size"], topk=manifest["topk"],
                    temperature=manifest["temperature"], chunk_windows=manifest["chunk_windows"],
-                   chunks=[spill_dir / name for name in manifest["chunks"]])
+                   chunks=[spill_dir / name for name in manifest["chunks"]],
+                   hidden_layers=tuple(manifest.get("hidden_layers", ())), hidden_size=manifest.get("hidden_size", 0))
 
 
-def _read_rows(chunk, rows: list[int]) -> dict[str, torch.Tensor]:
+def _hidden_field(layer: int) -> str:
+    return f"hidden.{layer}"
+
+
+def _read_rows(chunk, rows: list[int], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     if isinstance(chunk, dict):
         index = torch.tensor(rows)
-        return {name: tensor[index] for name, tensor in chunk.items()}
+        return {name: chunk[name][index] for name in names}
     from safetensors import safe_open
 
     # Opened per read: the mapping is released at once, so spilled targets do not pile up in resident memory.
     with safe_open(str(chunk), framework="pt") as handle:
-        return {name: torch.stack([handle.get_slice(name)[row] for row in rows]) for name in FIELDS}
+        return {name: torch.stack([handle.get_slice(name)[row] for row in rows]) for name in names}
 
 
 def output_vocab_size(model) -> int:
@@ -110,13 +131,14 @@ def output_vocab_size(model) -> int:
 @torch.inference_mode()
 def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, progress: bool = True, *,
                  temperature: float = 1.0, spill_dir: str | Path | None = None,
-                 chunk_windows: int = 64) -> TeacherTargets:
+                 chunk_windows: int = 64, hidden_layers: tuple[int, ...] = ()) -> TeacherTargets:
     """The dense ``model``'s top-``k`` log-probabilities at ``temperature`` on every position of ``windows``
     ([n, seqlen] LongTensor), and the log of the mass outside the top k. Call it before pruning.
 
     Kept in memory unless ``spill_dir`` is given: then written there as safetensors chunks of ``chunk_windows``
     windows (plus a manifest, so :meth:`TeacherTargets.load` reads them back). Memory per token: ``k * 6 + 4``
     bytes (float16 log-probs, int32 ids, float32 bucket); one batch's logits are the only other cost.
+    ``hidden_layers``: decoder layer indices whose outputs are kept too (bfloat16, for :func:`hidden_loss`).
     """
     if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[0] == 0:
         raise LLMPruneError(f"teacher windows must be a LongTensor [n_windows, seqlen], got {windows.dtype} "
@@ -128,6 +150,14 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
         raise LLMPruneError(f"distillation temperature must be a positive number, got {temperature!r}: "
                             f"set --distill-temperature, e.g. 1.0")
     k = min(k, vocab)
+    hidden_layers = tuple(sorted(set(hidden_layers)))
+    if hidden_layers:
+        from llmprune.inputs.models import decoder_layers
+
+        layers = decoder_layers(model)[1]
+        if hidden_layers[0] < 0 or hidden_layers[-1] >= len(layers):
+            raise LLMPruneError(f"hidden layers {list(hidden_layers)} are outside the model's {len(layers)} decoder "
+                                f"layers")
     if spill_dir is not None:
         spill_dir = Path(spill_dir)
         spill_dir.mkdir(parents=True, exist_ok=True)
@@ -135,11 +165,13 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
     was_training = model.training
     model.eval()
     chunks = []
+    hidden_size = 0
     try:
-        with tqdm(total=len(windows), desc="teacher top-k", unit="window", disable=not progress) as bar:
+        with tqdm(total=len(windows), desc="teacher top-k", unit="window", disable=not progress) as bar, \
+                capture_layer_outputs(model, hidden_layers) as outputs:
             for chunk_start in range(0, len(windows), chunk_windows):
                 chunk_stop = min(chunk_start + chunk_windows, len(windows))
-                parts = {"logprobs": [], "indices": [], "rest": []}
+                parts = {name: [] for name in (*FIELDS, *map(_hidden_field, hidden_layers))}
                 for start in range(chunk_start, chunk_stop, batch_size):
                     batch = windows[start : min(start + batch_size, chunk_stop)].to(device)
                     logits = model(input_ids=batch, use_cache=False).logits
@@ -147,20 +179,25 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
                     parts["logprobs"].append(logprobs.to(torch.float16).cpu())
                     parts["indices"].append(indices.to(torch.int32).cpu())
                     parts["rest"].append(rest.squeeze(-1).cpu())
+                    for layer in hidden_layers:
+                        parts[_hidden_field(layer)].append(outputs[layer].to(torch.bfloat16).cpu())
+                        hidden_size = outputs[layer].shape[-1]
                     bar.update(len(batch))
                 chunk = {name: torch.cat(tensors) for name, tensors in parts.items()}
                 chunks.append(_store_chunk(chunk, spill_dir, len(chunks)))
     finally:
         model.train(was_training)
     targets = TeacherTargets(windows=windows.cpu().clone(), vocab_size=vocab, topk=k, temperature=float(temperature),
-                             chunk_windows=chunk_windows, chunks=chunks)
+                             chunk_windows=chunk_windows, chunks=chunks, hidden_layers=hidden_layers,
+                             hidden_size=hidden_size)
     if spill_dir is not None:
         from safetensors.torch import save_file
 
         save_file({"windows": targets.windows}, str(spill_dir / "windows.safetensors"))
         (spill_dir / MANIFEST).write_text(json.dumps({
             "vocab_size": vocab, "topk": k, "temperature": float(temperature), "chunk_windows": chunk_windows,
-            "chunks": [path.name for path in chunks]}, indent=2) + "\n")
+            "chunks": [path.name for path in chunks], "hidden_layers": list(hidden_layers),
+            "hidden_size": hidden_size}, indent=2) + "\n")
     return targets
 
 
@@ -211,3 +248,46 @@ def distill_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t
     teacher = F.log_softmax(teacher, dim=-1)
     kl = (teacher.exp() * (teacher - student_top)).sum(-1)
     return kl.mean() * temperature**2
+
+
+def evenly_spaced_layers(n_layers: int, count: int) -> tuple[int, ...]:
+    """``count`` decoder layer indices spread evenly over ``n_layers``, the last layer always among them."""
+    count = min(count, n_layers)
+    return tuple(sorted({n_layers - 1 - round(i * n_layers / count) for i in range(count)}))
+
+
+@contextmanager
+def capture_layer_outputs(model, layers: tuple[int, ...]):
+    """While open, ``outputs[i]`` is the hidden-state output of decoder layer ``i`` (for each of ``layers``) from
+    the model's latest forward: a forward hook, so any decoder family works and the tensor stays in the graph."""
+    outputs: dict[int, torch.Tensor] = {}
+    if not layers:
+        yield outputs
+        return
+    from llmprune.inputs.models import decoder_layers
+
+    modules = decoder_layers(model)[1]
+
+    def keep(index):
+        def hook(module, args, output):
+            outputs[index] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    handles = [modules[index].register_forward_hook(keep(index)) for index in layers]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layer pairs and tokens of the relative squared error ||s - t||^2 / ||t||^2 between the student's
+    and the teacher's layer outputs ([b, s, hidden] each). Relative, so layers whose residual stream has grown
+    large do not drown the others; per token, so one token's outlier features do not weigh on every token."""
+    terms = []
+    for s, t in zip(student, teacher, strict=True):
+        t = t.to(s.device, torch.float32)
+        error = (s.float() - t).pow(2).sum(-1)
+        terms.append((error / t.pow(2).sum(-1).clamp_min(1e-12)).mean())
+    return torch.stack(terms).mean()

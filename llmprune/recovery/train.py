@@ -23,7 +23,8 @@ from torch import nn
 from llmprune.errors import LLMPruneError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.inputs.models import decoder_layers, linears
-from llmprune.recovery.distill import TeacherTargets, distill_loss, output_vocab_size
+from llmprune.recovery.distill import (TeacherTargets, capture_layer_outputs, distill_loss, hidden_loss,
+                                      output_vocab_size)
 from llmprune.config import RecoverConfig
 from llmprune.recovery.lora import find_pruned_linears, train_masked_lora
 from llmprune.recovery.loop import epoch_order, train_loop
@@ -65,6 +66,7 @@ def train_recovery(
     masks: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     adapter_dir: str | Path | None = None,
+    kept_layers: list[int] | None = None,
 ) -> dict:
     """Train the pruned ``model`` in place as ``config`` says; returns the record of the run.
 
@@ -75,6 +77,8 @@ def train_recovery(
     runner's pruned linears; None finds them from the zeros of the decoder linears; ``{}`` declares a structurally
     pruned (smaller, dense) model: LoRA then adapts every decoder linear, full trains every weight.
     ``adapter_dir`` (LoRA only) keeps the raw adapter, as recover_lora does.
+    ``kept_layers``: for a model that lost whole decoder layers, the dense index of each surviving layer (so
+    ``--distill-hidden`` matches layer outputs by their place in the dense model); None: nothing removed.
 
     The model comes back in eval mode, no grad flags, with exactly the zeros its masks say (checked).
     """
@@ -82,6 +86,7 @@ def train_recovery(
     _check_windows(train_windows, val_windows, config)
     _check_teacher(model, train_windows, teacher, config)
     _check_checkpointing(model, config)
+    matched = _matched_layers(model, teacher, config, kept_layers)  # dense layer -> student layer
     if masks is None:
         found = find_pruned_linears(model)
         if not found:
@@ -114,6 +119,10 @@ def train_recovery(
             if config.distill_alpha:
                 lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                 loss = (1 - config.distill_alpha) * loss + config.distill_alpha * lm
+            if matched:
+                dense_outputs = teacher.hidden_rows(window_indices)
+                loss = loss + config.distill_hidden * hidden_loss([student_outputs[s] for s in matched.values()],
+                                                                  [dense_outputs[t] for t in matched])
             return loss
 
         def validate() -> float:
@@ -134,24 +143,26 @@ def train_recovery(
     if config.gradient_checkpointing:
         # Non-reentrant (the default): works with frozen inputs (LoRA, frozen embeddings) as they are.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        if config.params == "lora":
-            lora = config
-            result, targets = train_masked_lora(
-                model, modules or _all_decoder_linears(model), lora,
-                lambda peft_model: run(peft_model, [p for p in peft_model.parameters() if p.requires_grad]),
-                adapter_dir=adapter_dir,
-            )
-        else:
-            result, targets = _train_full(model, modules, masks, trained, run), None
-    finally:
-        if config.gradient_checkpointing:
-            model.activation_checkpointing_disable()
-            model.disable_input_require_grads()  # peft adds these hooks to a checkpointed model it wraps
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
-            param.grad = None
+    # The student's matched layer outputs land in student_outputs on every forward (--distill-hidden only).
+    with capture_layer_outputs(model, tuple(matched.values())) as student_outputs:
+        try:
+            if config.params == "lora":
+                lora = config
+                result, targets = train_masked_lora(
+                    model, modules or _all_decoder_linears(model), lora,
+                    lambda peft_model: run(peft_model, [p for p in peft_model.parameters() if p.requires_grad]),
+                    adapter_dir=adapter_dir,
+                )
+            else:
+                result, targets = _train_full(model, modules, masks, trained, run), None
+        finally:
+            if config.gradient_checkpointing:
+                model.activation_checkpointing_disable()
+                model.disable_input_require_grads()  # peft adds these hooks to a checkpointed model it wraps
+            model.eval()
+            for param in model.parameters():
+                param.requires_grad_(False)
+                param.grad = None
 
     stats = {
         "loss": config.loss,
@@ -176,6 +187,9 @@ def train_recovery(
     }
     if config.loss == "distill":
         stats |= {"temperature": config.distill_temperature, "alpha": config.distill_alpha, "topk": teacher.topk}
+    if matched:
+        stats["hidden"] = {"weight": config.distill_hidden, "dense_layers": list(matched),
+                           "student_layers": list(matched.values())}
     if config.params == "lora":
         stats["lora"] = {"r": config.r, "alpha": config.alpha, "targets": targets}
     if modules:
@@ -226,6 +240,8 @@ def _check_teacher(model: nn.Module, train_windows: torch.Tensor, teacher: Teach
     if config.loss == "lm":
         if teacher is not None:
             raise LLMPruneError("teacher targets were given but the recovery loss is lm: use loss='distill'")
+        if config.distill_hidden:
+            raise LLMPruneError("--distill-hidden adds to the distillation loss: use loss='distill'")
         return
     if teacher is None:
         raise LLMPruneError("distillation needs the dense model's targets: call teacher_topk(model, train_windows, "
@@ -240,9 +256,35 @@ def _check_teacher(model: nn.Module, train_windows: torch.Tensor, teacher: Teach
     if teacher.temperature != config.distill_temperature:
         raise LLMPruneError(f"the teacher targets were computed at temperature {teacher.temperature:g} but "
                             f"--distill-temperature is {config.distill_temperature:g}: compute them again at that temperature")
+    if config.distill_hidden:
+        if not teacher.hidden_layers:
+            raise LLMPruneError("--distill-hidden needs the dense model's layer outputs: compute the teacher targets "
+                                "with teacher_topk(..., hidden_layers=...)")
+        width = model.get_input_embeddings().weight.shape[-1]
+        if teacher.hidden_size != width:
+            raise LLMPruneError(f"the teacher's layer outputs are {teacher.hidden_size} wide but the student's are "
+                                f"{width}: --distill-hidden needs the hidden size kept (prune channels, heads or "
+                                f"layers, not the embedding)")
     if teacher.windows.shape != train_windows.shape or not torch.equal(teacher.windows, train_windows.cpu()):
         raise LLMPruneError("the teacher targets were computed on other windows than the training windows: pass "
                             "teacher_topk the very windows given to train_recovery (or teacher.subset for a share)")
+
+
+def _matched_layers(model: nn.Module, teacher: TeacherTargets | None, config: RecoveryConfig,
+                    kept_layers: list[int] | None) -> dict[int, int]:
+    """--distill-hidden's pairs: dense layer index -> the student's layer that is that layer after pruning."""
+    if not config.distill_hidden:
+        return {}
+    n_layers = len(decoder_layers(model)[1])
+    kept = list(range(n_layers)) if kept_layers is None else list(kept_layers)
+    if len(kept) != n_layers:
+        raise LLMPruneError(f"kept_layers names {len(kept)} layers but the model has {n_layers}: pass the dense "
+                            f"index of each of its layers")
+    matched = {layer: kept.index(layer) for layer in teacher.hidden_layers if layer in kept}
+    if not matched:
+        raise LLMPruneError(f"--distill-hidden: none of the dense layers {list(teacher.hidden_layers)} whose outputs "
+                            f"the teacher kept survived the prune: raise --distill-hidden-layers")
+    return matched
 
 
 def _masked_modules(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
