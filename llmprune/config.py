@@ -346,7 +346,8 @@ class RunConfig:
     keep_adapter: bool = option(False, "also save the unmerged adapter in DIR/adapter (peft format)",
                                 group="recovery", flag="--recover-keep-adapter")
     schedule: str | None = option(None, "gradual pruning: comma list of rising sparsities, e.g. 0.3,0.4,0.5; each "
-                                  "stage prunes further (keeping earlier zeros) and, with --recover, recovers for "
+                                  "stage prunes further (keeping earlier zeros; with --structure, removing more units "
+                                  "until that fraction of the dense count is gone) and, with --recover, recovers for "
                                   "an equal share of the budget", group="pruning", metavar="S1,S2,..")
     stream: bool = option(False, "read the model layer by layer from its safetensors files and write the output "
                           "as it goes: the dense model is never whole in memory (automatic when its weights "

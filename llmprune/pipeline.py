@@ -84,10 +84,10 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None,
         recovery_inputs = recovery_data(model, tokenizer, config, plan, progress)  # the teacher sees the dense model
     with clock("evaluate"):
         windows, dense = evaluate_dense(model, tokenizer, config, plan, dense, progress)
-    stages, recoveries = config.schedule_sparsities(), []
+    stages, recoveries, pruned = config.schedule_sparsities(), [], None
     for stage, sparsity in enumerate(stages):  # one stage unless --schedule
         with clock("prune"):
-            pruned = prune_model(model, calibration, config, plan, sparsity, progress)
+            pruned = prune_model(model, calibration, config, plan, sparsity, progress, pruned)
         if stage == len(stages) - 1:
             with clock("evaluate"):
                 ppl_pruned = _perplexity(model, windows, plan, progress, "pruned")
@@ -124,9 +124,12 @@ def preflight(config: RunConfig) -> Plan:
     from .pruning.methods import get_method
     from .runtime import resolve_device, resolve_dtype
 
-    if config.prune.structure != "none" and (config.schedule or config.stream):
-        raise LLMPruneError(f"--structure {config.prune.structure} with --schedule or --stream is not supported yet: "
-                            "prune structurally in one step, in memory")
+    if config.prune.structure != "none" and config.stream:
+        raise LLMPruneError(f"--structure {config.prune.structure} with --stream is not supported yet: prune "
+                            "structurally in memory")
+    if config.prune.remove_params is not None and config.schedule:
+        raise LLMPruneError("--remove-params chooses one sparsity; a --schedule names each stage's: give "
+                            "--schedule with sparsities (e.g. 0.1,0.2) and drop --remove-params")
 
     pc = config.prune
     if config.output:
@@ -296,14 +299,15 @@ def evaluate_dense(model, tokenizer, config: RunConfig, plan: Plan, dense: Dense
     return windows, dense
 
 
-def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: float, progress: bool):
-    """One prune to `sparsity` (a --schedule stage, or the run's own), checkpointed per layer when asked."""
+def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: float, progress: bool, previous=None):
+    """One prune to `sparsity` (a --schedule stage, or the run's own), checkpointed per layer when asked.
+    `previous`: the earlier stage's result (a structured schedule counts what is left from it)."""
     from dataclasses import replace
 
     from .pruning.runner import prune
 
     if config.prune.structure != "none":
-        return prune_structure(model, calibration, config, progress)
+        return prune_structure(model, calibration, config, progress, sparsity, previous)
     pc = replace(config.prune, sparsity=sparsity) if sparsity != config.prune.sparsity else config.prune
     before = _zeros(model) if config.schedule else None
     options = {"parallel": plan.parallel, "offload_activations": config.offload_activations}
@@ -322,28 +326,32 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
     return pruned
 
 
-def prune_structure(model, calibration, config: RunConfig, progress: bool):
-    """Remove whole channels, heads or layers: the model becomes smaller; its record is the report's `structure`."""
+def prune_structure(model, calibration, config: RunConfig, progress: bool, sparsity: float, previous=None):
+    """Remove whole channels, heads or layers: the model becomes smaller; its record is the report's `structure`.
+    A --schedule stage removes what brings the structure to `sparsity` of the dense model's count."""
+    from dataclasses import replace
+
     from .pruning.runner import PruneReport
-    from .pruning.structured.runner import prune_structured
+    from .pruning.structured.runner import chain_records, prune_structured, stage_sparsity
 
     pc = config.prune
-    record = prune_structured(model, calibration, pc.structured(), progress=progress)
+    stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
+    stage_config = replace(pc.structured(), sparsity=stage)
+    record = prune_structured(model, calibration, stage_config, progress=progress)
+    if previous is not None:
+        record = chain_records(previous.structure, record, sparsity)
     pruned = PruneReport(record["method"], pc.sparsity, "structured", "uniform")
     pruned.structure = record
     pruned.seconds = {phase: float(value) for phase, value in record.get("seconds", {}).items()}
     return pruned
 
 
-def _kept_layers(model, pruned) -> list[int] | None:
+def _kept_layers(pruned) -> list[int] | None:
     """The dense index of each decoder layer left after a layer prune (None: no layer was removed)."""
     removed = set((pruned.structure or {}).get("removed_layers") or ())
     if not removed:
         return None
-    from .inputs.models import decoder_layers
-
-    n_dense = len(decoder_layers(model)[1]) + len(removed)
-    return [index for index in range(n_dense) if index not in removed]
+    return [index for index in range(pruned.structure["units_before"]) if index not in removed]
 
 
 def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, progress: bool) -> dict:
@@ -363,7 +371,7 @@ def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, prog
     keep_adapter = inputs.keep_adapter and stage == stages - 1
     adapter_dir = Path(tempfile.mkdtemp(prefix="llmprune-adapter-")) if keep_adapter else None
     stats = train_recovery(model, train, inputs.val, replace(rc, steps=steps), teacher, masks, progress=progress,
-                           adapter_dir=adapter_dir, kept_layers=_kept_layers(model, pruned))
+                           adapter_dir=adapter_dir, kept_layers=_kept_layers(pruned))
     from .inputs.models import weight_matrix
 
     if masks:

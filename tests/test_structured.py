@@ -370,3 +370,33 @@ def test_bench_quick_writes_json_and_plot(tmp_path):
     assert rows["layers-influence-30%"]["decoder_params_removed_fraction"] == pytest.approx(2 / 6)
     assert rows["unstructured-wanda-50%"]["params"] == results["dense"]["params"]
     assert rows["channels-flap-20%"]["prefill_s"]["speedup"] > 0 and rows["channels-flap-20%"]["decode_tok_s"]["pruned"] > 0
+
+
+def test_chained_records_count_against_the_dense_model():
+    """Two layer prunes in a row, by hand: 10 layers, [2, 5] removed, then [2, 6] of the 8 left, which are dense
+    layers 3 and 8; a stage to 40% of the dense count removes 0.25 of those 8."""
+    from llmprune.pruning.structured.runner import chain_records, stage_sparsity
+
+    def record(removed, before, kept, params_before, params_after):
+        return {"kind": "layers", "method": "influence", "sparsity": len(removed) / before, "unit": "layers",
+                "units_before": before, "units_kept": kept, "removed_layers": removed, "layer_scores": [0.0] * before,
+                "achieved_sparsity": len(removed) / before, "params_before": params_before,
+                "params_after": params_after, "params_removed_fraction": 1 - params_after / params_before,
+                "decoder_params_before": params_before - 10, "decoder_params_after": params_after - 10,
+                "decoder_params_removed_fraction": 0.0, "config_changes": {"num_hidden_layers": kept},
+                "seconds": {"score": 1.0}}
+
+    first = record([2, 5], 10, 8, 110, 90)
+    assert stage_sparsity(first, 0.4) == pytest.approx(0.25)
+    second = record([2, 6], 8, 6, 90, 70)
+    joined = chain_records(first, second, 0.4)
+    assert joined["removed_layers"] == [2, 3, 5, 8]
+    assert (joined["units_before"], joined["units_kept"], joined["sparsity"]) == (10, 6, 0.4)
+    assert joined["achieved_sparsity"] == pytest.approx(0.4)
+    assert joined["params_removed_fraction"] == pytest.approx(40 / 110)
+    assert joined["decoder_params_removed_fraction"] == pytest.approx(40 / 100)
+    assert joined["config_changes"] == {"num_hidden_layers": 6} and joined["seconds"] == {"score": 2.0}
+    assert joined["stages"] == [first, second] and "layer_scores" not in joined
+    third = record([0], 6, 5, 70, 60)
+    assert chain_records(joined, third, 0.5)["removed_layers"] == [0, 2, 3, 5, 8]
+    assert len(chain_records(joined, third, 0.5)["stages"]) == 3

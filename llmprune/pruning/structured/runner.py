@@ -250,6 +250,34 @@ def parameter_counts(model: nn.Module, layers: nn.ModuleList) -> tuple[int, int]
     return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in layers.parameters())
 
 
+def stage_sparsity(previous: dict, target: float) -> float:
+    """A --schedule stage's sparsity for `prune_structured`, which removes a fraction of what the model has now:
+    the fraction that brings the structure to `target` of the dense count, given the record of the prunes so far."""
+    return 1 - previous["units_before"] * (1 - target) / previous["units_kept"]
+
+
+def chain_records(previous: dict, stage: dict, target: float) -> dict:
+    """The record of a schedule so far: `stage` pruned the model that `previous` left, towards `target` of the
+    dense structure. Counts are against the dense model, removed layers are named by their dense index, and every
+    stage's own record (its counts against the model it pruned) is kept under "stages"."""
+    stages = previous.get("stages") or [previous]
+    joined = {key: value for key, value in stage.items() if key not in ("layers", "layer_scores", "removed_layers")}
+    joined |= {"sparsity": target, "units_before": previous["units_before"],
+               "achieved_sparsity": 1 - stage["units_kept"] / previous["units_before"],
+               "params_before": previous["params_before"],
+               "params_removed_fraction": 1 - stage["params_after"] / previous["params_before"],
+               "decoder_params_before": previous["decoder_params_before"],
+               "decoder_params_removed_fraction": 1 - stage["decoder_params_after"] / previous["decoder_params_before"],
+               "config_changes": previous["config_changes"] | stage["config_changes"],
+               "seconds": {key: previous["seconds"].get(key, 0.0) + stage["seconds"].get(key, 0.0)
+                           for key in previous["seconds"].keys() | stage["seconds"].keys()},
+               "stages": [*stages, stage]}
+    if "removed_layers" in stage:
+        survivors = [i for i in range(previous["units_before"]) if i not in set(previous["removed_layers"])]
+        joined["removed_layers"] = sorted([*previous["removed_layers"], *(survivors[i] for i in stage["removed_layers"])])
+    return joined
+
+
 def sparsity_for_params(model: nn.Module, config: StructuredConfig, fraction: float) -> float:
     """The structure's sparsity that removes about `fraction` of the decoder layers' parameters (before
     --round-to rounding: the report states what was achieved)."""
