@@ -67,8 +67,10 @@ FIELDS = {
     "x_dense": "ppl / the dense model's ppl on the same text",
     "minutes": "teacher: the dense top-k pass (distillation only); recover: train_recovery, validation included; "
                "total: both (the prune itself is in prunes[...].minutes and runs once per prune)",
-    "peak_rss_bytes": "the row process's RSS high-water mark: teacher pass, training, evaluation (not the prune)",
-    "prune_peak_rss_bytes": "the prune process's high-water mark: load, calibrate, prune, evaluate",
+    "peak_rss_bytes": "the row process's RSS high-water mark: teacher pass, training, perplexity (not the prune; "
+                      "taken before zero-shot, whose lm-eval datasets would dominate it)",
+    "prune_peak_rss_bytes": "the prune process's high-water mark: load, calibrate, prune, perplexity (before "
+                            "zero-shot)",
     "curve": "train_recovery's validation curve: step, tokens, mean train loss since the last point, val_ppl on "
              "the last val_windows windows of the training text",
 }
@@ -140,8 +142,8 @@ def dense_job(args, mode: dict) -> dict:
     model, tokenizer = load(args.model, device)
     _, val = recovery_windows(tokens_of(tokenizer, TEXT, "calib"), recovery_config("lora-lm", 1, mode))
     return {"ppl": perplexities(model, held_out(tokenizer, mode), device),
-            "val_ppl": perplexity(model, val, device, progress=False), "zero_shot_mean": zero_shot(model, tokenizer, args),
-            "peak_rss_bytes": peak_rss_bytes()}
+            "val_ppl": perplexity(model, val, device, progress=False),
+            "peak_rss_bytes": peak_rss_bytes(), "zero_shot_mean": zero_shot(model, tokenizer, args)}
 
 
 def prune_job(args, mode: dict, name: str, folder: str) -> dict:
@@ -169,7 +171,7 @@ def prune_job(args, mode: dict, name: str, folder: str) -> dict:
         masks = [layer["name"] for layer in report.layers]
     minutes = (time.perf_counter() - start) / 60
     result = {"minutes": minutes, "ppl": perplexities(model, held_out(tokenizer, mode), device),
-              "zero_shot_mean": zero_shot(model, tokenizer, args), "peak_rss_bytes": peak_rss_bytes(),
+              "peak_rss_bytes": peak_rss_bytes(), "zero_shot_mean": zero_shot(model, tokenizer, args),
               "masked_linears": masks, "kept_layers": kept_layers}
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -209,7 +211,7 @@ def row_job(args, mode: dict, prune_name: str, folder: str, recipe: str, budget:
                            kept_layers=pruned.get("kept_layers"))
     return {"teacher_minutes": teacher_minutes, "recovery": stats,
             "ppl": perplexities(model, held_out(tokenizer, mode), device),
-            "zero_shot_mean": zero_shot(model, tokenizer, args), "peak_rss_bytes": peak_rss_bytes()}
+            "peak_rss_bytes": peak_rss_bytes(), "zero_shot_mean": zero_shot(model, tokenizer, args)}
 
 
 def tiny_model_dir(path: Path) -> str:
