@@ -245,6 +245,10 @@ class RecoverConfig:
                             "bfloat16 under autocast; weights, gradients and optimizer state stay float32): for "
                             "GPUs and CPUs with AMX (on AVX-512 BF16 alone it measured slower than float32)",
                             group="recovery", flag="--recover-precision", choices=RECOVERY_PRECISIONS)
+    loss_chunk: int = option(128, "tokens per chunk of the vocabulary-sized end of a step (head, softmax, loss "
+                             "and their gradients, recomputed a chunk at a time in the backward pass: about 0.5 GB "
+                             "less at 2 x 256 tokens and a 49k vocabulary); 0: whole batches at once",
+                             group="recovery", flag="--recover-loss-chunk")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, about "
                                           "a third more time", group="recovery")
     distill_temperature: float = option(1.0, "distillation: softmax temperature of teacher and student",
@@ -280,7 +284,7 @@ class RecoverConfig:
         if self.lr is None:
             self.lr = DEFAULT_RECOVERY_LR[self.params]
         _at_least(self, ("steps", "batch", "r", "distill_topk", "val_windows", "distill_hidden_layers"))
-        _at_least(self, ("eval_every",), minimum=0)
+        _at_least(self, ("eval_every", "loss_chunk"), minimum=0)
         _at_least(self, ("seqlen",), minimum=2)  # a next-token loss needs two tokens
         _finite(self.lr, "--recover-lr", positive=True)
         _finite(self.alpha, "--lora-alpha", positive=True)

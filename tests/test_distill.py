@@ -220,6 +220,71 @@ def test_hidden_term_refuses_what_it_cannot_match():
         RunConfig(model="llama", recover="lora", recovery={"distill_hidden": 1.0})
 
 
+# ---- the loss a chunk of tokens at a time -------------------------------------------------------------------------
+
+def test_chunked_sum_matches_the_whole_computation_in_float64():
+    """chunked_sum over chunks of 5 of 2 x 8 tokens (chunks straddle the windows) against the whole sum: the same
+    value and the same gradients for the hidden state and the head's weight."""
+    from llmprune.recovery.chunked import chunked_sum
+
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False).double()
+    hidden = torch.randn(2, 8, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 8), generator=generator)
+    labels[:, -1] = -100
+
+    def token_loss(logits, labels):
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+    whole = token_loss(head(hidden).flatten(0, 1), labels.flatten())
+    whole_grads = torch.autograd.grad(whole, (hidden, head.weight))
+    chunked = chunked_sum(hidden, head, token_loss, (labels,), 5)
+    chunked_grads = torch.autograd.grad(chunked, (hidden, head.weight))
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-12)
+    for got, want in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_split_head_reproduces_the_models_logits_or_declines(family):
+    from llmprune.recovery.chunked import split_head
+
+    model = tiny_model(family)
+    split = split_head(model, random_windows(1))
+    assert split is not None and split.head is model.get_output_embeddings()
+    capped = tiny_model("gemma3")
+    capped.config.final_logit_softcapping = 0.5  # applied after the head: decoder + head alone differ
+    assert split_head(capped, random_windows(1)) is None
+
+
+@pytest.mark.parametrize("loss, alpha", [("lm", 0.0), ("distill", 0.0), ("distill", 0.3)])
+def test_chunked_step_loss_is_the_models_own(loss, alpha):
+    """The first step's loss, chunks of 7 tokens: the model's own LM loss (transformers' labels= path) and the
+    float64 KL to the teacher's logits (k = vocab), mixed by alpha; and the same as without chunks."""
+    dense = tiny_model("llama")
+    windows = random_windows(4)
+    targets = teacher_topk(dense, windows, VOCAB, progress=False) if loss == "distill" else None
+    student = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        lm = student(windows, labels=windows).loss.item()
+        kl = full_kl(dense(windows).logits, student(windows).logits)
+    expected = {"lm": lm, "distill": (1 - alpha) * kl + alpha * lm}[loss]
+    firsts = []
+    for chunk in (7, 0):
+        config = RecoveryConfig(loss=loss, params="full", steps=1, batch=4, seqlen=32, lr=1e-6, distill_topk=VOCAB,
+                                distill_alpha=alpha, loss_chunk=chunk)
+        stats = train_recovery(copy_of(student), windows, None, config, teacher=targets, masks={}, progress=False)
+        assert stats["loss_chunk"] == chunk
+        firsts.append(stats["loss_first"])
+    assert firsts[0] == pytest.approx(expected, rel=2e-3) and firsts[0] == pytest.approx(firsts[1], rel=1e-5)
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 
 def dense_and_pruned(family: str):
@@ -305,8 +370,8 @@ def test_lora_lm_recipe_is_exactly_todays_lora_recovery():
         train = random_windows(8)
         if use_new:
             train_recovery(model, train, random_windows(2, seed=2),
-                           RecoveryConfig(steps=4, batch=2, seqlen=32, lr=1e-2, eval_every=2), masks=masks,
-                           progress=False)
+                           RecoveryConfig(steps=4, batch=2, seqlen=32, lr=1e-2, eval_every=2, loss_chunk=0),
+                           masks=masks, progress=False)
         else:
             recover_lora(model, train, RecoverConfig(steps=4, batch=2, seqlen=32, lr=1e-2), progress=False)
         results.append(model.model.layers[1].mlp.down_proj.weight)
@@ -442,6 +507,7 @@ def test_full_params_refused_when_the_mask_cannot_be_held(monkeypatch):
         ({"r": 0}, "--lora-r"),
         ({"distill_hidden": -1.0}, "--distill-hidden"),
         ({"distill_hidden_layers": 0}, "--distill-hidden-layers"),
+        ({"loss_chunk": -1}, "--recover-loss-chunk"),
     ],
 )
 def test_bad_config_values_name_the_fix(kwargs, hint):

@@ -26,6 +26,7 @@ from llmprune.inputs.models import decoder_layers, linears
 from llmprune.recovery.distill import (TeacherTargets, capture_layer_outputs, distill_loss, hidden_loss,
                                       output_vocab_size)
 from llmprune.config import RecoverConfig
+from llmprune.recovery.chunked import chunked_sum, split_head
 from llmprune.recovery.lora import find_pruned_linears, train_masked_lora
 from llmprune.recovery.loop import epoch_order, train_loop
 from llmprune.runtime import available_memory_bytes, peak_rss_bytes
@@ -104,21 +105,36 @@ def train_recovery(
     train_windows = train_windows.to(device)
     desc = f"recovery ({config.params} + {config.loss})"
 
-    def run(trainee: nn.Module, params: list[nn.Parameter]) -> dict:
-        def forward(**inputs):  # bf16: the model's matmuls under autocast; the losses below are float32
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                return trainee(**inputs, use_cache=False)
+    # The head and loss a chunk of tokens at a time where the model splits cleanly (recovery/chunked.py).
+    split = split_head(model, train_windows[:1]) if config.loss_chunk else None
 
+    def autocast():  # bf16: the matmuls in bfloat16; the losses take float32 logits
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+    def run(trainee: nn.Module, params: list[nn.Parameter]) -> dict:
         def loss_of(window_indices: torch.Tensor) -> torch.Tensor:
             ids = train_windows[window_indices.to(device)]
-            if config.loss == "lm":
-                return forward(input_ids=ids, labels=ids).loss
-            logits = forward(input_ids=ids).logits
-            targets = (t.to(device) for t in teacher.rows(window_indices))
-            loss = distill_loss(logits, *targets, config.distill_temperature)
-            if config.distill_alpha:
-                lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                loss = (1 - config.distill_alpha) * loss + config.distill_alpha * lm
+            labels = torch.cat([ids[:, 1:], ids.new_full((len(ids), 1), -100)], dim=1)  # -100: no next token
+            rows = [labels] + ([t.to(device) for t in teacher.rows(window_indices)] if config.loss == "distill" else [])
+
+            def token_losses(logits: torch.Tensor, labels: torch.Tensor, *targets: torch.Tensor) -> torch.Tensor:
+                """These tokens' share of the step's mean loss (logits [n, vocab], rows [n, ...]): the shares of
+                a step's chunks add up to it."""
+                logits = logits.float()
+                if config.loss == "lm" or config.distill_alpha:
+                    lm = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / (ids.numel() - len(ids))
+                    if config.loss == "lm":
+                        return lm
+                kl = distill_loss(logits, *targets, config.distill_temperature) * len(logits) / ids.numel()
+                return (1 - config.distill_alpha) * kl + config.distill_alpha * lm if config.distill_alpha else kl
+
+            with autocast():
+                if split is None:
+                    logits = trainee(input_ids=ids, use_cache=False).logits
+                    loss = token_losses(logits.flatten(0, 1), *(row.flatten(0, 1) for row in rows))
+                else:
+                    hidden = split.decoder(input_ids=ids, use_cache=False).last_hidden_state
+                    loss = chunked_sum(hidden, split.head, token_losses, tuple(rows), config.loss_chunk)
             if matched:
                 dense_outputs = teacher.hidden_rows(window_indices)
                 loss = loss + config.distill_hidden * hidden_loss([student_outputs[s] for s in matched.values()],
@@ -173,6 +189,7 @@ def train_recovery(
         "lr": config.lr,
         "weight_decay": config.weight_decay,
         "gradient_checkpointing": config.gradient_checkpointing,
+        "loss_chunk": config.loss_chunk if split is not None else 0,  # 0: the model's logits whole
         "precision": config.precision,
         "tokens": config.tokens,
         "trained_parameters": result["trained_parameters"],
