@@ -65,7 +65,8 @@ class InputNorms:
 class Hessian:
     """2/n X^T X over the n calibration tokens (SparseGPT, ADMM): the layer-wise least-squares Hessian.
 
-    On a CPU only the upper triangle is accumulated, a panel of rows at a time (rows [a, b) against columns
+    Only the upper triangle is accumulated (except for half-precision inputs on a GPU, one mixed-precision
+    product of the whole), a panel of rows at a time (rows [a, b) against columns
     [a, n)): X^T X is symmetric, so this does 5/8 of the full product's work at 4 panels, and `finalize` mirrors
     it into the lower triangle (which also makes the result exactly symmetric)."""
 
