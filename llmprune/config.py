@@ -246,8 +246,8 @@ class RecoverConfig:
                             "GPUs and CPUs with AMX (on AVX-512 BF16 alone it measured slower than float32)",
                             group="recovery", flag="--recover-precision", choices=RECOVERY_PRECISIONS)
     loss_chunk: int = option(128, "tokens per chunk of the vocabulary-sized end of a step (head, softmax, loss "
-                             "and their gradients, recomputed a chunk at a time in the backward pass: about 0.5 GB "
-                             "less at 2 x 256 tokens and a 49k vocabulary); 0: whole batches at once",
+                             "and their gradients, recomputed a chunk at a time in the backward pass: a lower peak, "
+                             "the more so the larger the vocabulary); 0: whole batches at once",
                              group="recovery", flag="--recover-loss-chunk")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, about "
                                           "a third more time", group="recovery")
