@@ -346,19 +346,12 @@ def prune_structure(model, calibration, config: RunConfig, progress: bool, spars
     return pruned
 
 
-def _kept_layers(pruned) -> list[int] | None:
-    """The dense index of each decoder layer left after a layer prune (None: no layer was removed)."""
-    removed = set((pruned.structure or {}).get("removed_layers") or ())
-    if not removed:
-        return None
-    return [index for index in range(pruned.structure["units_before"]) if index not in removed]
-
-
 def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, progress: bool) -> dict:
     """Train the pruned model (its zeros kept) on this stage's share of the recovery windows."""
     import tempfile
     from dataclasses import replace
 
+    from .pruning.structured.runner import kept_layers
     from .recovery.train import train_recovery
 
     rc = inputs.config
@@ -371,7 +364,8 @@ def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, prog
     keep_adapter = inputs.keep_adapter and stage == stages - 1
     adapter_dir = Path(tempfile.mkdtemp(prefix="llmprune-adapter-")) if keep_adapter else None
     stats = train_recovery(model, train, inputs.val, replace(rc, steps=steps), teacher, masks, progress=progress,
-                           adapter_dir=adapter_dir, kept_layers=_kept_layers(pruned))
+                           adapter_dir=adapter_dir,
+                           kept_layers=kept_layers(pruned.structure) if pruned.structure else None)
     from .inputs.models import weight_matrix
 
     if masks:

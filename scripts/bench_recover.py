@@ -150,7 +150,6 @@ def prune_job(args, mode: dict, name: str, folder: str) -> dict:
     """Prune once, evaluate, and save the pruned model (a plain HF folder) for the rows to start from."""
     from llmprune import PruneConfig, prune
     from llmprune.inputs.data import calibration_windows
-    from llmprune.inputs.models import decoder_layers
     from llmprune.runtime import peak_rss_bytes, resolve_device
 
     device = resolve_device(args.device)
@@ -160,9 +159,9 @@ def prune_job(args, mode: dict, name: str, folder: str) -> dict:
                                       mode["calib_seqlen"], SEED)
     kept_layers = None
     if name in STRUCTURED:
-        n_dense = len(decoder_layers(model)[1])
-        removed = STRUCTURED[name](model, calibration).get("removed_layers") or []
-        kept_layers = [index for index in range(n_dense) if index not in removed] if removed else None
+        from llmprune.pruning.structured.runner import kept_layers as kept_of
+
+        kept_layers = kept_of(STRUCTURED[name](model, calibration))
         masks = None
     else:
         report = prune(model, calibration, PruneConfig(**PRUNES[name], nsamples=mode["nsamples"],

@@ -250,6 +250,12 @@ def parameter_counts(model: nn.Module, layers: nn.ModuleList) -> tuple[int, int]
     return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in layers.parameters())
 
 
+def kept_layers(record: dict) -> list[int] | None:
+    """The dense index of each decoder layer a structure record left (None: it removed no layer)."""
+    removed = set(record.get("removed_layers") or ())
+    return [i for i in range(record["units_before"]) if i not in removed] if removed else None
+
+
 def stage_sparsity(previous: dict, target: float) -> float:
     """A --schedule stage's sparsity for `prune_structured`, which removes a fraction of what the model has now:
     the fraction that brings the structure to `target` of the dense count, given the record of the prunes so far."""
@@ -273,7 +279,7 @@ def chain_records(previous: dict, stage: dict, target: float) -> dict:
                            for key in previous["seconds"].keys() | stage["seconds"].keys()},
                "stages": [*stages, stage]}
     if "removed_layers" in stage:
-        survivors = [i for i in range(previous["units_before"]) if i not in set(previous["removed_layers"])]
+        survivors = kept_layers(previous) or list(range(previous["units_before"]))
         joined["removed_layers"] = sorted([*previous["removed_layers"], *(survivors[i] for i in stage["removed_layers"])])
     return joined
 
