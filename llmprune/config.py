@@ -114,6 +114,12 @@ class PruneConfig:
     blocksize: int = option(128, "SparseGPT: columns per lazy-update block", group="pruning")
     percdamp: float = option(0.01, "SparseGPT: damping added to the Hessian diagonal, as a fraction of its mean",
                              group="pruning")
+    min_expert_tokens: int = option(128, "mixture of experts: an expert routed fewer calibration tokens than this "
+                                    "is rare, and its statistics come from --rare-experts (fewer give noisy norms "
+                                    "and a Hessian of low rank)", group="pruning")
+    rare_experts: str = option("all-tokens", "mixture of experts: a rare expert takes its statistics from all of its "
+                               "layer's tokens (all-tokens), or is pruned by weight magnitude (magnitude)",
+                               group="pruning", choices=("all-tokens", "magnitude"))
     nsamples: int = option(32, "random calibration windows", group="calibration")
     seqlen: int = option(512, "tokens per window (calibration and perplexity)", group="calibration")
     seed: int = option(0, "seed of the window sampling and of recovery (local generators)", group="calibration")
@@ -160,6 +166,9 @@ class PruneConfig:
         if not 0 <= self.sparsity < 1:
             raise LLMPruneError(f"--sparsity must be in [0, 1) (got {self.sparsity:g})")
         _at_least(self, ("nsamples", "seqlen", "batch_size", "blocksize"))
+        _at_least(self, ("min_expert_tokens",))
+        if self.rare_experts not in ("all-tokens", "magnitude"):
+            raise LLMPruneError(f"--rare-experts must be all-tokens or magnitude (got '{self.rare_experts}')")
         _finite(self.percdamp, "--percdamp", positive=True)
         _finite(self.ria_alpha, "--ria-alpha", nonnegative=True)
         _finite(self.admm_rho, "--admm-rho", positive=True)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..config import PruneConfig
 from ..errors import LLMPruneError
 from ..runtime import elapsed, resolve_device
+from .experts import ExpertPruning, is_router
 from .masks import pruned_count
 from .methods import LayerTarget, Method, get_method, get_update
 from ..inputs.models import decoder_layers, linears, set_weight_matrix, weight_matrix
@@ -66,11 +67,14 @@ class PruneReport:
     layer_sparsity: list[float] = field(default_factory=list)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     structure: dict | None = None  # what a structured prune removed (pruning/structured/runner.py)
+    moe: dict | None = None  # experts pruned, tokens routed to each (pruning/experts.py); None without experts
+    coverage: dict | None = None  # per kind of weight: pruned and left dense, and any weight left unaccounted
+    expert_records: list[dict] = field(default_factory=list)  # one per expert matrix, with zeros and numel
 
     @property
     def achieved_sparsity(self) -> float:
-        zeros = sum(layer["zeros"] for layer in self.layers)
-        return zeros / max(1, sum(layer["numel"] for layer in self.layers))
+        pruned = self.layers + self.expert_records
+        return sum(layer["zeros"] for layer in pruned) / max(1, sum(layer["numel"] for layer in pruned))
 
     def to_dict(self) -> dict:
         return {
@@ -78,7 +82,7 @@ class PruneReport:
             "allocation": self.allocation, "achieved_sparsity": self.achieved_sparsity,
             "layer_sparsity": self.layer_sparsity,
             "layers": [{k: v for k, v in layer.items() if k not in ("zeros", "numel")} for layer in self.layers],
-            "seconds": dict(self.seconds),
+            "seconds": dict(self.seconds), "moe": self.moe, "coverage": self.coverage,
         }
 
 
@@ -94,7 +98,13 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
     update = get_update(config.update) if config.update != "none" else None
     kinds = tuple(dict.fromkeys(k for k in (method.statistic, update and update.statistic) if k))
     device = resolve_device(config.device)
-    layers, targets = find_targets(model, config) if checked else check_model(model, config)
+    layers, targets = find_targets(model, config, allow_none=True) if checked else check_model(model, config)
+    experts = ExpertPruning(model, config, kinds)
+    if not any(targets) and not experts.layers_with_experts:
+        raise LLMPruneError("no linear layer is left to prune (check --skip)")
+    if parallel is not None and experts.layers_with_experts:
+        raise LLMPruneError("data-parallel pruning does not reach the experts of a mixture of experts yet: run it "
+                            "in one process")
     store = store or ModelLayers(layers, device)
     reduce = parallel.reduce if parallel is not None else None
     report = PruneReport(method.name, config.sparsity, config.pattern, config.allocation)
@@ -111,7 +121,8 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
     if first == 0:
         report.layer_sparsity = allocate_sparsity(store, targets, calls, config, device, report, progress, reduce)
 
-    last = max(i for i, layer_targets in enumerate(targets) if layer_targets)  # no data flows past it
+    last = max(i for i, layer_targets in enumerate(targets)  # no data flows past it
+               if layer_targets or i in experts.layers_with_experts)
     bar = tqdm(total=len(layers), initial=first, desc="pruning", unit="layer", disable=not progress)
     for i in range(first, len(layers)):
         layer = store.load(i)
@@ -121,12 +132,15 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
             start = time.perf_counter()
             statistics = collect_statistics(layer, i, calls, targets[i], kinds, reduce=reduce)
             report.seconds["statistics"] += elapsed(start, device)
+        expert_statistics = experts.collect(layer, i, calls) if calls is not None else {}  # the dense layer's
         start = time.perf_counter()
         for group in share_groups(targets[i], statistics):
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: {'+'.join(n.rsplit('.', 1)[-1] for n in group)}")
             if parallel is None or parallel.rank == 0:
                 prune_group(group, targets[i], statistics.get(group[0], {}), method, update,
                             report.layer_sparsity[i], config, report, layer_index=i)
+        experts.prune(layer, i, expert_statistics, method, update, report.layer_sparsity[i])
+        experts.account(layer, i, targets[i])
         if parallel is not None:
             parallel.broadcast(list(targets[i].values()))
         report.seconds["solve"] += elapsed(start, device)
@@ -140,6 +154,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
         store.done(i, layer)
         bar.update()
     bar.close()
+    report.expert_records, report.moe, report.coverage = experts.records, experts.summary(), experts.coverage()
     return report
 
 
@@ -161,21 +176,25 @@ def prunable_linears(layer: nn.Module, prefix: str, config: PruneConfig) -> dict
     """The layer's linears by full name, minus those --skip keeps dense."""
     skip = re.compile(config.skip) if config.skip else None
     found = {f"{prefix}.{name}": module for name, module in linears(layer).items()}
-    return {name: m for name, m in found.items() if not (skip and skip.search(name))}
+    return {name: m for name, m in found.items() if not (skip and skip.search(name)) and not is_router(name)}
 
 
-def find_targets(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
-    """The decoder layers and, per layer, the linears to prune."""
+def find_targets(model: nn.Module, config: PruneConfig, allow_none: bool = False
+                 ) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
+    """The decoder layers and, per layer, the linears to prune (routers stay dense). `allow_none`: the caller
+    also prunes what is not a linear (fused experts) and checks that something is left."""
     prefix, layers = decoder_layers(model)
     targets = [prunable_linears(layer, f"{prefix}.{i}", config) for i, layer in enumerate(layers)]
-    if not any(targets):
+    if not any(targets) and not allow_none:
         raise LLMPruneError("no linear layer is left to prune (check --skip)")
     return layers, targets
 
 
 def check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
     """find_targets, and fail before any work on what cannot be pruned as asked (shapes, NaN or Inf weights)."""
-    layers, targets = find_targets(model, config)
+    layers, targets = find_targets(model, config, allow_none=True)
+    if not any(targets) and not ExpertPruning(model, config, ()).layers_with_experts:  # also checks the experts
+        raise LLMPruneError("no linear layer is left to prune (check --skip)")
     for layer in targets:
         for name, module in layer.items():
             weight = weight_matrix(module)
