@@ -77,6 +77,8 @@ class Report:
     zero_shot: dict | None = None
     recovery: dict | None = None
     structure: dict | None = None
+    moe: dict | None = None  # {min_expert_tokens, rare_experts, blocks: {name: {layer, experts, tokens, rare}}, experts}
+    coverage: dict | None = None  # {kinds: {kind: {pruned, zeros, dense, dense_by}}, unaccounted: [weight names]}
     scale: dict | None = None  # {stream, reason, ranks, checkpointed, resumed}
     gguf: dict | None = None  # {file, outtype, bytes} with --save-format gguf
     seconds: dict[str, float] = field(default_factory=dict)

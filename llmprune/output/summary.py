@@ -21,10 +21,39 @@ def format_summary(report: Report) -> str:
         if len(differing) < len(layers):
             lines.append(f"(the other {len(layers) - len(differing)} layers: {report.sparsity:.4f} as targeted)")
     recovered = (report.recovery or {}).get("achieved_sparsity")
-    lines += ["", f"achieved sparsity over {len(report.layers)} pruned linears in {len(layers)} layers: "
+    experts = len((report.moe or {}).get("experts", []))
+    lines += ["", f"achieved sparsity over {len(report.layers)} pruned linears"
+              + (f" and {experts} expert matrices" if experts else "") + f" in {len(layers)} layers: "
               f"{report.achieved_sparsity:.6f}"
               + (f" (after recovery: {recovered:.6f})" if recovered is not None else "")]
-    return "\n".join(lines + _evaluation_lines(report))
+    return "\n".join(lines + coverage_lines(report) + _evaluation_lines(report))
+
+
+def coverage_lines(report: Report) -> list[str]:
+    """What was pruned and what was left dense, per kind of weight; the experts' calibration; and, loudly, any
+    weight of a decoder layer that stayed dense without anything asking for it."""
+    if not report.coverage:
+        return []
+    lines = []
+    for kind, entry in report.coverage["kinds"].items():
+        dense = ", ".join(f"{n:,} {why}" for why, n in entry["dense_by"].items())
+        pruned = f"{entry['pruned']:,} pruned to {entry['zeros'] / entry['pruned']:.4f}" if entry["pruned"] else ""
+        lines.append(f"  {kind}: " + "; ".join(part for part in (pruned, dense and f"dense: {dense}") if part))
+    lines = ["weights by kind (parameters):"] + lines
+    moe = report.moe
+    if moe and moe.get("blocks"):
+        rare = {name: block["rare"] for name, block in moe["blocks"].items() if block["rare"]}
+        fewest = min(min(block["tokens"]) for block in moe["blocks"].values())
+        lines.append(f"experts: {len(moe['blocks'])} MoE layers, fewest calibration tokens routed to an expert: {fewest}")
+        for name, experts in rare.items():
+            lines.append(f"  rare experts (< {moe['min_expert_tokens']} tokens, statistics: {moe['rare_experts']}) "
+                         f"of {name}: {experts}")
+    unaccounted = report.coverage["unaccounted"]
+    if unaccounted:
+        lines.append(f"WARNING: {len(unaccounted)} weights of decoder layers were left dense without being asked "
+                     f"(not a linear, not a known expert layout): {', '.join(unaccounted[:5])}"
+                     + (" ..." if len(unaccounted) > 5 else ""))
+    return lines
 
 
 def structure_lines(report: Report) -> list[str]:

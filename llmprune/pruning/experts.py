@@ -231,13 +231,17 @@ class ExpertStatistics:
             if not len(token):
                 continue
             x = hidden[token]
-            inner = self.block.intermediate(x, expert)
+            try:
+                inner = self.block.intermediate(x, expert)
+                if rebuilt is not None:
+                    out = self.block.output(x, expert, inner).float()
+                    rebuilt.index_add_(0, token, out * weights.reshape(len(hidden), -1)[token, slot, None])
+            except RuntimeError as err:  # shapes that do not fit: the layout was read wrongly
+                raise LLMPruneError(f"{self.block.name}: llmprune cannot read this experts layout "
+                                    f"({str(err).splitlines()[0]})") from None
             if self.kinds:
                 self._add(expert, "hidden", x)
                 self._add(expert, "intermediate", inner)
-            if rebuilt is not None:
-                out = self.block.output(x, expert, inner).float() * weights.reshape(len(hidden), -1)[token, slot, None]
-                rebuilt.index_add_(0, token, out)
         if rebuilt is not None:
             check_reconstruction(self.block, rebuilt, output)
             self.checked = True

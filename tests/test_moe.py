@@ -1,0 +1,248 @@
+"""Mixture-of-experts pruning on tiny random models of six families, against independent float64 computations.
+
+The tests read each family's experts through their own table below (orientation, gate/up order, activation),
+not through llmprune's layout reading, and take the routing from the model's own router."""
+
+import copy
+
+import pytest
+import torch
+
+from llmprune import PruneConfig, prune
+from llmprune.errors import LLMPruneError
+from llmprune.report import Report
+from llmprune.output.summary import format_summary
+from moe_models import FAMILIES, tiny_moe, moe_tokens
+
+# family -> (experts stored (experts, in, out), gate and up rows interleaved, activation)
+LAYOUTS = {family: (False, False, "silu_glu") for family in FAMILIES} | {"gpt_oss": (True, True, "gpt_oss")}
+SPARSITY = 0.5
+
+
+def moe_layers(model):
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(getattr(layer, "mlp", None), "experts")]
+
+
+def router_of(model, i):
+    mlp = model.model.layers[i].mlp
+    return mlp.router if hasattr(mlp, "router") else mlp.gate
+
+
+def expert_weights(model, family, i, expert):
+    """Expert `expert` of layer i in float64: (gate_up as [gate; up] rows (out, in), its bias, down (out, in),
+    its bias), read with this file's own layout table."""
+    transposed, interleaved, _ = LAYOUTS[family]
+    experts = model.model.layers[i].mlp.experts
+    gate_up, down = experts.gate_up_proj[expert].double(), experts.down_proj[expert].double()
+    gate_up_bias = getattr(experts, "gate_up_proj_bias", None)
+    gate_up_bias = None if gate_up_bias is None else gate_up_bias[expert].double()
+    if transposed:
+        gate_up, down = gate_up.t(), down.t()
+    if interleaved:
+        gate_up = torch.cat([gate_up[0::2], gate_up[1::2]])
+        gate_up_bias = torch.cat([gate_up_bias[0::2], gate_up_bias[1::2]])
+    return gate_up, gate_up_bias, down
+
+
+def intermediate64(model, family, gate_up, bias, x):
+    h = x @ gate_up.t() + (0 if bias is None else bias)
+    gate, up = h.chunk(2, dim=-1)
+    if LAYOUTS[family][2] == "gpt_oss":  # clamped SwiGLU with (up + 1), alpha and limit from the config
+        limit, alpha = model.config.swiglu_limit, model.config.swiglu_alpha
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(alpha * gate)
+    return torch.nn.functional.silu(gate) * up
+
+
+def routed_inputs(model, i, ids, batch_size=4):
+    """The router's input at layer i (= the experts' input) and its chosen experts, over the calibration batches."""
+    seen = []
+    handle = router_of(model, i).register_forward_hook(lambda m, args, out: seen.append((args[0], out[2])))
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            model(ids[start : start + batch_size])
+    handle.remove()
+    hidden = torch.cat([h.reshape(-1, h.shape[-1]) for h, _ in seen]).double()
+    chosen = torch.cat([c.reshape(len(h.reshape(-1, h.shape[-1])), -1) for h, c in seen])
+    return hidden, chosen
+
+
+def wanda64(weight, norms, sparsity):
+    """Per row, the floor(in * s + 0.5) lowest |W| * ||X|| pruned (a stable sort breaks ties by position)."""
+    count = int(weight.shape[1] * sparsity + 0.5)
+    order = (weight.abs() * norms).argsort(dim=1, stable=True)
+    keep = torch.ones_like(weight, dtype=torch.bool)
+    keep.scatter_(1, order[:, :count], False)
+    return keep
+
+
+def only(i):
+    """--skip keeping everything dense but the routed experts of layer i."""
+    return rf"^(?!model\.layers\.{i}\.mlp\.experts\.)"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("mode", ["routed", "all-tokens", "magnitude"])
+def test_expert_pruned_by_wanda_equals_float64_brute_force(family, mode):
+    """Each expert of the last MoE layer, pruned alone: its mask is Wanda over exactly the tokens its router sent
+    it (or over all of the layer's tokens, or by magnitude, for an expert made rare), and the report's token
+    counts are the router's."""
+    model = tiny_moe(family)
+    ids = moe_tokens()
+    i = moe_layers(model)[-1]
+    dense = copy.deepcopy(model)
+    hidden, chosen = routed_inputs(dense, i, ids)
+    min_tokens = {"routed": 1, "all-tokens": 10**6, "magnitude": 10**6}[mode]
+    report = prune(model, ids, PruneConfig(method="wanda", sparsity=SPARSITY, batch_size=4, skip=only(i),
+                                           min_expert_tokens=min_tokens,
+                                           rare_experts="magnitude" if mode == "magnitude" else "all-tokens"),
+                   progress=False)
+    block = report.moe["blocks"][f"model.layers.{i}.mlp.experts"]
+    counts = [int((chosen == e).sum()) for e in range(block["experts"])]
+    assert block["tokens"] == counts and sum(counts) == chosen.numel()
+    assert block["rare"] == ([] if mode == "routed" else list(range(block["experts"])))
+    for expert in range(block["experts"]):
+        x = hidden[(chosen == expert).any(-1)] if mode == "routed" else hidden
+        gate_up, bias, down = expert_weights(dense, family, i, expert)
+        inner = intermediate64(dense, family, gate_up, bias, x)
+        ones_in, ones_mid = torch.ones(gate_up.shape[1], dtype=torch.float64), torch.ones(down.shape[1],
+                                                                                          dtype=torch.float64)
+        norms_in = ones_in if mode == "magnitude" else x.square().sum(0).sqrt()
+        norms_mid = ones_mid if mode == "magnitude" else inner.square().sum(0).sqrt()
+        got_gate_up, _, got_down = expert_weights(model, family, i, expert)
+        for got, weight, norms in ((got_gate_up, gate_up, norms_in), (got_down, down, norms_mid)):
+            torch.testing.assert_close(got, weight * wanda64(weight, norms, SPARSITY), rtol=0, atol=0)
+    assert len(report.layers) == 0  # everything else was kept dense by --skip
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_expert_statistics_are_float64_brute_force(family):
+    """Per expert: the Hessian of its input and of its intermediate activation over the tokens routed to it."""
+    from llmprune.inputs.models import decoder_layers
+    from llmprune.pruning.experts import collect_expert_statistics, find_expert_blocks
+    from llmprune.pruning.runner import capture_layer_calls, propagate
+
+    model = tiny_moe(family)
+    ids = moe_tokens()
+    i = moe_layers(model)[0]
+    hidden, chosen = routed_inputs(model, i, ids)
+    _, layers = decoder_layers(model)
+    calls = capture_layer_calls(model, layers, ids, 4, torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        for j in range(i):
+            propagate(layers[j], j, calls)
+        blocks = find_expert_blocks(layers[i], f"model.layers.{i}", model.config.hidden_size)
+        collected = collect_expert_statistics(layers[i], i, calls, blocks, ("hessian", "input_norms"), 1, "all-tokens")
+    assert [b.name for b in blocks] == [f"model.layers.{i}.mlp.experts"]
+    _, finals = collected[blocks[0].name]
+    for expert in range(blocks[0].num_experts):
+        x = hidden[(chosen == expert).any(-1)]
+        gate_up, bias, _ = expert_weights(model, family, i, expert)
+        inner = intermediate64(model, family, gate_up, bias, x)
+        for reads, inputs in (("hidden", x), ("intermediate", inner)):
+            torch.testing.assert_close(finals[(expert, reads)]["hessian"].double(), 2 * inputs.t() @ inputs / len(x),
+                                       rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("sparsegpt", "unstructured")])
+def test_every_expert_matrix_reaches_target_and_model_reloads(family, method, pattern, tmp_path):
+    """Every expert's every matrix carries the pattern (read straight from the 3-D parameters); the pruned model
+    runs its own forward, and saves and reloads with from_pretrained to the same logits."""
+    model = tiny_moe(family)
+    ids = moe_tokens()
+    report = prune(model, ids, PruneConfig(method=method, pattern=pattern, batch_size=4, min_expert_tokens=1),
+                   progress=False)
+    checked = 0
+    for i in moe_layers(model):
+        for expert in range(model.model.layers[i].mlp.experts.gate_up_proj.shape[0]):
+            gate_up, _, down = expert_weights(model, family, i, expert)
+            for weight, parts in ((gate_up, gate_up.chunk(2)), (down, [down])):
+                if pattern == "2:4":
+                    assert bool(((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+                else:  # SparseGPT compares a whole matrix: gate, up and down each lose exactly half
+                    assert all(int((part == 0).sum()) == part.numel() // 2 for part in parts)
+                checked += 1
+    assert checked == 2 * len(moe_layers(model)) * 4 == len(report.moe["experts"])
+    assert abs(report.achieved_sparsity - 0.5) < 1e-3
+    with torch.no_grad():
+        logits = model(ids[:2]).logits
+    assert bool(torch.isfinite(logits).all())
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids[:2]).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_report_counts_every_kind_of_weight():
+    """Qwen2-MoE: attention, routed experts and the shared expert pruned; the router and the shared expert's gate
+    dense; their parameter counts from the model itself; nothing unaccounted; the summary says so."""
+    model = tiny_moe("qwen2_moe")
+    report = prune(model, moe_tokens(), PruneConfig(method="wanda", sparsity=SPARSITY, batch_size=4,
+                                                    min_expert_tokens=1), progress=False)
+    named = dict(model.model.layers.named_parameters())
+    total = lambda *parts: sum(p.numel() for n, p in named.items() if any(s in n for s in parts) and p.dim() >= 2)
+    kinds = report.coverage["kinds"]
+    assert kinds["experts"]["pruned"] == total("experts.gate_up_proj", "experts.down_proj")
+    assert kinds["shared"]["pruned"] == total("shared_expert.")
+    assert kinds["attention"]["pruned"] == total("self_attn")
+    assert kinds["router"] == {"pruned": 0, "zeros": 0, "dense": total("mlp.gate.", "shared_expert_gate"),
+                               "dense_by": {"router": total("mlp.gate.", "shared_expert_gate")}}
+    for kind in ("experts", "shared", "attention"):
+        assert kinds[kind]["zeros"] == kinds[kind]["pruned"] // 2
+    assert report.coverage["unaccounted"] == []
+    assert not bool((model.model.layers[0].mlp.shared_expert_gate.weight == 0).any())
+    summary = format_summary(_as_report(report))
+    assert "router: dense" in summary and "WARNING" not in summary
+    assert "and 16 expert matrices" in summary
+
+
+def test_unknown_weight_is_reported_not_skipped_silently():
+    """A 3-D weight of a layout llmprune does not know stays dense, and the report and summary name it."""
+    model = tiny_moe("mixtral")
+    experts = model.model.layers[1].mlp.experts
+    experts.mystery_proj = torch.nn.Parameter(torch.randn(4, 8, 8))
+    report = prune(model, moe_tokens(), PruneConfig(method="magnitude", sparsity=SPARSITY), progress=False)
+    assert report.coverage["unaccounted"] == ["model.layers.1.mlp.experts.mystery_proj"]
+    assert "WARNING: 1 weights" in format_summary(_as_report(report))
+
+
+def test_rare_experts_are_named_in_the_summary():
+    model = tiny_moe("olmoe")
+    report = prune(model, moe_tokens(), PruneConfig(method="wanda", sparsity=SPARSITY, batch_size=4,
+                                                    min_expert_tokens=60, rare_experts="magnitude"), progress=False)
+    blocks = report.moe["blocks"]
+    rare = {name: [e for e, n in enumerate(b["tokens"]) if n < 60] for name, b in blocks.items()}
+    assert any(rare.values()) and not all(len(r) == 4 for r in rare.values())
+    assert {name: b["rare"] for name, b in blocks.items()} == rare
+    summary = format_summary(_as_report(report))
+    for name, experts in rare.items():
+        if experts:
+            assert f"statistics: magnitude) of {name}: {experts}" in summary
+    sources = {(r["name"], r["expert"]): r["statistics"] for r in report.moe["experts"]}
+    assert all(sources[(f"{name}.down_proj", e)] == "magnitude" for name, es in rare.items() for e in es)
+
+
+def test_misread_layout_fails_loudly():
+    """A gate function that is not what the module computes: the recomputed output differs, and the run stops."""
+    model = tiny_moe("mixtral")
+    model.config._experts_implementation = "eager"  # the module's own loop, which does not call _apply_gate
+    experts = model.model.layers[0].mlp.experts
+    experts._apply_gate = lambda out: torch.nn.functional.gelu(out.chunk(2, dim=-1)[0]) * out.chunk(2, dim=-1)[1]
+    with pytest.raises(LLMPruneError, match="experts"):
+        prune(model, moe_tokens(), PruneConfig(method="wanda", sparsity=SPARSITY, batch_size=4), progress=False)
+
+
+@pytest.mark.parametrize("settings,message", [({"min_expert_tokens": 0}, "--min-expert-tokens"),
+                                              ({"rare_experts": "drop"}, "--rare-experts")])
+def test_bad_expert_settings(settings, message):
+    with pytest.raises(LLMPruneError, match=message):
+        PruneConfig(**settings)
+
+
+def _as_report(pruned) -> Report:
+    d = pruned.to_dict()
+    return Report.from_dict({"model": "tiny", "model_name": "tiny", "architecture": "moe", "method": d["method"],
+                             "sparsity": d["sparsity"], "pattern": d["pattern"], "allocation": d["allocation"],
+                             "achieved_sparsity": d["achieved_sparsity"], "layers": d["layers"],
+                             "layer_sparsity": d["layer_sparsity"], "moe": d["moe"], "coverage": d["coverage"]})
