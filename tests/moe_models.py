@@ -55,3 +55,13 @@ def tiny_moe(family: str, seed: int = 0, **overrides):
 
 def moe_tokens(n: int = 8, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def save_tiny_moe_dir(path, family: str, tokenizer_dir):
+    """A tiny MoE saved as a local Hugging Face directory, with the tokenizer of `tokenizer_dir`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tiny_moe(family, vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

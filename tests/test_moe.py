@@ -246,3 +246,29 @@ def _as_report(pruned) -> Report:
                              "sparsity": d["sparsity"], "pattern": d["pattern"], "allocation": d["allocation"],
                              "achieved_sparsity": d["achieved_sparsity"], "layers": d["layers"],
                              "layer_sparsity": d["layer_sparsity"], "moe": d["moe"], "coverage": d["coverage"]})
+
+
+def test_pipeline_reports_experts_and_writes_a_loadable_model(tmp_path, tiny_dir):
+    """A whole run on a tiny Mixtral directory: report.json carries the experts' token counts and the per-kind
+    coverage, the summary counts the expert matrices, and the output loads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune import pipeline
+    from llmprune.config import RunConfig
+    from moe_models import save_tiny_moe_dir
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(3000)))
+    source = save_tiny_moe_dir(tmp_path / "moe", "mixtral", tiny_dir)
+    out = tmp_path / "out"
+    report = pipeline.run(RunConfig(model=str(source), prune=PruneConfig(method="wanda", nsamples=4, seqlen=16,
+                                                                         min_expert_tokens=4),
+                                    calib=f"file:{text}", eval=f"file:{text}", eval_windows=2, output=str(out)),
+                          progress=False)
+    saved = Report.load(out / "report.json")
+    assert saved.moe == report.moe and sum(saved.moe["blocks"]["model.layers.0.mlp.experts"]["tokens"]) == 4 * 16 * 2
+    assert saved.coverage["kinds"]["experts"]["zeros"] * 2 == saved.coverage["kinds"]["experts"]["pruned"]
+    assert abs(saved.achieved_sparsity - 0.5) < 1e-3
+    assert "expert matrices" in format_summary(saved)
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert float((pruned.model.layers[1].mlp.experts.down_proj == 0).float().mean()) == 0.5
