@@ -65,3 +65,56 @@ def save_tiny_moe_dir(path, family: str, tokenizer_dir):
     tiny_moe(family, vocab_size=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class ListedExpert(torch.nn.Module):
+    """One expert as its own MLP of nn.Linear (the older Mixtral layout: w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.w1 = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.w3 = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.w2 = torch.nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class ListedMoe(torch.nn.Module):
+    """Mixtral's sparse block with a list of expert modules, each called with its routed tokens only.
+    `banned` experts are never routed to (their router logits are minus infinity)."""
+
+    def __init__(self, fused_block, banned=()):
+        super().__init__()
+        experts = fused_block.experts
+        count, double, hidden = experts.gate_up_proj.shape
+        self.top_k, self.banned = fused_block.gate.top_k, list(banned)
+        self.gate = torch.nn.Linear(hidden, count, bias=False)
+        self.experts = torch.nn.ModuleList(ListedExpert(hidden, double // 2) for _ in range(count))
+        with torch.no_grad():
+            self.gate.weight.copy_(fused_block.gate.weight)
+            for e, expert in enumerate(self.experts):
+                expert.w1.weight.copy_(experts.gate_up_proj[e, : double // 2])
+                expert.w3.weight.copy_(experts.gate_up_proj[e, double // 2 :])
+                expert.w2.weight.copy_(experts.down_proj[e])
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits = self.gate(x)
+        logits[:, self.banned] = float("-inf")
+        weights, chosen = logits.softmax(-1).topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if len(token):
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.reshape(hidden_states.shape)
+
+
+def listed_mixtral(seed: int = 0, banned: dict[int, list[int]] | None = None):
+    """The tiny Mixtral with every sparse block rebuilt as a list of expert modules: the same function."""
+    model = tiny_moe("mixtral", seed=seed)
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp = ListedMoe(layer.mlp, (banned or {}).get(i, ()))
+    return model.eval()

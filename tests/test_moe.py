@@ -272,3 +272,37 @@ def test_pipeline_reports_experts_and_writes_a_loadable_model(tmp_path, tiny_dir
     assert "expert matrices" in format_summary(saved)
     pruned = AutoModelForCausalLM.from_pretrained(out)
     assert float((pruned.model.layers[1].mlp.experts.down_proj == 0).float().mean()) == 0.5
+
+
+def test_listed_experts_are_pruned_as_the_fused_ones():
+    """Older layout (a list of per-expert nn.Linear MLPs): the same function as the fused Mixtral, so Wanda gives
+    every expert the same weights; an expert never routed to is rare and takes all of the layer's tokens."""
+    from moe_models import listed_mixtral
+
+    ids = moe_tokens()
+    fused, listed = tiny_moe("mixtral"), listed_mixtral()
+    with torch.no_grad():
+        torch.testing.assert_close(listed(ids).logits, fused(ids).logits, rtol=1e-5, atol=1e-5)
+    config = PruneConfig(method="wanda", sparsity=SPARSITY, batch_size=4, min_expert_tokens=1)
+    fused_report, listed_report = (prune(m, ids, config, progress=False) for m in (fused, listed))
+    assert len(listed_report.layers) == len(fused_report.layers) == 8  # attention; the routers stay dense
+    assert [b["tokens"] for b in listed_report.moe["blocks"].values()] == \
+        [b["tokens"] for b in fused_report.moe["blocks"].values()]
+    for i in range(2):
+        for e in range(4):
+            expert = listed.model.layers[i].mlp.experts[e]
+            gate_up, _, down = expert_weights(fused, "mixtral", i, e)
+            torch.testing.assert_close(torch.cat([expert.w1.weight, expert.w3.weight]).double(), gate_up)
+            torch.testing.assert_close(expert.w2.weight.double(), down)
+    assert listed_report.coverage["unaccounted"] == [] and listed_report.coverage["kinds"]["router"]["dense"] == 256
+
+    banned, reference = listed_mixtral(banned={1: [3]}), tiny_moe("mixtral")
+    rare = PruneConfig(method="wanda", sparsity=SPARSITY, batch_size=4, min_expert_tokens=1, skip=only(1))
+    report = prune(banned, ids, rare, progress=False)
+    prune(reference, ids, PruneConfig(**{**rare.__dict__, "min_expert_tokens": 10**6}), progress=False)
+    assert report.moe["blocks"]["model.layers.1.mlp.experts"]["tokens"][3] == 0
+    assert report.moe["blocks"]["model.layers.1.mlp.experts"]["rare"] == [3]
+    expert = banned.model.layers[1].mlp.experts[3]
+    gate_up, _, down = expert_weights(reference, "mixtral", 1, 3)
+    torch.testing.assert_close(torch.cat([expert.w1.weight, expert.w3.weight]).double(), gate_up)
+    torch.testing.assert_close(expert.w2.weight.double(), down)

@@ -32,6 +32,8 @@ EXPERT_MATRICES = {"gate_up_proj": "hidden", "gate_proj": "hidden", "up_proj": "
                    "w3": "hidden", "w13": "hidden", "down_proj": "intermediate", "w2": "intermediate"}
 FUSED_GATE_UP = ("gate_up_proj", "w13")  # one matrix holding the gate rows and the up rows
 GATE_NAMES, UP_NAMES = ("gate_proj", "w1"), ("up_proj", "w3")
+EXPERT_LISTS = ("experts",)  # older layouts: a ModuleList of per-expert MLPs by this name
+LISTED_EXPERT = re.compile(r"\.experts\.\d+\.")  # a linear inside such a list
 
 # Weights of a decoder layer by kind, from their full names: the first pattern that matches names the kind.
 # Routers decide which experts run; they are kept dense.
@@ -51,6 +53,11 @@ def weight_kind(name: str) -> str:
 
 def is_router(name: str) -> bool:
     return bool(ROUTER.search(name))
+
+
+def kept_from_linears(name: str) -> bool:
+    """Linears the runner's own loop leaves alone: routers (never pruned) and listed experts (pruned here)."""
+    return is_router(name) or bool(LISTED_EXPERT.search(name))
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,99 @@ class ExpertBlock:
             out = self.module.post_expert_norm(out)
         return out
 
+    @property
+    def stop_module(self) -> nn.Module:
+        """The module whose end is the end of this block's work in a forward pass."""
+        return self.module
+
+    def stored(self, matrix: ExpertMatrix) -> list[torch.Tensor]:
+        return [self._parameter(matrix)]
+
+    def weight_names(self, params) -> set[str]:
+        return {f"{self.name}.{param}" for param in params}
+
+    def watch(self, statistics: "ExpertStatistics", rare: list[int] | None):
+        """Hooks feeding `statistics`: each expert's routed tokens, or (given `rare`) all tokens to those experts.
+        The experts module is called with (hidden_states, top-k indices, top-k weights)."""
+        if rare is not None:
+            def all_tokens(module, args, kwargs):
+                statistics.add_all_tokens(_routing(args, kwargs)[0], rare)
+
+            return [self.module.register_forward_pre_hook(all_tokens, with_kwargs=True)]
+
+        def routed(module, args, kwargs, output):
+            hidden, chosen, weights = _routing(args, kwargs)
+            statistics.add_routed(hidden, chosen, weights, None if statistics.checked else output)
+
+        return [self.module.register_forward_hook(routed, with_kwargs=True)]
+
+
+@dataclass
+class ExpertList:
+    """Routed experts as a list of modules holding nn.Linear (older layouts): each expert's module computes its own
+    intermediate activation, seen as the input of its output linear."""
+
+    name: str  # full name of the list
+    module: nn.ModuleList
+    num_experts: int
+    matrices: list[ExpertMatrix]
+    parent: nn.Module  # the MoE block: its input is every token of the layer
+    skipped: frozenset[str] = frozenset()
+
+    targets = ExpertBlock.targets
+
+    def _linear(self, matrix: ExpertMatrix, expert: int) -> nn.Module:
+        return self.module[expert].get_submodule(matrix.param)
+
+    def weight(self, matrix: ExpertMatrix, expert: int) -> torch.Tensor:
+        from ..inputs.models import weight_matrix
+
+        return weight_matrix(self._linear(matrix, expert))
+
+    def set_weight(self, matrix: ExpertMatrix, expert: int, new: torch.Tensor) -> None:
+        from ..inputs.models import set_weight_matrix
+
+        set_weight_matrix(self._linear(matrix, expert), new)
+
+    def segments(self, matrix: ExpertMatrix, expert: int) -> tuple[int, ...]:
+        return (self.weight(matrix, expert).shape[0],)
+
+    def _down(self, expert: int) -> nn.Module:
+        return self._linear(next(m for m in self.matrices if m.reads == "intermediate"), expert)
+
+    def intermediate(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        seen = []
+        handle = self._down(expert).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            self.module[expert](x)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    @property
+    def stop_module(self) -> nn.Module:
+        return self.parent
+
+    def stored(self, matrix: ExpertMatrix) -> list[torch.Tensor]:
+        return [self._linear(matrix, e).weight for e in range(self.num_experts)]
+
+    def weight_names(self, params) -> set[str]:
+        return {f"{self.name}.{e}.{param}.weight" for param in params for e in range(self.num_experts)}
+
+    def watch(self, statistics: "ExpertStatistics", rare: list[int] | None):
+        """Hooks feeding `statistics`: each expert module sees only its routed tokens and its output linear their
+        intermediate activation; all of the layer's tokens are the MoE block's input."""
+        if rare is not None:
+            return [self.parent.register_forward_pre_hook(
+                lambda module, args: statistics.add_all_tokens(args[0], rare))]
+        handles = []
+        for expert in range(self.num_experts):
+            handles.append(self.module[expert].register_forward_pre_hook(
+                lambda module, args, e=expert: statistics.add_expert_input(e, args[0])))
+            handles.append(self._down(expert).register_forward_pre_hook(
+                lambda module, args, e=expert: statistics.add(e, "intermediate", args[0])))
+        return handles
+
 
 def expert_count(module: nn.Module) -> int | None:
     """The number of experts a module holds as fused 3-D parameters (their shared leading size), or None."""
@@ -176,7 +276,25 @@ def find_expert_blocks(layer: nn.Module, prefix: str, hidden_size: int | None) -
         if not any(m.reads == "intermediate" for m in matrices) or not any(m.reads == "hidden" for m in matrices):
             continue
         blocks.append(ExpertBlock(full, module, count, matrices))
-    return blocks
+    return blocks + find_expert_lists(layer, prefix)
+
+
+def find_expert_lists(layer: nn.Module, prefix: str) -> list[ExpertList]:
+    """Lists of per-expert modules named as EXPERT_LISTS says, whose linears are named in EXPERT_MATRICES."""
+    from ..inputs.models import linears
+
+    found = []
+    for name, module in layer.named_modules():
+        if not (isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in EXPERT_LISTS and len(module) > 1
+                and len({type(expert) for expert in module}) == 1):
+            continue
+        inner = linears(module[0])
+        matrices = [ExpertMatrix(local, EXPERT_MATRICES[local], False) for local in inner if local in EXPERT_MATRICES]
+        if {m.reads for m in matrices} != {"hidden", "intermediate"}:
+            continue
+        parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+        found.append(ExpertList(f"{prefix}.{name}", module, len(module), matrices, parent))
+    return found
 
 
 def _transposed_from_shape(name, param, shape, reads, hidden_size) -> bool:
@@ -213,11 +331,16 @@ class ExpertStatistics:
         self.tokens = [0] * self.block.num_experts
         self.source = ["routed"] * self.block.num_experts
 
-    def _add(self, expert: int, reads: str, x: torch.Tensor) -> None:
+    def add(self, expert: int, reads: str, x: torch.Tensor) -> None:
         stats = self.routed.setdefault((expert, reads), {k: new_statistic(k, x.shape[-1], x.device)
                                                          for k in self.kinds})
         for statistic in stats.values():
             statistic.add(x)
+
+    def add_expert_input(self, expert: int, x: torch.Tensor) -> None:
+        """Tokens an expert's own module received (a listed expert is called with its routed tokens only)."""
+        self.tokens[expert] += x.numel() // x.shape[-1]
+        self.add(expert, "hidden", x)
 
     def add_routed(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                    output: torch.Tensor | None) -> None:
@@ -240,8 +363,8 @@ class ExpertStatistics:
                 raise LLMPruneError(f"{self.block.name}: llmprune cannot read this experts layout "
                                     f"({str(err).splitlines()[0]})") from None
             if self.kinds:
-                self._add(expert, "hidden", x)
-                self._add(expert, "intermediate", inner)
+                self.add(expert, "hidden", x)
+                self.add(expert, "intermediate", inner)
         if rebuilt is not None:
             check_reconstruction(self.block, rebuilt, output)
             self.checked = True
@@ -250,8 +373,8 @@ class ExpertStatistics:
         """One batch: every token of the layer, as the inputs of the given (rare) experts."""
         hidden = hidden.reshape(-1, hidden.shape[-1])
         for expert in experts:
-            self._add(expert, "hidden", hidden)
-            self._add(expert, "intermediate", self.block.intermediate(hidden, expert))
+            self.add(expert, "hidden", hidden)
+            self.add(expert, "intermediate", self.block.intermediate(hidden, expert))
 
     def finalize(self) -> dict:
         """{(expert, reads): {kind: value}}, checked finite."""
@@ -293,28 +416,15 @@ def collect_expert_statistics(layer, index, calls, blocks: list[ExpertBlock], ki
     from .runner import _StopForward, _run
 
     collected = {block.name: ExpertStatistics(block, kinds) for block in blocks}
-    by_module = {block.module: collected[block.name] for block in blocks}
-    last = blocks[-1].module
     rare: dict[str, list[int]] = {}
 
-    def routed_hook(module, args, kwargs, output):
-        statistics = by_module[module]
-        hidden, chosen, weights = _routing(args, kwargs)
-        statistics.add_routed(hidden, chosen, weights, None if statistics.checked else output)
-        if module is last:
-            raise _StopForward
+    def stop(module, args, output):
+        raise _StopForward
 
-    def all_tokens_hook(module, args, kwargs):
-        statistics = by_module[module]
-        hidden, _, _ = _routing(args, kwargs)
-        statistics.add_all_tokens(hidden, rare.get(statistics.block.name, []))
-        if module is last:
-            raise _StopForward
-
-    def run(hook, pre):
-        register = (lambda m: m.register_forward_pre_hook(hook, with_kwargs=True)) if pre else \
-            (lambda m: m.register_forward_hook(hook, with_kwargs=True))
-        handles = [register(block.module) for block in blocks]
+    def run(all_tokens: bool):
+        handles = [h for block in blocks if not all_tokens or block.name in rare
+                   for h in block.watch(collected[block.name], rare[block.name] if all_tokens else None)]
+        handles.append(blocks[-1].stop_module.register_forward_hook(stop))
         try:
             for batch in range(len(calls.batches)):
                 try:
@@ -325,7 +435,7 @@ def collect_expert_statistics(layer, index, calls, blocks: list[ExpertBlock], ki
             for handle in handles:
                 handle.remove()
 
-    run(routed_hook, pre=False)
+    run(all_tokens=False)
     for name, statistics in collected.items():
         few = [e for e, n in enumerate(statistics.tokens) if n < min_tokens]
         for expert in few:
@@ -335,7 +445,7 @@ def collect_expert_statistics(layer, index, calls, blocks: list[ExpertBlock], ki
         if few and rare_policy == "all-tokens" and kinds:
             rare[name] = few
     if rare:
-        run(all_tokens_hook, pre=True)
+        run(all_tokens=True)
     return {name: (statistics, statistics.finalize()) for name, statistics in collected.items()}
 
 
@@ -387,8 +497,7 @@ def check_expert_blocks(blocks: list[ExpertBlock], config) -> None:
                 raise LLMPruneError(f"{block.name}.{matrix.param} has {weight.shape[1]} inputs per expert, not "
                                     f"divisible by M={config.nm[1]} of --pattern {config.pattern}: choose another "
                                     "pattern or --skip these experts")
-            stored = getattr(block.module, matrix.param)
-            if stored.device.type != "meta" and not torch.isfinite(stored).all():
+            if any(t.device.type != "meta" and not bool(torch.isfinite(t).all()) for t in block.stored(matrix)):
                 raise LLMPruneError(f"{block.name}.{matrix.param} has NaN or Inf weights: the model file is damaged")
 
 
@@ -491,8 +600,8 @@ class ExpertPruning:
         pruned = {f"{name}.weight" for name in linear_targets}
         skipped = set()
         for block in self.blocks(layer, i):
-            pruned |= {f"{block.name}.{m.param}" for m in block.targets}
-            skipped |= {f"{block.name}.{param}" for param in block.skipped}
+            pruned |= block.weight_names(m.param for m in block.targets)
+            skipped |= block.weight_names(block.skipped)
         if self.skip:
             skipped |= {f"{prefix}.{name}" for name, _ in layer.named_parameters() if self.skip.search(f"{prefix}.{name}")
                         or self.skip.search(f"{prefix}.{name}".removesuffix(".weight"))}

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..config import PruneConfig
 from ..errors import LLMPruneError
 from ..runtime import elapsed, resolve_device
-from .experts import ExpertPruning, is_router
+from .experts import ExpertPruning, kept_from_linears
 from .masks import pruned_count
 from .methods import LayerTarget, Method, get_method, get_update
 from ..inputs.models import decoder_layers, linears, set_weight_matrix, weight_matrix
@@ -176,7 +176,7 @@ def prunable_linears(layer: nn.Module, prefix: str, config: PruneConfig) -> dict
     """The layer's linears by full name, minus those --skip keeps dense."""
     skip = re.compile(config.skip) if config.skip else None
     found = {f"{prefix}.{name}": module for name, module in linears(layer).items()}
-    return {name: m for name, m in found.items() if not (skip and skip.search(name)) and not is_router(name)}
+    return {name: m for name, m in found.items() if not (skip and skip.search(name)) and not kept_from_linears(name)}
 
 
 def find_targets(model: nn.Module, config: PruneConfig, allow_none: bool = False
