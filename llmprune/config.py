@@ -71,8 +71,13 @@ class PruneConfig:
                                     "(default: 0.5, or 1-N/M for an N:M pattern); with --structure, the fraction "
                                     "of that structure removed (default 0.2)", group="pruning")
     structure: str = option("none", "remove whole structures and save a smaller ordinary model: MLP channels, "
-                            "attention heads or decoder layers (none: zero single weights)", group="structured",
-                            choices=("none", "channels", "heads", "layers"))
+                            "attention heads, decoder layers or routed experts of a mixture of experts (none: zero "
+                            "single weights)", group="structured",
+                            choices=("none", "channels", "heads", "layers", "experts"))
+    expert_importance: str = option("reap", "how --structure experts ranks each MoE layer's experts: reap = mean "
+                                    "over its routed tokens of routing weight x output norm (Cerebras 2025); "
+                                    "frequency = tokens routed to it", group="structured",
+                                    choices=("reap", "frequency"))
     remove_params: float | None = option(None, "with --structure: remove about this fraction of the decoder "
                                          "layers' parameters (chooses --sparsity)", group="structured")
     round_to: int = option(64, "kept MLP widths are multiples of this (hardware likes them; 1 = exact)",
@@ -133,7 +138,12 @@ class PruneConfig:
         if self.structure != "none":
             if self.sparsity is None and self.remove_params is None:
                 self.sparsity = 0.2
-            self.structured()  # validates the structured settings (and the method as an importance)
+            if self.structure == "experts":  # whole routed experts: pruning/expert_removal.py
+                from .pruning.expert_removal import check_expert_removal
+
+                check_expert_removal(self)
+            else:
+                self.structured()  # validates the structured settings (and the method as an importance)
             if self.pattern != "unstructured" or self.update != "none" or self.allocation != "uniform":
                 raise LLMPruneError(f"--structure {self.structure} removes whole structures: --pattern, --update and "
                                     "--allocation apply to unstructured pruning (prune the output again for that)")

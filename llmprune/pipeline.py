@@ -213,6 +213,10 @@ def load(config: RunConfig, plan: Plan, progress: bool):
     pc = config.prune
     if pc.structure == "none":
         check_model(model, pc)
+    elif pc.structure == "experts":
+        from .pruning.expert_removal import expert_blocks
+
+        expert_blocks(model)  # a model without fused experts fails now, before any work
     else:
         from .pruning.structured.runner import plan_structure, sparsity_for_params
 
@@ -335,11 +339,18 @@ def prune_structure(model, calibration, config: RunConfig, progress: bool, spars
     from .pruning.structured.runner import chain_records, prune_structured, stage_sparsity
 
     pc = config.prune
-    stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
-    stage_config = replace(pc.structured(), sparsity=stage)
-    record = prune_structured(model, calibration, stage_config, progress=progress)
-    if previous is not None:
-        record = chain_records(previous.structure, record, sparsity)
+    if pc.structure == "experts":  # whole routed experts: pruning/expert_removal.py
+        from .pruning.expert_removal import remove_experts
+
+        if previous is not None:
+            raise LLMPruneError("--schedule with --structure experts: remove the experts in one step")
+        record = remove_experts(model, calibration, replace(pc, sparsity=sparsity), progress=progress)
+    else:
+        stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
+        stage_config = replace(pc.structured(), sparsity=stage)
+        record = prune_structured(model, calibration, stage_config, progress=progress)
+        if previous is not None:
+            record = chain_records(previous.structure, record, sparsity)
     pruned = PruneReport(record["method"], pc.sparsity, "structured", "uniform")
     pruned.structure = record
     pruned.seconds = {phase: float(value) for phase, value in record.get("seconds", {}).items()}

@@ -306,3 +306,129 @@ def test_listed_experts_are_pruned_as_the_fused_ones():
     gate_up, _, down = expert_weights(reference, "mixtral", 1, 3)
     torch.testing.assert_close(torch.cat([expert.w1.weight, expert.w3.weight]).double(), gate_up)
     torch.testing.assert_close(expert.w2.weight.double(), down)
+
+
+class MaskedRouterLogits(torch.overrides.TorchFunctionMode):
+    """Minus infinity on the removed experts' router logits, wherever a router's weight enters a linear."""
+
+    def __init__(self, removed: dict):  # {router weight tensor: [expert indices]}
+        super().__init__()
+        self.removed = removed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.linear:
+            for weight, experts in self.removed.items():
+                if args[1] is weight:
+                    out = out.clone()
+                    out[..., experts] = float("-inf")
+        return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("importance", ["reap", "frequency"])
+def test_removing_experts_equals_masking_their_router_logits(family, importance, tmp_path):
+    """--structure experts: the smaller model computes what the original computes with the removed experts' router
+    logits at minus infinity; frequency scores are the router's own counts and REAP scores a float64 recomputation;
+    the smaller model saves and reloads with from_pretrained."""
+    from llmprune.pruning.expert_removal import remove_experts
+
+    overrides = {"n_group": 1, "topk_group": 1} if family == "deepseek_v3" else {}
+    model = tiny_moe(family, **overrides)
+    original = copy.deepcopy(model)
+    ids = moe_tokens()
+    record = remove_experts(model, ids, PruneConfig(structure="experts", sparsity=0.25, expert_importance=importance,
+                                                    batch_size=4))
+    assert record["units_before"] == 4 and record["units_kept"] == 3
+    for i in moe_layers(original):
+        name = f"model.layers.{i}.mlp.experts"
+        hidden, chosen = routed_inputs(original, i, ids)
+        tokens = [int((chosen == e).sum()) for e in range(4)]
+        assert record["scores"][name]["tokens"] == tokens
+        if importance == "frequency":
+            assert record["removed_experts"][name] == [min(range(4), key=lambda e: (tokens[e], e))]
+        else:
+            reap = reap64(original, family, i, ids)
+            torch.testing.assert_close(torch.tensor(record["scores"][name]["reap"], dtype=torch.float64), reap,
+                                       rtol=1e-5, atol=1e-7)
+            assert record["removed_experts"][name] == [int(reap.argmin())]
+        assert model.model.layers[i].mlp.experts.gate_up_proj.shape[0] == 3
+    removed = {router_of(original, i).weight: record["removed_experts"][f"model.layers.{i}.mlp.experts"]
+               for i in moe_layers(original)}
+    with torch.no_grad():
+        with MaskedRouterLogits(removed):
+            expected = original(ids[:4]).logits
+        smaller = model(ids[:4]).logits
+        assert not torch.allclose(original(ids[:4]).logits, expected, atol=1e-4)  # the removed experts mattered
+        torch.testing.assert_close(smaller, expected, rtol=1e-5, atol=1e-5)
+        model.save_pretrained(tmp_path)
+        reloaded = type(model).from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded(ids[:4]).logits, smaller, rtol=1e-5, atol=1e-5)
+    assert set(record["config_changes"].values()) == {3}
+
+
+def reap64(model, family, i, ids):
+    """REAP per expert in float64: mean over routed tokens of routing weight x ||expert output||."""
+    seen = []
+    handle = router_of(model, i).register_forward_hook(lambda m, args, out: seen.append((args[0], out[1], out[2])))
+    with torch.no_grad():
+        for start in range(0, len(ids), 4):
+            model(ids[start : start + 4])
+    handle.remove()
+    hidden = torch.cat([h.reshape(-1, h.shape[-1]) for h, _, _ in seen]).double()
+    weights = torch.cat([w.reshape(len(h.reshape(-1, h.shape[-1])), -1) for h, w, _ in seen]).double()
+    chosen = torch.cat([c.reshape(len(h.reshape(-1, h.shape[-1])), -1) for h, _, c in seen])
+    experts = model.model.layers[i].mlp.experts
+    scores = []
+    for e in range(4):
+        token, slot = torch.where(chosen == e)
+        with torch.no_grad():
+            gate_up, bias, down = expert_weights(model, family, i, e)
+            out = intermediate64(model, family, gate_up, bias, hidden[token]) @ down.t()
+            if getattr(experts, "down_proj_bias", None) is not None:
+                out = out + experts.down_proj_bias[e].double()
+        scores.append(float((weights[token, slot] * out.norm(dim=-1)).sum() / max(1, len(token))))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def test_pipeline_removes_experts_and_writes_an_ordinary_smaller_model(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llmprune import pipeline
+    from llmprune.config import RunConfig
+    from moe_models import save_tiny_moe_dir
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(3000)))
+    source = save_tiny_moe_dir(tmp_path / "moe", "qwen3_moe", tiny_dir)
+    out = tmp_path / "out"
+    report = pipeline.run(RunConfig(model=str(source), prune=PruneConfig(structure="experts", sparsity=0.5,
+                                                                         expert_importance="frequency", nsamples=4,
+                                                                         seqlen=16),
+                                    calib=f"file:{text}", eval=f"file:{text}", eval_windows=2, output=str(out)),
+                          progress=False)
+    assert report.structure["units_kept"] == 2 and report.structure["config_changes"] == {"num_local_experts": 2}
+    assert "removed 2 of 4 experts per layer" in format_summary(Report.load(out / "report.json"))
+    smaller = AutoModelForCausalLM.from_pretrained(out)
+    assert smaller.config.num_experts == 2 and smaller.model.layers[0].mlp.gate.weight.shape[0] == 2
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"structure": "experts", "method": "wanda"}, "--expert-importance"),
+    ({"structure": "experts", "expert_importance": "random"}, "--expert-importance"),
+    ({"structure": "experts", "remove_params": 0.2}, "--remove-params")])
+def test_bad_expert_removal_settings(settings, message):
+    with pytest.raises(LLMPruneError, match=message):
+        PruneConfig(**settings)
+
+
+def test_expert_removal_refuses_what_it_cannot_express():
+    from llmprune.pruning.expert_removal import remove_experts
+
+    with pytest.raises(LLMPruneError, match="fewer than the 2"):
+        remove_experts(tiny_moe("mixtral"), moe_tokens(), PruneConfig(structure="experts", sparsity=0.75))
+    with pytest.raises(LLMPruneError, match="groups"):
+        remove_experts(tiny_moe("deepseek_v3"), moe_tokens(), PruneConfig(structure="experts", sparsity=0.5))
+    from tiny_models import tiny_model
+    with pytest.raises(LLMPruneError, match="has none"):
+        remove_experts(tiny_model("llama"), moe_tokens(), PruneConfig(structure="experts", sparsity=0.5))
