@@ -27,18 +27,20 @@ GROUP_KEYS = ("n_group", "num_expert_group")  # grouped routing: experts in fixe
 
 
 def check_expert_removal(config) -> None:
-    """The settings of --structure experts, before any model is loaded."""
-    if config.remove_params is not None:
-        raise LLMPruneError("--structure experts takes --sparsity (the fraction of experts removed), not "
-                            "--remove-params")
-    if config.method is not None:
-        raise LLMPruneError(f"--method {config.method} scores weights; --structure experts scores experts by "
-                            f"--expert-importance ({' or '.join(IMPORTANCES)}): drop --method")
-    if config.expert_importance not in IMPORTANCES:
-        raise LLMPruneError(f"--expert-importance must be one of {', '.join(IMPORTANCES)} "
-                            f"(got '{config.expert_importance}')")
-    if not 0 < config.sparsity < 1:
-        raise LLMPruneError(f"--sparsity of --structure experts must be in (0, 1) (got {config.sparsity:g})")
+    """The settings of --structure experts, before any model is loaded: the first problem found, in one line."""
+    problems = (
+        (config.remove_params is not None,
+         "--structure experts takes --sparsity (the fraction of experts removed), not --remove-params"),
+        (config.method is not None, f"--method {config.method} scores weights; --structure experts scores experts "
+                                    f"by --expert-importance ({' or '.join(IMPORTANCES)}): drop --method"),
+        (config.expert_importance not in IMPORTANCES,
+         f"--expert-importance must be one of {', '.join(IMPORTANCES)} (got '{config.expert_importance}')"),
+        (config.sparsity is not None and not 0 < config.sparsity < 1,
+         f"--sparsity of --structure experts must be in (0, 1) (got {config.sparsity})"),
+    )
+    for failed, message in problems:
+        if failed:
+            raise LLMPruneError(message)
 
 
 def _text_config(model):
