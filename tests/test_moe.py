@@ -432,3 +432,22 @@ def test_expert_removal_refuses_what_it_cannot_express():
     from tiny_models import tiny_model
     with pytest.raises(LLMPruneError, match="has none"):
         remove_experts(tiny_model("llama"), moe_tokens(), PruneConfig(structure="experts", sparsity=0.5))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_orientation_from_shapes_without_the_modules_flag(family):
+    """Experts without transformers' `is_transposed` flag (remote code): the shapes against the hidden size decide,
+    and the pruned experts are the same as with the flag."""
+    from llmprune.pruning.experts import find_expert_blocks
+
+    flagged, bare = tiny_moe(family), tiny_moe(family)
+    bare.config._experts_implementation = "eager"  # the family's own loop, which reads no flag
+    for layer in bare.model.layers:
+        del layer.mlp.experts.is_transposed
+    blocks = find_expert_blocks(bare.model.layers[0], "model.layers.0", bare.config.hidden_size)
+    assert {m.transposed for m in blocks[0].matrices} == {LAYOUTS[family][0]}
+    config = PruneConfig(method="wanda", sparsity=SPARSITY, batch_size=4, min_expert_tokens=1)
+    for model in (flagged, bare):
+        prune(model, moe_tokens(), config, progress=False)
+    for name, value in flagged.state_dict().items():
+        assert torch.equal(value, bare.state_dict()[name]), name

@@ -11,8 +11,8 @@ A layout read wrongly cannot pass unnoticed: on the first batch the experts' out
 views and compared with the module's own output (`check_reconstruction`).
 
 Routers are never pruned; shared experts are ordinary MLPs (nn.Linear) that the runner prunes as such. Older
-layouts with a list of per-expert nn.Linear modules are pruned by the runner too: their linears only ever see the
-tokens routed to them.
+layouts keep a list of per-expert modules of nn.Linear (`ExpertList`): the same path prunes them, each expert's
+own module computing its intermediate activation.
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ KIND_PATTERNS = (("router", ROUTER), ("shared", re.compile(r"shared_expert")),
                  ("experts", re.compile(r"\.experts(\.|$)")),
                  ("attention", re.compile(r"attn|attention")),
                  ("mlp", re.compile(r"mlp|feed_forward|ffn|\.fc\d|dense_h_to_4h|dense_4h_to_h")))
-
-RARE_POLICIES = ("all-tokens", "magnitude")
 
 
 def weight_kind(name: str) -> str:
@@ -270,7 +268,7 @@ def find_expert_blocks(layer: nn.Module, prefix: str, hidden_size: int | None) -
             reads = EXPERT_MATRICES[param]
             transposed = getattr(module, "is_transposed", None)
             if transposed is None:
-                transposed = _transposed_from_shape(full, param, tensor.shape, reads, hidden_size)
+                transposed = _transposed_from_shape(tensor.shape, reads, hidden_size)
             interleaved = param in FUSED_GATE_UP and getattr(module, "is_concatenated", True) is False
             matrices.append(ExpertMatrix(param, reads, bool(transposed), interleaved))
         if not any(m.reads == "intermediate" for m in matrices) or not any(m.reads == "hidden" for m in matrices):
@@ -297,7 +295,7 @@ def find_expert_lists(layer: nn.Module, prefix: str) -> list[ExpertList]:
     return found
 
 
-def _transposed_from_shape(name, param, shape, reads, hidden_size) -> bool:
+def _transposed_from_shape(shape, reads, hidden_size) -> bool:
     """Without the module's own flag: a matrix reading the hidden states has `hidden_size` inputs; one writing
     them has `hidden_size` outputs. Stored (experts, out, in) unless the shapes say otherwise."""
     if hidden_size is None:
