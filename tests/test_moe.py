@@ -451,3 +451,24 @@ def test_orientation_from_shapes_without_the_modules_flag(family):
         prune(model, moe_tokens(), config, progress=False)
     for name, value in flagged.state_dict().items():
         assert torch.equal(value, bare.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox", "gemma3"])
+def test_dense_models_account_for_every_weight(family):
+    """Dense families: every 2-D weight of the decoder layers is a pruned linear or skipped, by kind."""
+    from tiny_models import VOCAB, tiny_model
+
+    model = tiny_model(family)
+    report = prune(model, torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0)),
+                   PruneConfig(method="wanda", sparsity=SPARSITY, batch_size=4, skip="attn|attention"),
+                   progress=False)
+    kinds = report.coverage["kinds"]
+    assert report.coverage["unaccounted"] == [] and set(kinds) == {"attention", "mlp"}
+    assert kinds["mlp"]["pruned"] == sum(r["numel"] for r in report.layers) and kinds["mlp"]["dense"] == 0
+    assert kinds["attention"]["pruned"] == 0 and kinds["attention"]["dense_by"] == {"skipped": kinds["attention"]["dense"]}
+
+
+def test_nm_pattern_that_an_expert_cannot_take_fails_before_any_work():
+    model = tiny_moe("qwen3_moe", moe_intermediate_size=26)
+    with pytest.raises(LLMPruneError, match=r"experts.down_proj has 26 inputs per expert"):
+        prune(model, None, PruneConfig(method="wanda", pattern="2:4"), progress=False)
