@@ -472,3 +472,32 @@ def test_nm_pattern_that_an_expert_cannot_take_fails_before_any_work():
     model = tiny_moe("qwen3_moe", moe_intermediate_size=26)
     with pytest.raises(LLMPruneError, match=r"experts.down_proj has 26 inputs per expert"):
         prune(model, None, PruneConfig(method="wanda", pattern="2:4"), progress=False)
+
+
+@pytest.mark.parametrize("structure", ["none", "experts"])
+def test_moe_prune_composes_with_distillation(tmp_path, tiny_dir, structure):
+    """Unstructured or expert removal, then distillation: the run completes and the zeros of the pruned linears
+    and experts stay zeros (the experts are not trained by recovery)."""
+    from llmprune import pipeline
+    from llmprune.config import RecoverConfig, RunConfig
+    from moe_models import save_tiny_moe_dir
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(6000)))
+    source = save_tiny_moe_dir(tmp_path / "moe", "qwen2_moe", tiny_dir)
+    prune_config = (PruneConfig(structure="experts", sparsity=0.25, nsamples=4, seqlen=16) if structure == "experts"
+                    else PruneConfig(method="wanda", nsamples=4, seqlen=16, min_expert_tokens=4))
+    report = pipeline.run(RunConfig(model=str(source), prune=prune_config, calib=f"file:{text}",
+                                    eval=f"file:{text}", eval_windows=2, recover="distill",
+                                    recovery=RecoverConfig(steps=2, batch=1, seqlen=16), output=str(tmp_path / "out")),
+                          progress=False)
+    assert report.perplexity.recovered is not None
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    experts = model.model.layers[0].mlp.experts
+    if structure == "experts":
+        assert experts.gate_up_proj.shape[0] == 3
+    else:
+        assert float((experts.down_proj == 0).float().mean()) == 0.5
+        assert float((model.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == 0.5
