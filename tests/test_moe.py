@@ -427,8 +427,11 @@ def test_expert_removal_refuses_what_it_cannot_express():
 
     with pytest.raises(LLMPruneError, match="fewer than the 2"):
         remove_experts(tiny_moe("mixtral"), moe_tokens(), PruneConfig(structure="experts", sparsity=0.75))
-    with pytest.raises(LLMPruneError, match="groups"):
+    with pytest.raises(LLMPruneError, match="from 1 of 2 groups"):
         remove_experts(tiny_moe("deepseek_v3"), moe_tokens(), PruneConfig(structure="experts", sparsity=0.5))
+    with pytest.raises(LLMPruneError, match="each of the 4 routing groups"):
+        remove_experts(tiny_moe("deepseek_v3", n_routed_experts=8, n_group=4, topk_group=4), moe_tokens(),
+                       PruneConfig(structure="experts", sparsity=0.5))
     from tiny_models import tiny_model
     with pytest.raises(LLMPruneError, match="has none"):
         remove_experts(tiny_model("llama"), moe_tokens(), PruneConfig(structure="experts", sparsity=0.5))
@@ -501,3 +504,26 @@ def test_moe_prune_composes_with_distillation(tmp_path, tiny_dir, structure):
     else:
         assert float((experts.down_proj == 0).float().mean()) == 0.5
         assert float((model.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == 0.5
+
+
+@pytest.mark.parametrize("importance", ["reap", "frequency"])
+def test_grouped_routing_loses_the_same_number_of_experts_per_group(importance):
+    """DeepSeek-V3 routes within n_group fixed groups: the lowest expert of each group goes, and the smaller model
+    computes what the original computes with those router logits at minus infinity."""
+    from llmprune.pruning.expert_removal import remove_experts
+
+    model = tiny_moe("deepseek_v3", n_routed_experts=8, n_group=2, topk_group=1)
+    original = copy.deepcopy(model)
+    ids = moe_tokens()
+    record = remove_experts(model, ids, PruneConfig(structure="experts", sparsity=0.25, expert_importance=importance,
+                                                    batch_size=4))
+    assert record["units_kept"] == 6 and record["groups"] == 2
+    for name, removed in record["removed_experts"].items():
+        values = record["scores"][name]["tokens" if importance == "frequency" else "reap"]
+        assert removed == [min(range(g, g + 4), key=lambda e: (values[e], e)) for g in (0, 4)]
+    removed = {router_of(original, i).weight: record["removed_experts"][f"model.layers.{i}.mlp.experts"]
+               for i in moe_layers(original)}
+    with torch.no_grad():
+        with MaskedRouterLogits(removed):
+            expected = original(ids[:4]).logits
+        torch.testing.assert_close(model(ids[:4]).logits, expected, rtol=1e-5, atol=1e-5)

@@ -5,8 +5,9 @@ Each expert is scored over the calibration tokens on the dense model, in one pas
                output (REAP, Lasby et al., Cerebras 2025: what the expert adds to the layer's output, as routed)
     frequency: the number of tokens routed to it
 The same number of lowest-scored experts goes from every MoE layer, so the config's one expert count still
-describes every layer: the fused experts' rows, the router's rows (and its per-expert biases or buffers) and the
-count keys of the config shrink; the number of experts per token stays. The smaller model computes what the dense
+describes every layer (and, with grouped routing, the same number from every group, so the groups stay equal):
+the fused experts' rows, the router's rows (and its per-expert biases or buffers) and the count keys of the config
+shrink; the number of experts per token stays. The smaller model computes what the dense
 one computes with the removed experts' router logits at minus infinity, before the family's renormalisation.
 """
 
@@ -24,6 +25,8 @@ IMPORTANCES = ("reap", "frequency")
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
 GROUP_KEYS = ("n_group", "num_expert_group")  # grouped routing: experts in fixed groups of equal size
+GROUPS_CHOSEN_KEYS = ("topk_group",)  # how many groups a token's experts come from
+GROUP_SCORE_EXPERTS = 2  # a grouped router scores a group by its best two experts (DeepSeek-V3): each keeps two
 
 
 def check_expert_removal(config) -> None:
@@ -102,12 +105,15 @@ def expert_scores(model, calibration: torch.Tensor, batch_size: int, progress: b
             for name, (reap, tokens) in sums.items()}
 
 
-def removal_plan(scores: dict[str, dict], importance: str, remove: int) -> dict[str, list[int]]:
-    """{block: the `remove` lowest-scored experts}; ties go by position (the lower index first)."""
+def removal_plan(scores: dict[str, dict], importance: str, remove: int, groups: int = 1) -> dict[str, list[int]]:
+    """{block: the `remove` lowest-scored experts of each of its `groups` equal, contiguous groups}; ties go by
+    position (the lower index first)."""
     plan = {}
     for name, block_scores in scores.items():
         values = torch.tensor(block_scores["tokens" if importance == "frequency" else "reap"], dtype=torch.float64)
-        plan[name] = sorted(values.argsort(stable=True)[:remove].tolist())
+        size = len(values) // groups
+        plan[name] = sorted(start + int(e) for start in range(0, len(values), size)
+                            for e in values[start : start + size].argsort(stable=True)[:remove])
     return plan
 
 
@@ -131,20 +137,24 @@ def remove_experts(model, calibration: torch.Tensor, config, progress: bool = Fa
     if len(counts) != 1:
         raise LLMPruneError(f"--structure experts needs the same expert count in every MoE layer (found {counts})")
     count = counts.pop()
-    remove = pruned_count(count, config.sparsity)
     top_k = getattr(text, _first_key(text, TOP_K_KEYS) or "num_experts_per_tok", None)
     group_key = _first_key(text, GROUP_KEYS)
+    groups = getattr(text, group_key) if group_key else 1
+    per_group = pruned_count(count // groups, config.sparsity)  # the same from every group keeps them equal
+    remove = per_group * groups
     if remove == 0:
         raise LLMPruneError(f"--sparsity {config.sparsity:g} of {count} experts removes none: raise it")
-    if top_k and count - remove < top_k:
+    chosen_groups = getattr(text, _first_key(text, GROUPS_CHOSEN_KEYS) or "topk_group", None) or groups
+    if top_k and (count - remove) * chosen_groups // groups < top_k:
         raise LLMPruneError(f"--sparsity {config.sparsity:g} leaves {count - remove} experts, fewer than the "
-                            f"{top_k} each token is routed to: lower it")
-    if group_key and getattr(text, group_key) > 1:
-        raise LLMPruneError(f"this model routes within {getattr(text, group_key)} fixed groups of experts "
-                            f"({group_key}); removing experts would unbalance them: not supported")
+                            f"{top_k} each token is routed to (from {chosen_groups} of {groups} groups): lower it")
+    if groups > 1 and count // groups - per_group < GROUP_SCORE_EXPERTS:
+        raise LLMPruneError(f"--sparsity {config.sparsity:g} leaves fewer than {GROUP_SCORE_EXPERTS} experts in "
+                            f"each of the {groups} routing groups ({group_key}), which the router scores by "
+                            f"their best {GROUP_SCORE_EXPERTS}: lower it")
     params_before, decoder_before = (sum(p.numel() for p in m.parameters()) for m in (model, layers))
     scores = expert_scores(model, calibration, config.batch_size, progress)
-    plan = removal_plan(scores, config.expert_importance, remove)
+    plan = removal_plan(scores, config.expert_importance, per_group, groups)
     for i, block in found:
         keep = torch.tensor([e for e in range(count) if e not in plan[block.name]], dtype=torch.long)
         _shrink(block.module, keep, count)
@@ -157,7 +167,7 @@ def remove_experts(model, calibration: torch.Tensor, config, progress: bool = Fa
         setattr(text, key, count - remove)
     params_after, decoder_after = (sum(p.numel() for p in m.parameters()) for m in (model, layers))
     return {"kind": "experts", "method": config.expert_importance, "sparsity": config.sparsity,
-            "units_before": count, "units_kept": count - remove, "achieved_sparsity": remove / count,
+            "units_before": count, "units_kept": count - remove, "achieved_sparsity": remove / count, "groups": groups,
             "removed_experts": plan, "scores": scores, "config_changes": changes,
             "params_before": params_before, "params_after": params_after,
             "params_removed_fraction": 1 - params_after / params_before,
