@@ -33,9 +33,10 @@ def test_options_doc_lists_every_flag_of_help(command, capsys):
 
 
 def test_command_parsers_leave_parsing_working():
-    cli.command_parsers()
-    assert cli.Parser.parse_args is cli.argparse.ArgumentParser.parse_args
+    parse = cli.Parser.parse_args
     assert set(cli.command_parsers()) == set(cli.COMMANDS)
+    assert cli.Parser.parse_args is parse
+    assert cli.prune_parser().parse_args(["--sparsity", "0.6"]).sparsity == 0.6
 
 
 def test_write_options_doc_writes_the_markdown(tmp_path):
