@@ -59,7 +59,7 @@ def hub_endpoint() -> str:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the Hub: the clients' own retries take ~25 s to give up offline."""
+    """A quick TCP probe of the Hub: the clients' own retries take far longer to give up offline."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     url = urlparse(hub_endpoint())
