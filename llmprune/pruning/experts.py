@@ -549,7 +549,7 @@ class ExpertPruning:
     """The runner's MoE step for one prune: finds each layer's experts (minus --skip), collects their statistics on
     the dense layer, prunes them after the layer's linears, and accounts for every weight of the layer."""
 
-    def __init__(self, model: nn.Module, config, kinds: tuple[str, ...]):
+    def __init__(self, model: nn.Module, config, kinds: tuple[str, ...], tally: dict | None = None):
         from ..inputs.models import decoder_layers
 
         self.prefix, layers = decoder_layers(model)
@@ -557,9 +557,12 @@ class ExpertPruning:
         self.hidden = getattr(text, "hidden_size", None)
         self.config, self.kinds = config, kinds
         self.skip = re.compile(config.skip) if config.skip else None
-        self.records: list[dict] = []
-        self.routing: dict[str, dict] = {}
-        self.rows: list[dict] = []
+        # What the prune found so far, in one plain dict a checkpoint can save and a resumed run continue:
+        # the expert matrices pruned, the tokens routed per block, and every weight's accounting row.
+        self.tally = tally if tally is not None else {}
+        for key, empty in (("experts", list), ("routing", dict), ("weights", list)):
+            self.tally.setdefault(key, empty())
+        self.records, self.routing, self.rows = self.tally["experts"], self.tally["routing"], self.tally["weights"]
         self.layers_with_experts = []
         for i, layer in enumerate(layers):
             blocks = self.blocks(layer, i)

@@ -69,11 +69,13 @@ class PruneReport:
     structure: dict | None = None  # what a structured prune removed (pruning/structured/runner.py)
     moe: dict | None = None  # experts pruned, tokens routed to each (pruning/experts.py); None without experts
     coverage: dict | None = None  # per kind of weight: pruned and left dense, and any weight left unaccounted
-    expert_records: list[dict] = field(default_factory=list)  # one per expert matrix, with zeros and numel
+    tally: dict = field(default_factory=dict)  # pruning/experts.py's running record (expert matrices, routing,
+    # every weight's accounting row), kept by a checkpoint
+
 
     @property
     def achieved_sparsity(self) -> float:
-        pruned = self.layers + self.expert_records
+        pruned = self.layers + self.tally.get("experts", [])
         return sum(layer["zeros"] for layer in pruned) / max(1, sum(layer["numel"] for layer in pruned))
 
     def to_dict(self) -> dict:
@@ -99,7 +101,8 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
     kinds = tuple(dict.fromkeys(k for k in (method.statistic, update and update.statistic) if k))
     device = resolve_device(config.device)
     layers, targets = find_targets(model, config, allow_none=True) if checked else check_model(model, config)
-    experts = ExpertPruning(model, config, kinds)
+    report = PruneReport(method.name, config.sparsity, config.pattern, config.allocation)
+    experts = ExpertPruning(model, config, kinds, report.tally)
     if not any(targets) and not experts.layers_with_experts:
         raise LLMPruneError("no linear layer is left to prune (check --skip)")
     if parallel is not None and experts.layers_with_experts:
@@ -107,7 +110,6 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
                             "in one process")
     store = store or ModelLayers(layers, device)
     reduce = parallel.reduce if parallel is not None else None
-    report = PruneReport(method.name, config.sparsity, config.pattern, config.allocation)
     if not kinds and config.allocation == "uniform":
         calls = None  # no data flows: every layer is pruned from its weights alone
     else:
@@ -154,7 +156,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
         store.done(i, layer)
         bar.update()
     bar.close()
-    report.expert_records, report.moe, report.coverage = experts.records, experts.summary(), experts.coverage()
+    report.moe, report.coverage = experts.summary(), experts.coverage()
     return report
 
 

@@ -84,6 +84,13 @@ class WorkFolder:
         saved = self.state["report"]
         report.layers[:], report.layer_sparsity[:] = saved["layers"], saved["layer_sparsity"]
         report.seconds.update(saved["seconds"])
+        for key, value in saved.get("tally", {}).items():  # in place: the runner's expert step holds these
+            held = report.tally[key]
+            if isinstance(held, dict):
+                held.clear()
+                held.update(value)
+            else:
+                held[:] = value
         for i in range(done + 1):
             if next(layers[i].parameters()).device.type != "meta":  # held in memory: give it its pruned weights
                 prefix = f"{self.prefix}.{i}."
@@ -101,7 +108,8 @@ class WorkFolder:
         if calls is not None and i + 1 < self.layer_count:
             _replace(self.path / f"hidden-{i:05d}.pt", lambda p: torch.save(calls.hidden.to("cpu"), p))
         state = {"settings": self.settings, "done": i, "report": {
-            "layers": report.layers, "layer_sparsity": report.layer_sparsity, "seconds": report.seconds}}
+            "layers": report.layers, "layer_sparsity": report.layer_sparsity, "seconds": report.seconds,
+            "tally": report.tally}}
         _replace(self.path / STATE, lambda p: p.write_text(json.dumps(state, indent=1)))
         for old in self.path.glob("hidden-*.pt"):
             if old.name != f"hidden-{i:05d}.pt":
