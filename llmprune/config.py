@@ -176,9 +176,6 @@ class PruneConfig:
         if not 0 <= self.sparsity < 1:
             raise LLMPruneError(f"--sparsity must be in [0, 1) (got {self.sparsity:g})")
         _at_least(self, ("nsamples", "seqlen", "batch_size", "blocksize"))
-        _at_least(self, ("min_expert_tokens",))
-        if self.rare_experts not in ("all-tokens", "magnitude"):
-            raise LLMPruneError(f"--rare-experts must be all-tokens or magnitude (got '{self.rare_experts}')")
         _finite(self.percdamp, "--percdamp", positive=True)
         _finite(self.ria_alpha, "--ria-alpha", nonnegative=True)
         _finite(self.admm_rho, "--admm-rho", positive=True)
@@ -202,6 +199,9 @@ class PruneConfig:
                                              and self.sparsity + self.owl_lambda < 1):
             raise LLMPruneError(f"--owl-lambda {self.owl_lambda:g} must keep every layer's sparsity, "
                                 f"{self.sparsity:g} +/- lambda, inside [0, 1)")
+        _at_least(self, ("min_expert_tokens",))
+        if self.rare_experts not in ("all-tokens", "magnitude"):
+            raise LLMPruneError(f"--rare-experts must be all-tokens or magnitude (got '{self.rare_experts}')")
         if self.skip is not None:
             try:
                 re.compile(self.skip)
