@@ -115,3 +115,28 @@ def test_layer_passes_counted_and_the_embedded_model_ratio():
     # the embedded model with the scan's defaults: 30 layers, 0.5,0.7,0.8, --nsamples 32, --val-windows 8
     ratio = old_passes(30, 3, 32, 8) / new_passes(30, 3, 32, 8)
     assert ratio >= 4, ratio
+
+
+@pytest.mark.slow
+def test_embedded_model_cells_equal_the_reference_and_pass_counts(embedded):
+    """The real 30-layer model, short windows: a few cells against the reference, and the pass count."""
+    model, tokenizer, _ = embedded
+    from llmprune.inputs.data import load_text, tokenize
+
+    text = tokenize(tokenizer, load_text("wiki", "calib"))
+    calibration, windows = text[:4 * 32].view(4, 32), text[-2 * 32:].view(2, 32)
+    config = {"method": "wanda", "batch_size": 2}
+    counts = {"calls": 0, "sequences": 0}
+    handles = count_layer_passes(model, counts)
+    table = scan_sensitivity(model, calibration, windows, PruneConfig(sparsity=0.7, **config), [0.7], progress=False)
+    for h in handles:
+        h.remove()
+    assert counts["sequences"] == new_passes(30, 1, 4, 2)
+    prefix = decoder_layers(model)[0]
+    for i in (0, 29):
+        pruned = copy.deepcopy(model)
+        prune(pruned, calibration, PruneConfig(sparsity=0.7, skip=rf"{prefix}\.(?!{i}\.)\d+\.", **config),
+              progress=False)
+        assert table.loss[i][0] == pytest.approx(math.log(perplexity(pruned, windows, progress=False)), rel=1e-2)
+        del pruned
+    assert table.dense_loss == pytest.approx(math.log(perplexity(model, windows, progress=False)), rel=1e-2)

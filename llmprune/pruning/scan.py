@@ -155,8 +155,10 @@ def _scan_layers(model, layers, units, calibration, windows, config, device, bar
         layer = store.load(i)
         statistics = collect_statistics(layer, i, calls, targets, kinds, write_outputs=True) if kinds else {}
         entering = validation.hidden.clone()
-        handle = layer.register_forward_hook(
-            lambda module, args, out, index=i: returns_tuple.__setitem__(index, isinstance(out, (tuple, list))))
+        def output_type(module, args, out, index=i):
+            returns_tuple[index] = isinstance(out, (tuple, list))
+
+        handle = layer.register_forward_hook(output_type)
         try:
             propagate(layer, i, validation)
         finally:

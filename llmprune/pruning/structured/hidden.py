@@ -121,23 +121,21 @@ def choose_width(model: nn.Module, keep_fraction: float | None = None, width: in
     keep_fraction * hidden (the larger on a tie)."""
     if (keep_fraction is None) == (width is None):
         raise LLMPruneError("give the hidden width to keep either as a fraction or as a width, not both")
+    if keep_fraction is not None and not 0 < keep_fraction < 1:
+        raise LLMPruneError(f"the kept fraction of the hidden size must be in (0, 1) (got {keep_fraction:g})")
     allowed = hidden_widths(model, round_to)
-    hidden = hidden_size(model)
+    family = type(model.config).__name__
+    if not allowed:  # e.g. Llama's config wants a multiple of the head count, which --round-to may never meet
+        raise LLMPruneError(f"no hidden width below {hidden_size(model)} is a multiple of --round-to {round_to} "
+                            f"that {family} accepts: lower --round-to")
     if width is not None:
         if width not in allowed:
             near = [w for w in (max((w for w in allowed if w < width), default=None),
                                 min((w for w in allowed if w > width), default=None)) if w is not None]
-            raise LLMPruneError(f"hidden width {width} is not a multiple of --round-to {round_to} that "
-                                f"{type(model.config).__name__} accepts; nearest: {', '.join(map(str, near))}"
-                                if near else f"no hidden width below {hidden} is a multiple of --round-to "
-                                f"{round_to} that {type(model.config).__name__} accepts: lower --round-to")
+            raise LLMPruneError(f"hidden width {width} is not a multiple of --round-to {round_to} that {family} "
+                                f"accepts; nearest: {', '.join(map(str, near))}")
         return width
-    if not 0 < keep_fraction < 1:
-        raise LLMPruneError(f"the kept fraction of the hidden size must be in (0, 1) (got {keep_fraction:g})")
-    if not allowed:
-        raise LLMPruneError(f"no hidden width below {hidden} is a multiple of --round-to {round_to} that "
-                            f"{type(model.config).__name__} accepts: lower --round-to")
-    target = keep_fraction * hidden
+    target = keep_fraction * hidden_size(model)
     return min(allowed, key=lambda w: (abs(w - target), -w))
 
 
