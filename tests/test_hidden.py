@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llmprune import LLMPruneError
 from llmprune.pruning.structured.hidden import (_gain_offset, activation_importance, choose_width, hidden_widths,
-                                                kept_channels, magnitude_importance, plan_hidden, prune_hidden,
-                                                remove_hidden_channels, window_mean_abs)
+                                                kept_channels, magnitude_importance, parameters_at_width, plan_hidden,
+                                                prune_hidden, remove_hidden_channels, window_mean_abs)
 from tiny_models import VOCAB, tiny_model
 
 HIDDEN, WIDTH = 64, 48
@@ -100,7 +100,7 @@ def test_magnitude_keeps_the_channels_with_weight():
     assert sorted(set(range(HIDDEN)) - set(record["kept"])) == sorted(removed.tolist())
 
 
-def test_nonzero_epsilon_is_close_not_exact():
+def test_nonzero_epsilon_stays_close():
     model, _ = zero_channel_llama(tied=False, eps=1e-6)
     ids = tokens(2, seed=5)
     pruned = copy.deepcopy(model)
@@ -112,8 +112,10 @@ def test_nonzero_epsilon_is_close_not_exact():
 def test_other_families_shrink_and_reload(family, tmp_path):
     model = tiny_model(family, layers=2)
     ids = tokens(2, seed=3)
+    expected_count = parameters_at_width(model, 48)
     record = prune_hidden(model, tokens(), keep_fraction=0.7, round_to=16)
     assert record["width"] == 48 and model.config.hidden_size == 48
+    assert sum(p.numel() for p in model.parameters()) == expected_count
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert logits(loaded, ids) == pytest.approx(logits(model, ids), abs=1e-5)

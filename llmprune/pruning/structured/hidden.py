@@ -180,6 +180,14 @@ def plan_hidden(model: nn.Module, width: int) -> HiddenPlan:
     return HiddenPlan(hidden, width, dims, norms, changes)
 
 
+def parameters_at_width(model: nn.Module, width: int) -> int:
+    """The parameter count (tied tensors once) the model would have at hidden size `width`: its own class built
+    on the meta device, nothing pruned (for a search over shapes against a parameter budget)."""
+    check_width(model, width)
+    fresh = meta_model(model, planned_config(model, hidden_config_changes(model, width)))
+    return sum(p.numel() for p in fresh.parameters())
+
+
 # ---- importance: pure functions over tensors ---------------------------------------------------------------
 
 def magnitude_importance(tensors: list[tuple[torch.Tensor, tuple[int, ...]]], hidden: int) -> torch.Tensor:
