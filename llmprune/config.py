@@ -460,13 +460,15 @@ def route_knobs(values: dict) -> dict:
         owner = owners[name]
         owner(**{name: flat[name]})  # a bad value is refused as such first
         if flat[name] != owner.__dataclass_fields__[name].default:
-            readers = [f"--{role} {entry.name}" for role, table in
+            readers = {(role, entry.name) for role, table in
                        (("method", registry.METHODS), ("update", registry.UPDATES), ("allocation", registry.ALLOCATIONS))
-                       for entry in table.values() if entry.config and name in entry.config.__dataclass_fields__]
-            this = (f"--structure {routed['structure']}" if not entries else
-                    ", ".join(f"--{role} {entry.name}" for role, entry in entries.items() if entry))
-            raise LLMPruneError(f"{flag_of(owner, name)} is a setting of {' or '.join(readers)}, and this run uses "
-                                f"{this}: drop it")
+                       for entry in table.values() if entry.config and name in entry.config.__dataclass_fields__}
+            this = (f"--structure {routed['structure']}" if not entries else ", ".join(
+                f"--{role} {entries[role].name if entries[role] else 'none'}" for role in KNOB_ROLES
+                if role in {role for role, _ in readers}))
+            raise LLMPruneError(f"{flag_of(owner, name)} is a setting of "
+                                f"{' or '.join(f'--{role} {reader}' for role, reader in sorted(readers))}, and this "
+                                f"run uses {this}: drop it")
     return routed
 
 
