@@ -161,17 +161,17 @@ def _handler(config: type, module: str) -> Callable:
 
 
 @dataclass(frozen=True)
-class Method:
+class Handled:
+    """A registration whose kernel reads a config class: a method or an update."""
+
     name: str
     config: type  # a KnobConfig subclass: the knobs it reads
     statistic: str | None  # what the runner accumulates for it (statistics.py); None: no calibration data
     summary: str
-    compares: str = "row"  # unstructured selection group: "row" (each output row) or "matrix" (each stacked matrix)
     module: str = ""  # where its handler lives, relative to llmprune.pruning
 
     @property
-    def fn(self) -> Callable[..., tuple]:
-        """fn(weight, statistic, target, **knobs) -> (new_weight, keep_mask)."""
+    def fn(self) -> Callable:
         return _handler(self.config, self.module)
 
     @property
@@ -180,21 +180,15 @@ class Method:
 
 
 @dataclass(frozen=True)
-class Update:
-    name: str
-    config: type
-    statistic: str
-    summary: str
-    module: str = ""
+class Method(Handled):
+    """fn(weight, statistic, target, **knobs) -> (new_weight, keep_mask)."""
 
-    @property
-    def fn(self) -> Callable[..., object]:
-        """fn(weight, statistic, keep, **knobs) -> new_weight, zero where keep is False."""
-        return _handler(self.config, self.module)
+    compares: str = "row"  # unstructured selection group: "row" (each output row) or "matrix" (each stacked matrix)
 
-    @property
-    def knobs(self) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(self.config))
+
+@dataclass(frozen=True)
+class Update(Handled):
+    """fn(weight, statistic, keep, **knobs) -> new_weight, zero where keep is False."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +217,7 @@ ALLOCATIONS: dict[str, Allocation] = {}
 
 def register_method(name: str, config: type, statistic: str | None, summary: str, compares: str = "row",
                     module: str | None = None) -> None:
-    METHODS[name] = Method(name, config, statistic, summary, compares, module or f"methods.{name}")
+    METHODS[name] = Method(name, config, statistic, summary, module or f"methods.{name}", compares)
 
 
 def register_update(name: str, config: type, statistic: str, summary: str, module: str | None = None) -> None:
