@@ -163,6 +163,8 @@ class PruneConfig:
 def _knob_config(role: str, name: str, entry, given):
     """The chosen entry's config: its defaults, a mapping of its fields, or an instance of its class."""
     wanted = entry.config if entry is not None else None
+    if isinstance(given, KnobConfig) and type(given) is not wanted and given == type(given)():
+        given = None  # another entry's defaults (a `replace` that changed the name): the new entry's defaults
     if wanted is None:
         if given:
             raise LLMPruneError(f"--{role} {name} has no settings, but {role}_config gives {given!r}")
@@ -172,8 +174,6 @@ def _knob_config(role: str, name: str, entry, given):
     if isinstance(given, dict):
         return wanted(**_checked_keys(wanted, given))
     if type(given) is not wanted:
-        if given == type(given)():  # another entry's defaults (a `replace` that changed the name): the new defaults
-            return wanted()
         raise LLMPruneError(f"{role}_config is a {type(given).__name__}, but --{role} {name} reads "
                             f"{wanted.__name__}")
     return given

@@ -50,6 +50,7 @@ def test_method_config_must_be_the_method_s():
         PruneConfig(method="sparsegpt", method_config={"blocksise": 64})
     # A `replace` that changes the method drops the old method's defaults for the new method's.
     assert dataclasses.replace(PruneConfig(), method="ria").method_config == RiaConfig()
+    assert dataclasses.replace(PruneConfig(allocation="owl"), allocation="uniform").allocation_config is None
 
 
 def test_saved_config_nests_the_knobs_and_reads_back(tmp_path):
