@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -145,10 +146,10 @@ def bench_row(name, kind, config, dense, calibration, windows, mode, device, voc
     start = time.perf_counter()
     try:
         if kind == "structured":
-            config.device = args.device
+            config = dataclasses.replace(config, device=args.device)
             record = prune_structured(model, calibration, config, progress=False)
         else:
-            config.seqlen = calibration.shape[1]
+            config = dataclasses.replace(config, seqlen=calibration.shape[1])
             record = prune(model, calibration, config, progress=False).to_dict()
     except LLMPruneError as err:  # e.g. 10% of 3 KV groups removes none: recorded, not fatal
         return {"name": name, "error": str(err)}

@@ -23,6 +23,7 @@ from llmprune import PruneConfig, prune
 from llmprune.inputs.data import calibration_starts, calibration_windows, eval_windows, load_text, tokenize
 from llmprune.inputs.models import load_model
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.pruning.registry import OwlConfig
 
 GRID = [(5.0, 0.08), (5.0, 0.04), (5.0, 0.15), (5.0, 0.2), (3.0, 0.08), (7.0, 0.08), (10.0, 0.08), (10.0, 0.15)]
 
@@ -72,9 +73,9 @@ def main() -> None:
         for sparsity in map(float, args.sparsity.split(",")):
             for allocation, m, lam in [("uniform", None, None)] + [("owl", m, lam) for m, lam in GRID]:
                 model.load_state_dict(dense)
-                owl = {"owl_m": m, "owl_lambda": lam} if allocation == "owl" else {}
+                owl = OwlConfig(owl_m=m, owl_lambda=lam) if allocation == "owl" else None
                 config = PruneConfig(method=method, sparsity=sparsity, allocation=allocation, device=args.device,
-                                     **owl)
+                                     allocation_config=owl)
                 report = prune(model, windows["calibration"], config, progress=False)
                 row = {"method": method, "sparsity": sparsity, "allocation": allocation, "owl_m": m,
                        "owl_lambda": lam, "layer_sparsity": report.layer_sparsity}

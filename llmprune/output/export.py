@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
+from ..config import GGUF_OUTTYPES, RunConfig
 from ..errors import LLMPruneError
+from ..options import option, same_as
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # the llama.cpp names, as `llama-quantize` and the converter use them
 FORMATS = ("gguf",)
 
 
@@ -49,20 +50,16 @@ PRE_TOKENIZERS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig:
-    """The `export` command's options; help texts are for a CLI generated from the fields."""
+    """The `export` command's settings; the GGUF weight type and --overwrite are a prune run's (RunConfig)."""
 
-    model: str = field(metadata={"help": "an llmprune output directory (a saved Hugging Face model)", "cli": False})
-    format: str = field(default="gguf", metadata={"help": "gguf: one file for llama.cpp and the tools built on it",
-                                                  "choices": FORMATS})
-    outtype: str = field(default="f16", metadata={
-        "help": "type of the weight matrices: f32, f16, bf16, or q8_0 (8-bit, about half of f16); "
-                "norms and biases stay f32", "choices": OUTTYPES})
-    output: str | None = field(default=None, metadata={"help": "the .gguf file to write "
-                                                               "(default: DIR/<DIR's name>-<outtype>.gguf)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing file (only once the new one "
-                                                             "is complete)"})
+    model: str = option(MISSING, "an llmprune output directory (a saved Hugging Face model)", cli=False)
+    format: str = option("gguf", "gguf: one file for llama.cpp and the tools built on it", choices=FORMATS)
+    outtype: str = same_as(RunConfig, "gguf_outtype", flag="--outtype", group=None)
+    output: str | None = option(None, "the .gguf file to write (default: DIR/<DIR's name>-<outtype>.gguf)")
+    overwrite: bool = same_as(RunConfig, "overwrite", help="replace an existing file (only once the new one is "
+                              "complete)", group=None)
 
     def output_path(self) -> Path:
         if self.output:
@@ -106,8 +103,8 @@ def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str) -
     """What can be checked from a model's config and tokenizer alone: a prune run with `--save-format gguf`
     calls this on the loaded model before pruning (`model.config.to_dict()`,
     `json.loads(tokenizer.backend_tokenizer.to_str())`), so that a long run cannot end in a refusal."""
-    if outtype not in OUTTYPES:
-        raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(OUTTYPES)}")
+    if outtype not in GGUF_OUTTYPES:
+        raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(GGUF_OUTTYPES)}")
     model_type = config.get("model_type")
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
@@ -125,8 +122,8 @@ def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str) -
 
 
 def _plan(model_dir: Path, out_path: Path, outtype: str, overwrite: bool) -> _Plan:
-    if outtype not in OUTTYPES:
-        raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(OUTTYPES)}")
+    if outtype not in GGUF_OUTTYPES:
+        raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(GGUF_OUTTYPES)}")
     if out_path.is_dir():
         raise LLMPruneError(f"{out_path} is a directory: give the .gguf file's path")
     if out_path.exists() and not overwrite:

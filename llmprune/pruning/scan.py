@@ -82,7 +82,8 @@ def scan_sensitivity(model, calibration: torch.Tensor | None, windows: torch.Ten
     """Prune each unit alone at each sparsity with `config` (its method, pattern, update and knobs; uniform
     allocation), score the loss on `windows` (n, seqlen), restore the unit. The model is left dense."""
     device = device or config.device or "cpu"
-    configs = [replace(config, sparsity=s, allocation="uniform") for s in sparsities]  # validated here, up front
+    # validated here, up front
+    configs = [replace(config, sparsity=s, allocation="uniform", allocation_config=None) for s in sparsities]
     check_model(model, configs[0])  # fails at once on a bad N:M width or a --skip that leaves nothing
     prefix, layers = decoder_layers(model)
     units = []  # (name, the configs of its cells, its linears by full name)

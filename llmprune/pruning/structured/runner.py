@@ -113,7 +113,7 @@ def plan_structure(model: nn.Module, config: StructuredConfig) -> Plan:
         if flag is None:
             note = (f"{family} has no bias on {spec.cols[0]} and no config flag that adds one, so a compensated "
                     f"model would not load as a standard {family}")
-            if config.bias_compensation:
+            if config.bias_compensation == "on":
                 raise LLMPruneError(f"{note}: drop --bias-compensation")
             plan.compensate, plan.compensation_note = False, note + "; bias compensation is off"
         elif isinstance(flag, str):
