@@ -10,7 +10,6 @@ import io
 import itertools
 import json
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
