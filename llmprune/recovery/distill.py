@@ -194,11 +194,14 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
     if spill_dir is not None:
         from safetensors.torch import save_file
 
+        from llmprune.output.atomic import write_json_atomically
+
         save_file({"windows": targets.windows}, str(spill_dir / "windows.safetensors"))
-        (spill_dir / MANIFEST).write_text(json.dumps({
+        # The manifest last and whole: TeacherTargets.load finds complete targets or none.
+        write_json_atomically(spill_dir / MANIFEST, {
             "vocab_size": vocab, "topk": k, "temperature": float(temperature), "chunk_windows": chunk_windows,
             "chunks": [path.name for path in chunks], "hidden_layers": list(hidden_layers),
-            "hidden_size": hidden_size}, indent=2) + "\n")
+            "hidden_size": hidden_size})
     return targets
 
 

@@ -127,9 +127,7 @@ def trainee(model: nn.Module, config: RecoverConfig, masks: dict[str, torch.Tens
 
                 with masked_lora(model, modules or all_decoder_linears(model), config, adapter_dir) as (wrapped, names):
                     yield Trainee(wrapped, [p for p in wrapped.parameters() if p.requires_grad], names)
-            else:
-                if adapter_dir is not None:
-                    raise LLMPruneError("--keep-adapter keeps a LoRA adapter: it needs --recover-params lora")
+            else:  # adapter_dir: LoRA only (train_recovery refuses it for full before any work)
                 with masked_gradients(model, modules, masks) as params:
                     yield Trainee(model, params)
     finally:
