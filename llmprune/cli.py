@@ -125,7 +125,7 @@ def prune_parser() -> argparse.ArgumentParser:
 
     known = catalog()
     methods = "\n".join(f"  {name:<12}{summary}" for name, summary in known["method"])
-    methods += "".join(f"\n  --update {name:<4}{summary}" for name, summary in known["update"])
+    methods += "".join(f"\n  --update {name:<5}{summary}" for name, summary in known["update"])
     methods += "\n  with --structure channels or heads, --method scores whole channels or heads:\n"
     methods += "\n".join(f"  {name:<12}{summary}" for name, summary in known["importance"])
     p = Parser(prog="python -m llmprune",
@@ -347,3 +347,88 @@ def _fail(message: str, argv: list[str]) -> int:
 def _unexpected(err: BaseException, argv: list[str]) -> int:
     return _fail(f"unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} (rerun with "
                  "--debug for the traceback, and please report it)", argv)
+
+
+# ------------------------------------------------------------------ the options reference (docs/options.md)
+
+
+class _ParserBuilt(Exception):
+    """Carries a command's parser out of its command function at parse time, before the command does anything."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        super().__init__(parser.prog)
+        self.parser = parser
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser exactly as the command builds it: each command function runs up to its parse."""
+
+    def stop(parser, *args, **kwargs):
+        raise _ParserBuilt(parser)
+
+    parsers, parse = {}, Parser.parse_args
+    Parser.parse_args = stop
+    try:
+        for name, command in COMMANDS.items():
+            try:
+                command([])
+            except _ParserBuilt as built:
+                parsers[name] = built.parser
+    finally:
+        Parser.parse_args = parse
+    return parsers
+
+
+def options_markdown() -> str:
+    """docs/options.md: every option of every command, one table per option group, generated from the parsers
+    (and so from config.py's fields). tests/test_docs.py fails when the file differs from this."""
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")
+
+    lines = ["<!-- Generated from the config fields by `python -m llmprune.cli --write-options-doc docs/options.md`;",
+             "     do not edit by hand (tests/test_docs.py fails when this file is stale). -->", "",
+             "# Options reference", "",
+             "Every option of every command, with its default. Each one is a field of `llmprune/config.py` (or of the",
+             "eval and export configs), written once; the command line, `--help` and this page are generated from them.",
+             "A `--config FILE` (YAML or JSON, such as an output's `llmprune_config.json`) sets the same fields."]
+    for name, parser in command_parsers().items():
+        formatter = parser._get_formatter()
+        lines += ["", f"## `{parser.prog}`" + (" (the default command)" if name == "prune" else ""), "",
+                  cell(parser.description or "")]
+        for group in parser._action_groups:
+            actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
+            if not actions:
+                continue
+            lines += ["", f"### {group.title}", "", "| option | meaning |", "|---|---|"]
+            for action in actions:
+                usage = formatter._format_action_invocation(action)
+                meaning = formatter._expand_help(action) + (" (required)" if action.required and
+                                                            action.option_strings else "")
+                lines.append(f"| `{cell(usage)}` | {cell(meaning)} |")
+        if parser.epilog:
+            lines += ["", "### More", "", "```", parser.epilog.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_options_doc(path: str) -> None:
+    """Write options_markdown() to `path`, atomically (a reader never sees half a file)."""
+    import tempfile
+
+    target = os.path.abspath(path)
+    handle, partial = tempfile.mkstemp(prefix=".options.", suffix=".partial", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(options_markdown())
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+    except BaseException:
+        os.unlink(partial)
+        raise
+
+
+if __name__ == "__main__":  # python -m llmprune.cli --write-options-doc docs/options.md
+    if sys.argv[1:2] != ["--write-options-doc"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m llmprune.cli --write-options-doc docs/options.md")
+    write_options_doc(sys.argv[2])
+    print(f"wrote {sys.argv[2]}")

@@ -219,9 +219,7 @@ DEFAULT_RECOVERY_LR = {"lora": 5e-4, "full": 1e-4}
 class RecoverConfig:
     """Recovery after the prune: the loss (`RunConfig.recover`), which weights train, and the budget.
 
-    Defaults fit 2 CPU cores: a LoRA step of 2 x 256 tokens on a 135M model takes about 4 s, so 100 steps take
-    about 7 minutes. LoRA's lr 5e-4 suits such short runs (after 40 steps it beat 2e-4 clearly, held-out
-    perplexity 44.7 vs 50.4 from 67.0, Wanda 50%); full fine-tuning defaults to 1e-4 (not tuned here)."""
+    Defaults fit a couple of CPU cores; LoRA's lr suits such short runs (docs/results.md has the measurements)."""
 
     loss: str = option("lm", "", cli=False)  # set from RunConfig.recover (lm or distill)
     params: str = option("lora", "which weights train: LoRA adapters merged through the mask, or every weight "

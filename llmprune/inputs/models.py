@@ -60,7 +60,7 @@ def hub_endpoint() -> str:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the Hub: the clients' own retries take ~25 s to give up offline."""
+    """A quick TCP probe of the Hub: the clients' own retries take far longer to give up offline."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     url = urlparse(hub_endpoint())
@@ -105,34 +105,69 @@ POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length"
 
 
 def check_model_files(source: ModelSource, seqlens: dict[str, int], trust_remote_code: bool = False) -> None:
-    """Before loading: a local directory must hold a causal decoder whose positions cover the asked sequence
-    lengths, and safetensors files that are whole. (GGUF files and Hub ids are checked by the loader.)"""
-    if source.is_hub or source.gguf_file:
+    """Before loading: the model is a causal decoder whose positions cover the asked sequence lengths, and a local
+    directory's safetensors files are whole. A GGUF file is read for its header only; a Hub id's config.json comes
+    from the cache or, when the Hub is reachable, the network (unreachable: the loader says so)."""
+    if source.gguf_file:
+        check_positions(gguf_context_length(Path(source.path) / source.gguf_file), seqlens)
         return
-    folder = Path(source.path)
-    for shard in sorted(folder.glob("*.safetensors")):
-        check_safetensors(shard)
-    from transformers import AutoConfig
+    if not source.is_hub:
+        for shard in sorted(Path(source.path).glob("*.safetensors")):
+            check_safetensors(shard)
+    config = _read_config(source, trust_remote_code)
+    if config is None:
+        return
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        raise LLMPruneError(f"{folder}/config.json cannot be read as a model config: {str(err).splitlines()[0]}") \
-            from None
     if config.architectures:  # what the checkpoint was saved as: BertModel is not a decoder, whatever else exists
         causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in config.architectures)
     else:
         causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder
     if not causal:
-        raise LLMPruneError(f"{folder} holds a '{config.model_type}' model, not a causal decoder: llmprune prunes "
-                            "models that AutoModelForCausalLM loads (Llama, Mistral, Qwen2, OPT, GPT-2...)")
+        raise LLMPruneError(f"{source.spec} holds a '{config.model_type}' model, not a causal decoder: llmprune "
+                            "prunes models that AutoModelForCausalLM loads (Llama, Mistral, Qwen2, OPT, GPT-2...)")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = next((getattr(text_config, key) for key in POSITION_KEYS if getattr(text_config, key, None)), None)
+    check_positions(next((getattr(text_config, key) for key in POSITION_KEYS if getattr(text_config, key, None)),
+                         None), seqlens)
+
+
+def check_positions(limit: int | None, seqlens: dict[str, int]) -> None:
+    """Every asked sequence length fits the model's positions (`limit`, None when the model states none)."""
     for flag, seqlen in seqlens.items():
         if limit and seqlen > limit:
             raise LLMPruneError(f"{flag} {seqlen} is longer than the model's {limit} positions: set {flag} {limit} "
                                 "or less")
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """The `<architecture>.context_length` of a GGUF file's header (the tensors are not read)."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(path, "r").fields
+        architecture = fields["general.architecture"].contents()
+        found = fields.get(f"{architecture}.context_length")
+    except (KeyError, ValueError, OSError) as err:
+        raise LLMPruneError(f"{path} is not a readable GGUF file ({err}): re-download or re-convert it") from None
+    return int(found.contents()) if found is not None else None
+
+
+def _read_config(source: ModelSource, trust_remote_code: bool):
+    """The model's config (None: a Hub id neither cached nor reachable, which the loader reports)."""
+    from transformers import AutoConfig
+
+    attempts = [{"local_files_only": True}, {}] if source.is_hub else [{}]
+    for extra in attempts:
+        if source.is_hub and not extra and not hub_reachable():
+            return None
+        try:
+            return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **extra)
+        except (OSError, ValueError, KeyError) as err:
+            if source.is_hub and extra:
+                continue  # not cached: fetch it
+            raise LLMPruneError(f"{source.spec}: config.json cannot be read as a model config: "
+                                f"{str(err).splitlines()[0]}") from None
+    return None
 
 
 def check_safetensors(path: Path) -> None:

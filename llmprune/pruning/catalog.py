@@ -1,6 +1,6 @@
 """What `--help` lists, read from the method files' `register(...)` calls without importing them.
 
-Importing a method imports torch (over a second here); reading its decorator's literal arguments does not.
+Importing a method imports torch, which is slow; reading its decorator's literal arguments is not.
 The registry (methods/__init__.py) stays the one source: these are the same calls, read as text.
 """
 

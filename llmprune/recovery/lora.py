@@ -5,10 +5,9 @@ LoRA layer masks its delta with the pruning mask both while training and when pe
 trained is exactly the sparse model returned (``W + M * sBA``, ``W`` already zero off the mask) and the reported
 loss is that model's loss. The alternative, plain LoRA then masking after the merge, trains a dense model and
 silently drops the pruned part of the delta at the end. The price is one extra dense weight-gradient matmul per
-linear in the backward pass (the forward stays one matmul with the effective weight): measured on SmolLM2-135M on
-2 CPU cores, +40-55% time per step at 1-2 x 256 tokens and 2 x 512, +10% at 4 x 512. Per step the perplexity is
-about the same (Wanda 50%, held-out 67.0; 40 steps of 2 x 256 at lr 5e-4: masked 44.7, merge-then-mask 45.1):
-what masking buys is that the loss optimised and reported is the loss of the model that ships.
+linear in the backward pass (the forward stays one matmul with the effective weight); per step the perplexity is
+about the same (docs/results.md): what masking buys is that the loss optimised and reported is the loss of the
+model that ships.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ class MaskedLoraLinear(PeftLoraLinear):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The delta peft merges. A kept weight that would land exactly on 0 (an exact cancellation, plausible in
-        bf16) would change the pattern: it keeps its value instead. Merge-time only: in the forward it cost 15%."""
+        bf16) would change the pattern: it keeps its value instead. Merge-time only: in the forward it costs time."""
         delta = self.masked_delta(adapter)
         return delta.masked_fill((self.get_base_layer().weight + delta) == 0, 0)
 

@@ -51,7 +51,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int 
 
 def _block_counts(segments: list[int], cols: int, i1: int, i2: int, sparsity: float) -> list[int]:
     """How many weights each segment prunes in columns [i1, i2): the cumulative rounding makes every
-    segment lose exactly floor(rows * cols * sparsity) over all its blocks."""
+    segment lose exactly pruned_count(rows * cols, sparsity) over all its blocks."""
     return [pruned_count(rows * i2, sparsity) - pruned_count(rows * i1, sparsity) for rows in segments]
 
 
@@ -72,7 +72,7 @@ def column_loop(block_t, drop_t, keep_t, errors_t, hinv_block, inv_diag_sq, nm) 
 @functools.lru_cache(maxsize=8)
 def column_graph(width: int, rows: int, nm, device: torch.device, dtype: torch.dtype):
     """`column_loop` for one block shape captured as a CUDA graph. On a GPU the loop is bound by kernel launches
-    (about 20 us of Python and driver per column against a few us of work); a replay launches them all at once.
+    (Python and driver time per column exceed the column's work); a replay launches them all at once.
     The kernels are the same, so the weights are bit-identical to the eager loop's."""
     static = [torch.zeros(width, rows, device=device, dtype=dtype),  # block_t
               torch.zeros(width, rows, device=device, dtype=dtype),  # drop_t
