@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 
@@ -15,6 +12,7 @@ from ..errors import LLMPruneError
 from ..options import option, same_as, settle
 from ..inputs.models import load_model, resolve_model
 from .perplexity import perplexity
+from ..output.atomic import write_json_atomically
 from ..runtime import resolve_device, resolve_dtype
 from .zeroshot import evaluate_zero_shot, resolve_tasks
 
@@ -87,15 +85,6 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         del model
     write_json_atomically(results_path(config), result)
     return result
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    """A failed evaluation never corrupts an existing eval.json: write beside it, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def comparison_table(result: dict) -> str:

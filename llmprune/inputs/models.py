@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import LLMPruneError
+from ..runtime import parameter_count
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best, best_name, best_size = None, "", 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            size = sum(p.numel() for p in module.parameters())
+            size = parameter_count(module.parameters())
             if size > best_size:
                 best, best_name, best_size = module, name, size
     if best is None:

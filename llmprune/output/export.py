@@ -16,14 +16,13 @@ the two halves, so q_proj/k_proj rows (and biases) are reordered as llama.cpp's 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 from ..config import GGUF_OUTTYPES, RunConfig
 from ..errors import LLMPruneError
 from ..options import option, same_as
+from .atomic import write_atomically
 
 FORMATS = ("gguf",)
 
@@ -83,7 +82,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16
     converter does); norms and biases stay f32.
     """
     plan = _plan(Path(model_dir), Path(out_path), outtype, overwrite)
-    _write_atomically(plan)
+    write_atomically(plan.out_path, lambda staging: _write(plan, staging))
     return plan.out_path
 
 
@@ -267,20 +266,6 @@ def _encode(weight, outtype: str):
 
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-
-
-def _write_atomically(plan: _Plan) -> None:
-    """Build the file beside the target under a hidden name; rename only once it is complete."""
-    out = plan.out_path
-    handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(handle)
-    staging = Path(staging)
-    try:
-        _write(plan, staging)
-        os.replace(staging, out)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
 
 
 def _write(plan: _Plan, path: Path) -> None:

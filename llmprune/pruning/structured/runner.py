@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ...errors import LLMPruneError
 from ...inputs.models import decoder_layers, weight_matrix
-from ...runtime import elapsed, resolve_device
+from ...runtime import elapsed, parameter_count, resolve_device
 from ..runner import _run, capture_layer_calls, collect_statistics, propagate
 from .compensation import removed_mean_contribution
 from .config import StructuredConfig
@@ -247,7 +247,7 @@ def _check_family_expresses(model, prefix, spec: UnitSpec, changes: dict, layer)
 
 def parameter_counts(model: nn.Module, layers: nn.ModuleList) -> tuple[int, int]:
     """(all parameters, decoder-layer parameters); a tied embedding counts once."""
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in layers.parameters())
+    return parameter_count(model.parameters()), parameter_count(layers.parameters())
 
 
 def kept_layers(record: dict) -> list[int] | None:
