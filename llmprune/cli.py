@@ -77,22 +77,29 @@ def _field_type(annotation: str):
     return str
 
 
+def _dest(f) -> str:
+    """The namespace key of a field's flag: unique across the configs of one command (RecoverConfig's seqlen
+    is --recover-seqlen, never --seqlen)."""
+    return (f.metadata.get("flag") or "--" + f.name.replace("_", "-")).lstrip("-").replace("-", "_")
+
+
 def add_fields(parser: argparse.ArgumentParser, config_cls, groups: dict[str, argparse._ArgumentGroup],
                only: set[str] | None = None, skip: set[str] = frozenset()) -> None:
-    """One flag per field with CLI metadata. Defaults are SUPPRESSed: the namespace then holds only the flags
-    the user gave, so a --config file's values survive unless a flag overrides them."""
-    defaults = config_cls.__dataclass_fields__
+    """One flag per field with CLI metadata (a flag another config already added is that same setting).
+    Defaults are SUPPRESSed: the namespace then holds only the flags the user gave, so a --config file's values
+    survive unless a flag overrides them."""
+    taken = {action.dest for action in parser._actions}
     for f in fields(config_cls):
         meta = f.metadata
-        if not meta.get("cli", True) or "help" not in meta or f.name in skip or (only and f.name not in only):
+        if not meta.get("cli", True) or "help" not in meta or f.name in skip or (only and f.name not in only) \
+                or _dest(f) in taken:
             continue
         group = groups.get(meta.get("group")) or parser
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         kind = _field_type(f.type)
-        default = defaults[f.name].default
-        shown = default if default is not MISSING else None
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta["help"]}
-        if default is MISSING and defaults[f.name].default_factory is MISSING:
+        shown = f.default if f.default is not MISSING else None
+        kwargs = {"dest": _dest(f), "default": argparse.SUPPRESS, "help": meta["help"]}
+        if f.default is MISSING and f.default_factory is MISSING:
             kwargs["required"] = True
         if kind is bool:
             group.add_argument(flag, action="store_true", **kwargs)
@@ -108,30 +115,46 @@ def add_fields(parser: argparse.ArgumentParser, config_cls, groups: dict[str, ar
         group.add_argument(flag, **kwargs)
 
 
-def build_config(config_cls, given: dict, base: dict | None = None):
-    """Defaults, overridden by a config file's values (`base`), overridden by the flags given."""
+def given_fields(config_cls, args: dict) -> dict:
+    """The flags given for `config_cls`'s fields, by field name."""
+    return {f.name: args[_dest(f)] for f in fields(config_cls) if f.metadata.get("cli", True) and _dest(f) in args}
+
+
+def build_config(config_cls, args: dict, base: dict | None = None, **values):
+    """Defaults, overridden by a config file's values (`base`), overridden by the flags given (`args`, keyed by
+    their flags), then by `values` (fields set by the command)."""
     from .config import _checked_keys
 
-    values = dict(base or {})
-    names = {f.name for f in fields(config_cls)}
-    values.update({k: v for k, v in given.items() if k in names})
-    return config_cls(**_checked_keys(config_cls, values))
+    merged = {**(base or {}), **given_fields(config_cls, args), **values}
+    return config_cls(**_checked_keys(config_cls, merged))
+
+
+def knob_flags(args: dict) -> dict:
+    """The flags given for the registered methods', updates' and allocations' knobs, by field name."""
+    from .pruning.registry import knob_configs
+
+    return {name: value for config in knob_configs() for name, value in given_fields(config, args).items()}
+
+
+def method_listing() -> str:
+    """--help's list of methods, updates and structured importances, from the torch-free registry."""
+    from .pruning.registry import IMPORTANCES, METHODS, UPDATES
+
+    methods = "\n".join(f"  {name:<12}{entry.summary}" for name, entry in METHODS.items())
+    methods += "".join(f"\n  --update {name:<5}{entry.summary}" for name, entry in UPDATES.items())
+    methods += "\n  with --structure channels or heads, --method scores whole channels or heads:\n"
+    return methods + "\n".join(f"  {name:<12}{entry.summary}" for name, entry in IMPORTANCES.items())
 
 
 def prune_parser() -> argparse.ArgumentParser:
     from .config import PruneConfig, RecoverConfig, RunConfig
-    from .pruning.catalog import catalog
+    from .pruning.registry import knob_configs
     from .resources import source_names
 
-    known = catalog()
-    methods = "\n".join(f"  {name:<12}{summary}" for name, summary in known["method"])
-    methods += "".join(f"\n  --update {name:<5}{summary}" for name, summary in known["update"])
-    methods += "\n  with --structure channels or heads, --method scores whole channels or heads:\n"
-    methods += "\n".join(f"  {name:<12}{summary}" for name, summary in known["importance"])
     p = Parser(prog="python -m llmprune",
                description="Prune a Hugging Face causal decoder layer by layer, evaluate it, and save it.\n"
                            "Other commands: eval, report, push, export, scan (python -m llmprune COMMAND --help).",
-               epilog=EPILOG.format(methods=methods, sources=", ".join(source_names())),
+               epilog=EPILOG.format(methods=method_listing(), sources=", ".join(source_names())),
                formatter_class=HelpFormatter)
     p.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file, such as an output's "
                    "llmprune_config.json (reruns that run exactly); flags given beside it override it")
@@ -141,7 +164,7 @@ def prune_parser() -> argparse.ArgumentParser:
               "scale": "scale (models larger than memory, crashes, several processes: torchrun -m llmprune ...)",
               "output": "output"}
     groups = {key: p.add_argument_group(title) for key, title in titles.items()}
-    for config_cls in (RunConfig, PruneConfig, RecoverConfig):
+    for config_cls in (RunConfig, PruneConfig, *knob_configs(), RecoverConfig):
         add_fields(p, config_cls, groups)
     groups["output"].add_argument("--quiet", action="store_true", help="no progress bars")
     groups["output"].add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -149,18 +172,19 @@ def prune_parser() -> argparse.ArgumentParser:
 
 
 def prune_command(argv: list[str]) -> int:
-    from .config import PruneConfig, RecoverConfig, RunConfig, load_config_file
+    from .config import PruneConfig, RecoverConfig, RunConfig, load_config_file, prune_config_from
 
     args = vars(prune_parser().parse_args(argv))
     base = load_config_file(args["config"]) if args.get("config") else {}
     go_offline(args.get("offline") or base.get("offline"))
+    given = {**given_fields(PruneConfig, args), **knob_flags(args)}
     schedule = args.get("schedule") or base.get("schedule")
-    if schedule and "sparsity" not in args and "sparsity" not in (base.get("prune") or {}):
-        args["sparsity"] = float(str(schedule).split(",")[-1])  # a schedule ends at the run's sparsity
-    prune = build_config(PruneConfig, args, base.get("prune"))
-    recovery = build_config(RecoverConfig, {**args, "seed": prune.seed}, base.get("recovery"))
+    if schedule and "sparsity" not in given and "sparsity" not in (base.get("prune") or {}):
+        given["sparsity"] = float(str(schedule).split(",")[-1])  # a schedule ends at the run's sparsity
+    prune = prune_config_from(given, base.get("prune"))
+    recovery = build_config(RecoverConfig, args, base.get("recovery"), seed=prune.seed)
     run_base = {k: v for k, v in base.items() if k not in ("prune", "recovery")}
-    config = build_config(RunConfig, {**args, "prune": prune, "recovery": recovery}, run_base)
+    config = build_config(RunConfig, args, run_base, prune=prune, recovery=recovery)
 
     from .output.summary import format_summary
     from .pipeline import run
@@ -186,7 +210,7 @@ def eval_command(argv: list[str]) -> int:
 
     p = Parser(prog="python -m llmprune eval", description="Evaluate a model (an llmprune output, an alias, a "
                "Hub id, a .gguf) and optionally a baseline beside it.", formatter_class=HelpFormatter)
-    groups = {"zero-shot": p.add_argument_group("zero-shot")}
+    groups = {key: p.add_argument_group(key) for key in ("model", "evaluation")}
     add_fields(p, EvalConfig, groups)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = vars(p.parse_args(argv))
@@ -235,7 +259,8 @@ def push_command(argv: list[str]) -> int:
 
 
 def scan_command(argv: list[str]) -> int:
-    from .config import PruneConfig, RunConfig
+    from .config import PruneConfig, RunConfig, prune_config_from
+    from .pruning.registry import ALLOCATIONS, knob_configs
 
     p = Parser(prog="python -m llmprune scan", description="Per-layer sensitivity: the loss on validation "
                "windows (cut from the calibration text, never its held-out part) when only one layer, or one kind "
@@ -253,7 +278,10 @@ def scan_command(argv: list[str]) -> int:
     groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "calibration")}
     add_fields(p, RunConfig, groups, only={"model", "dtype", "trust_remote_code", "offline", "calib"})
     add_fields(p, PruneConfig, groups, skip={"sparsity", "allocation", "structure", "remove_params", "round_to",
-                                             "bias_compensation", "heads_mode", "layer_importance", "scan_max_shift"})
+                                             "bias_compensation", "heads_mode", "layer_importance"})
+    for config_cls in knob_configs():  # every cell is pruned uniformly: no allocation's knobs
+        if config_cls not in {entry.config for entry in ALLOCATIONS.values()}:
+            add_fields(p, config_cls, groups)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = vars(p.parse_args(argv))
@@ -262,7 +290,8 @@ def scan_command(argv: list[str]) -> int:
         sparsities = [float(s) for s in args["sparsities"].split(",") if s.strip()]
     except ValueError:
         raise LLMPruneError(f"--sparsities must be a comma list such as 0.5,0.7 (got '{args['sparsities']}')") from None
-    prune = build_config(PruneConfig, {**args, "sparsity": sparsities[0] if sparsities else None})
+    prune = prune_config_from({**given_fields(PruneConfig, args), **knob_flags(args),
+                               "sparsity": sparsities[0] if sparsities else None})
     run = build_config(RunConfig, {k: v for k, v in args.items() if k in ("model", "dtype", "trust_remote_code",
                                                                              "offline", "calib")})
     from .pruning.scan import run_scan
@@ -283,7 +312,7 @@ def export_command(argv: list[str]) -> int:
     add_fields(p, ExportConfig, {})
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = vars(p.parse_args(argv))
-    config = build_config(ExportConfig, args)
+    config = build_config(ExportConfig, args, model=args["model"])
 
     from .output.export import run_export
 

@@ -1,31 +1,32 @@
-"""Every setting, written once: a dataclass field with its help, validated on construction.
+"""Every setting, written once: a dataclass field with its help, validated on construction, frozen after.
 
 The CLI is generated from these fields (`cli.py` reads `option(...)` metadata: flag, help, group, choices),
 `--config FILE` fills them from YAML or JSON (such as the `llmprune_config.json` each output carries), and
-the Python API builds them directly. Nothing here imports torch, transformers or peft.
+the Python API builds them directly. A method's, update's or allocation's own knobs are fields of its config
+class in pruning/registry.py (PruneConfig holds the chosen ones); the structure settings are
+StructuredConfig's (pruning/structured/config.py). Nothing here imports torch, transformers or peft, nor any
+algorithm module: only those torch-free declarations.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import LLMPruneError
+from .options import check_at_least, check_finite, flag_of, option, same_as, settle
+from .pruning import registry
+from .pruning.registry import KnobConfig
+from .pruning.structured.config import DEFAULT_SPARSITY, STRUCTURES, StructuredConfig
 
-ALLOCATIONS = ("uniform", "owl")
+__all__ = ["PruneConfig", "RecoverConfig", "RunConfig", "option", "load_config_file", "parse_pattern"]
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def option(default=MISSING, help: str = "", *, group: str | None = None, flag: str | None = None,
-           choices=None, metavar: str | None = None, factory=MISSING, cli: bool = True):
-    """A config field with what the CLI needs to show it. `flag` defaults to --field-name."""
-    metadata = {"help": help, "group": group, "flag": flag, "choices": choices, "metavar": metavar, "cli": cli}
-    if factory is not MISSING:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # the llama.cpp names, as `llama-quantize` and its converter use them
+DEFAULT_METHOD = "wanda"
+KNOB_ROLES = ("method", "update", "allocation")  # each role's chosen entry reads PruneConfig.<role>_config
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -41,27 +42,11 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-def _finite(value, flag: str, positive: bool = False, nonnegative: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LLMPruneError(f"{flag} must be a finite number (got {value!r})")
-    if positive and value <= 0:
-        raise LLMPruneError(f"{flag} must be positive (got {value:g})")
-    if nonnegative and value < 0:
-        raise LLMPruneError(f"{flag} must be 0 or more (got {value:g})")
-
-
-def _at_least(config, names: tuple[str, ...], minimum: int = 1, prefix: str = "--") -> None:
-    for name in names:
-        value = getattr(config, name)
-        flag = next(f.metadata.get("flag") for f in fields(config) if f.name == name) or \
-            prefix + name.replace("_", "-")
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise LLMPruneError(f"{flag} must be an integer of at least {minimum} (got {value!r})")
-
-
-@dataclass
+@dataclass(frozen=True)
 class PruneConfig:
-    """What to prune and how: the algorithm, its data and its knobs."""
+    """What to prune and how: the algorithm, its data, and the chosen method's, update's and allocation's
+    knobs (`method_config`, `update_config`, `allocation_config`: instances of the config classes registered
+    with them, or mappings of their fields; None gives the defaults)."""
 
     method: str | None = option(None, "how each weight (or, with --structure, each channel or head) is scored; "
                                 "see methods below (default: wanda; flap with --structure channels or heads; "
@@ -69,29 +54,20 @@ class PruneConfig:
                                 metavar="NAME")
     sparsity: float | None = option(None, "fraction of each pruned linear's weights set to zero, in [0, 1) "
                                     "(default: 0.5, or 1-N/M for an N:M pattern); with --structure, the fraction "
-                                    "of that structure removed (default 0.2)", group="pruning")
+                                    f"of that structure removed (default {DEFAULT_SPARSITY})", group="pruning")
     structure: str = option("none", "remove whole structures and save a smaller ordinary model: MLP channels, "
                             "attention heads, decoder layers or routed experts of a mixture of experts (none: zero "
-                            "single weights)", group="structured",
-                            choices=("none", "channels", "heads", "layers", "experts"))
+                            "single weights)", group="structured", choices=("none", *STRUCTURES, "experts"))
     expert_importance: str = option("reap", "how --structure experts ranks each MoE layer's experts: reap = mean "
                                     "over its routed tokens of routing weight x output norm (Cerebras 2025); "
                                     "frequency = tokens routed to it", group="structured",
                                     choices=("reap", "frequency"))
     remove_params: float | None = option(None, "with --structure: remove about this fraction of the decoder "
                                          "layers' parameters (chooses --sparsity)", group="structured")
-    round_to: int = option(64, "kept MLP widths are multiples of this (hardware likes them; 1 = exact)",
-                           group="structured")
-    bias_compensation: str = option("auto", "fold the removed channels' or heads' mean output into the next "
-                                    "linear's bias (auto: on for flap, where the family can carry a bias)",
-                                    group="structured", choices=("auto", "on", "off"))
-    heads_mode: str = option("query", "query: remove the same number of query heads from every KV group; "
-                             "groups: remove whole KV groups with their query heads", group="structured",
-                             choices=("query", "groups"))
-    layer_importance: str = option("influence", "how --structure layers ranks layers: influence = 1 - cos(input, "
-                                   "output) over the calibration tokens (ShortGPT); skip_loss = calibration loss "
-                                   "increase when the layer alone is skipped (one model pass per layer)",
-                                   group="structured", choices=("influence", "skip_loss"))
+    round_to: int = same_as(StructuredConfig, "round_to")
+    bias_compensation: str = same_as(StructuredConfig, "bias_compensation")
+    heads_mode: str = same_as(StructuredConfig, "heads_mode")
+    layer_importance: str = same_as(StructuredConfig, "layer_importance")
     pattern: str = option("unstructured", "unstructured, or N:M such as 2:4 or 4:8 (see patterns below)",
                           group="pruning")
     update: str = option("none", "re-fit the kept weights after the mask is chosen: none, or a registered "
@@ -101,43 +77,31 @@ class PruneConfig:
     allocation: str = option("uniform", "per-layer sparsity: uniform (the same everywhere), owl (outlier-weighted, "
                              "Yin et al. 2023), or scan:FILE (from `llmprune scan`: least sensitive layers pruned "
                              "most)", group="pruning", metavar="uniform|owl|scan:FILE")
-    owl_m: float = option(5.0, "OWL: a score is an outlier above M x the mean (SmolLM2: 7 works best)",
-                          group="pruning")
-    owl_lambda: float = option(0.08, "OWL: layer sparsities span sparsity +/- lambda", group="pruning")
-    ria_alpha: float = option(0.5, "RIA: exponent a of the input norm ||X_j||^a in the score", group="pruning")
-    admm_iterations: int = option(20, "ADMM (--update admm, --method admm): iterations", group="pruning")
-    admm_rho: float = option(1.0, "ADMM: penalty rho, relative to the unit-scaled X^T X", group="pruning")
-    admm_damp: float = option(0.1, "ADMM: ridge towards the dense weights, relative to the unit-scaled X^T X",
-                              group="pruning")
-    admm_gradual_steps: int = option(15, "--method admm: iterations over which the sparsity rises to the target",
-                                     group="pruning")
-    dsnot_cycles: int = option(50, "DSnoT: most grow/prune swaps per row", group="pruning")
-    dsnot_threshold: float = option(0.1, "DSnoT: a row stops once its expected output error is at most this",
-                                    group="pruning")
-    scan_max_shift: float = option(0.1, "--allocation scan:FILE: each layer's sparsity stays within the target "
-                                   "+/- this", group="pruning")
-    blocksize: int = option(128, "SparseGPT: columns per lazy-update block", group="pruning")
-    percdamp: float = option(0.01, "SparseGPT: damping added to the Hessian diagonal, as a fraction of its mean",
-                             group="pruning")
     min_expert_tokens: int = option(128, "mixture of experts: an expert routed fewer calibration tokens than this "
                                     "is rare, and its statistics come from --rare-experts (fewer give noisy norms "
                                     "and a Hessian of low rank)", group="pruning")
     rare_experts: str = option("all-tokens", "mixture of experts: a rare expert takes its statistics from all of its "
                                "layer's tokens (all-tokens), or is pruned by weight magnitude (magnitude)",
                                group="pruning", choices=("all-tokens", "magnitude"))
+    method_config: KnobConfig | dict | None = option(None, cli=False)
+    update_config: KnobConfig | dict | None = option(None, cli=False)
+    allocation_config: KnobConfig | dict | None = option(None, cli=False)
     nsamples: int = option(32, "random calibration windows", group="calibration")
     seqlen: int = option(512, "tokens per window (calibration and perplexity)", group="calibration")
-    seed: int = option(0, "seed of the window sampling and of recovery (local generators)", group="calibration")
-    batch_size: int = option(8, "windows per layer forward; lower it if memory runs out", group="calibration")
+    seed: int = option(0, "seed of the window sampling, of recovery and of lm-eval (local generators)",
+                       group="calibration")
+    batch_size: int = same_as(StructuredConfig, "batch_size")
     device: str | None = option(None, "where each layer is pruned: cpu, cuda, cuda:1 (default: cuda if available, "
                                 "else cpu)", group="model")
 
     def __post_init__(self):
-        from .pruning.methods import get_method, get_update  # the registry imports torch: only when validating
-
         if self.structure != "none":
-            if self.sparsity is None and self.remove_params is None:
-                self.sparsity = 0.2
+            if self.remove_params is not None:
+                check_finite(self.remove_params, "--remove-params", positive=True)
+                if self.sparsity is not None:
+                    raise LLMPruneError("--remove-params chooses --sparsity: give one of them")
+            elif self.sparsity is None:
+                settle(self, "sparsity", DEFAULT_SPARSITY)
             if self.structure == "experts":  # whole routed experts: pruning/expert_removal.py
                 from .pruning.expert_removal import check_expert_removal
 
@@ -147,17 +111,20 @@ class PruneConfig:
             if self.pattern != "unstructured" or self.update != "none" or self.allocation != "uniform":
                 raise LLMPruneError(f"--structure {self.structure} removes whole structures: --pattern, --update and "
                                     "--allocation apply to unstructured pruning (prune the output again for that)")
-            _at_least(self, ("nsamples", "seqlen", "batch_size"))
+            if any(getattr(self, f"{role}_config") for role in KNOB_ROLES):
+                raise LLMPruneError(f"--structure {self.structure} scores channels, heads or layers: the knobs of "
+                                    "unstructured methods do not apply")
+            check_at_least(self, ("nsamples", "seqlen"))
             return
         if self.remove_params is not None:
             raise LLMPruneError("--remove-params chooses how much of a structure to remove: give --structure too")
-        self.method = self.method or "wanda"
-        get_method(self.method)
-        if self.update != "none":
-            get_update(self.update)
+        settle(self, "method", self.method or DEFAULT_METHOD)
+        for role, entry in self.chosen().items():
+            settle(self, f"{role}_config", _knob_config(role, getattr(self, role), entry,
+                                                        getattr(self, f"{role}_config")))
         nm = parse_pattern(self.pattern)
         if self.sparsity is not None:
-            _finite(self.sparsity, "--sparsity")
+            check_finite(self.sparsity, "--sparsity")
         if nm:
             implied = 1 - nm[0] / nm[1]
             if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
@@ -165,43 +132,24 @@ class PruneConfig:
                     f"--pattern {self.pattern} prunes exactly {implied:g} of the weights, but --sparsity is "
                     f"{self.sparsity:g}: drop --sparsity or set it to {implied:g}"
                 )
-            self.sparsity = implied
-            if self.blocksize % nm[1]:
-                raise LLMPruneError(f"--blocksize {self.blocksize} must be a multiple of M={nm[1]} for {self.pattern}")
+            settle(self, "sparsity", implied)
             if self.allocation != "uniform":
                 raise LLMPruneError(f"--allocation {self.allocation} varies sparsity per layer, which an N:M "
                                     "pattern fixes: use it with --pattern unstructured")
         elif self.sparsity is None:
-            self.sparsity = 0.5
+            settle(self, "sparsity", 0.5)
         if not 0 <= self.sparsity < 1:
             raise LLMPruneError(f"--sparsity must be in [0, 1) (got {self.sparsity:g})")
-        _at_least(self, ("nsamples", "seqlen", "batch_size", "blocksize"))
-        _finite(self.percdamp, "--percdamp", positive=True)
-        _finite(self.ria_alpha, "--ria-alpha", nonnegative=True)
-        _finite(self.admm_rho, "--admm-rho", positive=True)
-        _finite(self.admm_damp, "--admm-damp", nonnegative=True)
-        _finite(self.dsnot_threshold, "--dsnot-threshold", nonnegative=True)
-        _finite(self.scan_max_shift, "--scan-max-shift", nonnegative=True)
-        _at_least(self, ("admm_iterations", "admm_gradual_steps"))
-        _at_least(self, ("dsnot_cycles",), minimum=0)
-        if self.admm_gradual_steps > self.admm_iterations:
-            raise LLMPruneError(f"--admm-gradual-steps {self.admm_gradual_steps} must not exceed --admm-iterations "
-                                f"{self.admm_iterations}")
-        _finite(self.owl_m, "--owl-m", positive=True)
-        _finite(self.owl_lambda, "--owl-lambda", nonnegative=True)
-        if self.allocation.startswith("scan:"):
-            from .pruning.scan import ScanTable
-
-            ScanTable.load(self.allocation.removeprefix("scan:"))  # a missing or broken table fails now
-        elif self.allocation not in ALLOCATIONS:
-            raise LLMPruneError(f"--allocation must be uniform, owl or scan:FILE (got '{self.allocation}')")
-        if self.allocation == "owl" and not (self.sparsity - self.owl_lambda >= 0
-                                             and self.sparsity + self.owl_lambda < 1):
-            raise LLMPruneError(f"--owl-lambda {self.owl_lambda:g} must keep every layer's sparsity, "
-                                f"{self.sparsity:g} +/- lambda, inside [0, 1)")
-        _at_least(self, ("min_expert_tokens",))
+        check_at_least(self, ("nsamples", "seqlen", "batch_size", "min_expert_tokens"))
         if self.rare_experts not in ("all-tokens", "magnitude"):
             raise LLMPruneError(f"--rare-experts must be all-tokens or magnitude (got '{self.rare_experts}')")
+        for role in KNOB_ROLES:
+            knobs = getattr(self, f"{role}_config")
+            if knobs is not None:
+                knobs.check_with(self)
+        if self.allocation.startswith("scan:") and not Path(self.allocation.removeprefix("scan:")).is_file():
+            raise LLMPruneError(f"cannot read the scan table {self.allocation.removeprefix('scan:')}: write it "
+                                "with `llmprune scan`")
         if self.skip is not None:
             try:
                 re.compile(self.skip)
@@ -212,20 +160,40 @@ class PruneConfig:
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
 
-    def structured(self):
-        """The settings of a structured prune, validated (pruning/structured/config.py)."""
-        from .pruning.structured.config import StructuredConfig
+    def chosen(self) -> dict:
+        """The registry entries this unstructured prune uses, by role: method, update (or None), allocation."""
+        return {"method": registry.get_method(self.method),
+                "update": registry.get_update(self.update) if self.update != "none" else None,
+                "allocation": registry.get_allocation(self.allocation)}
 
-        if self.remove_params is not None:
-            _finite(self.remove_params, "--remove-params", positive=True)
-            if self.sparsity is not None:
-                raise LLMPruneError("--remove-params chooses --sparsity: give one of them")
-        compensation = {"auto": None, "on": True, "off": False}[self.bias_compensation]
-        return StructuredConfig(structure=self.structure, method=self.method,
-                                sparsity=0.5 if self.sparsity is None else self.sparsity, round_to=self.round_to,
-                                bias_compensation=compensation, heads_mode=self.heads_mode,
-                                layer_importance=self.layer_importance, batch_size=self.batch_size,
-                                device=self.device)
+    def structured(self, sparsity: float | None = None) -> StructuredConfig:
+        """The settings of a structured prune, validated (pruning/structured/config.py). `sparsity`: the one
+        chosen for --remove-params (until it is chosen, 0.5 stands in for the checks)."""
+        if sparsity is None:
+            sparsity = 0.5 if self.sparsity is None else self.sparsity
+        return StructuredConfig(structure=self.structure, method=self.method, sparsity=sparsity,
+                                round_to=self.round_to, bias_compensation=self.bias_compensation,
+                                heads_mode=self.heads_mode, layer_importance=self.layer_importance,
+                                batch_size=self.batch_size, device=self.device)
+
+
+def _knob_config(role: str, name: str, entry, given):
+    """The chosen entry's config: its defaults, a mapping of its fields, or an instance of its class."""
+    wanted = entry.config if entry is not None else None
+    if isinstance(given, KnobConfig) and type(given) is not wanted and given == type(given)():
+        given = None  # another entry's defaults (a `replace` that changed the name): the new entry's defaults
+    if wanted is None:
+        if given:
+            raise LLMPruneError(f"--{role} {name} has no settings, but {role}_config gives {given!r}")
+        return None
+    if given is None:
+        return wanted()
+    if isinstance(given, dict):
+        return wanted(**_checked_keys(wanted, given))
+    if type(given) is not wanted:
+        raise LLMPruneError(f"{role}_config is a {type(given).__name__}, but --{role} {name} reads "
+                            f"{wanted.__name__}")
+    return given
 
 
 RECOVERY_LOSSES = ("lm", "distill")
@@ -234,7 +202,7 @@ RECOVERY_PRECISIONS = ("float32", "bf16")
 DEFAULT_RECOVERY_LR = {"lora": 5e-4, "full": 1e-4}
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecoverConfig:
     """Recovery after the prune: the loss (`RunConfig.recover`), which weights train, and the budget.
 
@@ -299,17 +267,17 @@ class RecoverConfig:
             raise LLMPruneError(f"--recover-precision must be one of {', '.join(RECOVERY_PRECISIONS)} "
                                 f"(got '{self.precision}')")
         if self.lr is None:
-            self.lr = DEFAULT_RECOVERY_LR[self.params]
-        _at_least(self, ("steps", "batch", "r", "distill_topk", "val_windows", "distill_hidden_layers"))
-        _at_least(self, ("eval_every", "loss_chunk"), minimum=0)
-        _at_least(self, ("seqlen",), minimum=2)  # a next-token loss needs two tokens
-        _finite(self.lr, "--recover-lr", positive=True)
-        _finite(self.alpha, "--lora-alpha", positive=True)
-        _finite(self.weight_decay, "--recover-weight-decay", nonnegative=True)
-        _finite(self.distill_temperature, "--distill-temperature", positive=True)
-        _finite(self.distill_alpha, "--distill-alpha", nonnegative=True)
-        _finite(self.distill_hidden, "--distill-hidden", nonnegative=True)
-        _finite(self.dropout, "--lora-dropout", nonnegative=True)
+            settle(self, "lr", DEFAULT_RECOVERY_LR[self.params])
+        check_at_least(self, ("steps", "batch", "r", "distill_topk", "val_windows", "distill_hidden_layers"))
+        check_at_least(self, ("eval_every", "loss_chunk"), minimum=0)
+        check_at_least(self, ("seqlen",), minimum=2)  # a next-token loss needs two tokens
+        check_finite(self.lr, "--recover-lr", positive=True)
+        check_finite(self.alpha, "--lora-alpha", positive=True)
+        check_finite(self.weight_decay, "--recover-weight-decay", nonnegative=True)
+        check_finite(self.distill_temperature, "--distill-temperature", positive=True)
+        check_finite(self.distill_alpha, "--distill-alpha", nonnegative=True)
+        check_finite(self.distill_hidden, "--distill-hidden", nonnegative=True)
+        check_finite(self.dropout, "--lora-dropout", nonnegative=True)
         if self.distill_alpha > 1:
             raise LLMPruneError(f"--distill-alpha is the LM loss's share, in [0, 1] (got {self.distill_alpha:g})")
         if not self.dropout < 1.0:
@@ -320,7 +288,7 @@ class RecoverConfig:
             if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t.strip() for t in self.targets):
                 raise LLMPruneError(f"--lora-targets must be a non-empty comma list of linear names, got "
                                     f"{self.targets!r}: e.g. q_proj,v_proj (or omit it for every pruned linear)")
-            self.targets = list(dict.fromkeys(t.strip() for t in self.targets))
+            settle(self, "targets", list(dict.fromkeys(t.strip() for t in self.targets)))
 
     @property
     def tokens(self) -> int:
@@ -333,7 +301,7 @@ class RecoverConfig:
         return (self.steps * self.batch + self.val_windows) * self.seqlen
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run: which model and text, what to evaluate, where to write. `prune` holds the algorithm,
     `recovery` the fine-tuning settings used when `recover` is set."""
@@ -388,7 +356,7 @@ class RunConfig:
     save_format: str = option("hf", "hf: a Hugging Face folder; gguf: the same plus NAME-OUTTYPE.gguf in it, for "
                               "llama.cpp (Llama family)", group="output", choices=("hf", "gguf"))
     gguf_outtype: str = option("f16", "weight type of the GGUF's matrices (norms and biases stay f32)",
-                               group="output", choices=("f32", "f16", "bf16", "q8_0"))
+                               group="output", choices=GGUF_OUTTYPES)
     push_to_hub: str | None = option(None, "upload --output to this Hub model repo (token from HF_TOKEN or "
                                      "`hf auth login`)", group="output", metavar="OWNER/NAME")
     private: bool = option(False, "with --push-to-hub: make the repo private (a new one, or an existing one)",
@@ -396,17 +364,17 @@ class RunConfig:
 
     def __post_init__(self):
         if isinstance(self.prune, dict):
-            self.prune = PruneConfig(**self.prune)
+            settle(self, "prune", PruneConfig(**_checked_keys(PruneConfig, self.prune)))
         if isinstance(self.recovery, dict):
-            self.recovery = RecoverConfig(**self.recovery)
+            settle(self, "recovery", RecoverConfig(**_checked_keys(RecoverConfig, self.recovery)))
         if self.recover in ("lm", "distill") and self.recovery.loss != self.recover:
-            self.recovery = replace(self.recovery, loss=self.recover)
+            settle(self, "recovery", replace(self.recovery, loss=self.recover))
         if self.recovery.distill_hidden and not (self.recover and self.recovery.loss == "distill"):
             raise LLMPruneError("--distill-hidden adds to the distillation loss: use it with --recover distill")
-        _at_least(self, ("eval_windows", "num_fewshot"), minimum=0)
-        _at_least(self, ("eval_batch_size",))
+        check_at_least(self, ("eval_windows", "num_fewshot"), minimum=0)
+        check_at_least(self, ("eval_batch_size",))
         if self.limit is not None:
-            _at_least(self, ("limit",))
+            check_at_least(self, ("limit",))
         if self.recover not in (None, "lora", "lm", "distill"):
             raise LLMPruneError(f"--recover must be lora, lm or distill (got '{self.recover}')")
         if self.recover and self.prune.sparsity == 0:
@@ -415,6 +383,9 @@ class RunConfig:
             raise LLMPruneError("--push-to-hub uploads the --output directory: give --output DIR too")
         if self.push_to_hub and self.offline:
             raise LLMPruneError("--offline never contacts the Hub, so --push-to-hub cannot run: drop one of them")
+        if self.prune.remove_params is not None and self.schedule:
+            raise LLMPruneError("--remove-params chooses one sparsity; a --schedule names each stage's: give "
+                                "--schedule with sparsities (e.g. 0.1,0.2) and drop --remove-params")
         if self.schedule is not None:
             self.schedule_sparsities()
         if (self.resume or self.checkpoint) and not (self.output or self.work_dir):
@@ -425,7 +396,8 @@ class RunConfig:
             raise LLMPruneError(f"--dtype must be one of {', '.join(DTYPES)} (got '{self.dtype}')")
 
     def schedule_sparsities(self) -> list[float]:
-        """--schedule as rising sparsities ending at the run's own; [sparsity] without a schedule."""
+        """--schedule as rising sparsities ending at the run's own; [sparsity] without a schedule (a
+        --remove-params run's sparsity is chosen once the model is loaded: the pipeline's Plan holds it)."""
         if self.schedule is None:
             return [self.prune.sparsity]
         try:
@@ -457,7 +429,10 @@ class RunConfig:
 
 
 def _checked_keys(cls, data: dict) -> dict:
-    """Refuse keys a config class does not have (a typo in a config file must not be ignored)."""
+    """Refuse keys a config class does not have (a typo in a config file must not be ignored); nested configs
+    are built from their mappings, and a prune's flat knobs go to the config that reads them."""
+    if cls is PruneConfig:
+        data = route_knobs(data)
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -466,6 +441,62 @@ def _checked_keys(cls, data: dict) -> dict:
     nested = {"prune": PruneConfig, "recovery": RecoverConfig}
     return {k: (nested[k](**_checked_keys(nested[k], v)) if k in nested and isinstance(v, dict) else v)
             for k, v in data.items()}
+
+
+def _knob_fields() -> dict[str, type]:
+    """Every knob's name -> a config class that declares it."""
+    return {f.name: config for config in registry.knob_configs() for f in fields(config)}
+
+
+def route_knobs(values: dict) -> dict:
+    """Prune settings with knobs by name among them (flags such as --ria-alpha, or a flat config file) as
+    PruneConfig's fields: each knob goes into the config of the method, update or allocation that reads it.
+    A knob that none of them reads is refused, unless it holds its default (a flat file lists every knob)."""
+    owners = _knob_fields()
+    flat = {k: v for k, v in values.items() if k in owners}
+    if not flat:
+        return values
+    routed = {k: v for k, v in values.items() if k not in flat}
+    entries = {}
+    if routed.get("structure", "none") == "none":
+        update, allocation = routed.get("update", "none"), routed.get("allocation", "uniform")
+        entries = {"method": registry.get_method(routed.get("method") or DEFAULT_METHOD),
+                   "update": registry.get_update(update) if update != "none" else None,
+                   "allocation": registry.get_allocation(allocation)}
+    used = set()
+    for role, entry in entries.items():
+        mine = {f.name for f in fields(entry.config)} & set(flat) if entry and entry.config else set()
+        if mine:
+            earlier = routed.get(f"{role}_config")
+            earlier = earlier.knobs() if isinstance(earlier, KnobConfig) else dict(earlier or {})
+            routed[f"{role}_config"] = {**earlier, **{k: flat[k] for k in sorted(mine)}}
+            used |= mine
+    for name in sorted(set(flat) - used):
+        owner = owners[name]
+        owner(**{name: flat[name]})  # a bad value is refused as such first
+        if flat[name] != owner.__dataclass_fields__[name].default:
+            readers = {(role, entry.name) for role, table in
+                       (("method", registry.METHODS), ("update", registry.UPDATES), ("allocation", registry.ALLOCATIONS))
+                       for entry in table.values() if entry.config and name in entry.config.__dataclass_fields__}
+            this = (f"--structure {routed['structure']}" if not entries else ", ".join(
+                f"--{role} {entries[role].name if entries[role] else 'none'}" for role in KNOB_ROLES
+                if role in {role for role, _ in readers}))
+            raise LLMPruneError(f"{flag_of(owner, name)} is a setting of "
+                                f"{' or '.join(f'--{role} {reader}' for role, reader in sorted(readers))}, and this "
+                                f"run uses {this}: drop it")
+    return routed
+
+
+def prune_config_from(given: dict, base: dict | None = None) -> PruneConfig:
+    """PruneConfig from settings by field or knob name (`given`, such as the flags) over a config file's "prune"
+    mapping (`base`). A file's knobs of a method (update, allocation) that `given` replaces are dropped."""
+    values = dict(base or {})
+    for role in KNOB_ROLES:
+        if role in given and given[role] != values.get(role):
+            values.pop(f"{role}_config", None)
+    names = {f.name for f in fields(PruneConfig)} | set(_knob_fields())
+    values.update({k: v for k, v in given.items() if k in names})
+    return PruneConfig(**_checked_keys(PruneConfig, values))
 
 
 def load_config_file(path: str | Path) -> dict:

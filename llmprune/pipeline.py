@@ -44,6 +44,7 @@ class Plan:
     stream_reason: str | None = None
     parallel: object = None  # a DataParallel under torchrun, else None
     work_dir: Path | None = None  # where per-layer checkpoints go (--checkpoint, --resume, streaming)
+    sparsity: float | None = None  # the run's; --remove-params chooses it once the model is loaded
 
     @property
     def writer(self) -> bool:
@@ -84,7 +85,8 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None,
         recovery_inputs = recovery_data(model, tokenizer, config, plan, progress)  # the teacher sees the dense model
     with clock("evaluate"):
         windows, dense = evaluate_dense(model, tokenizer, config, plan, dense, progress)
-    stages, recoveries, pruned = config.schedule_sparsities(), [], None
+    stages = config.schedule_sparsities() if config.schedule else [plan.sparsity]
+    recoveries, pruned = [], None
     for stage, sparsity in enumerate(stages):  # one stage unless --schedule
         with clock("prune"):
             pruned = prune_model(model, calibration, config, plan, sparsity, progress, pruned)
@@ -127,9 +129,6 @@ def preflight(config: RunConfig) -> Plan:
     if config.prune.structure != "none" and config.stream:
         raise LLMPruneError(f"--structure {config.prune.structure} with --stream is not supported yet: prune "
                             "structurally in memory")
-    if config.prune.remove_params is not None and config.schedule:
-        raise LLMPruneError("--remove-params chooses one sparsity; a --schedule names each stage's: give "
-                            "--schedule with sparsities (e.g. 0.1,0.2) and drop --remove-params")
 
     pc = config.prune
     if config.output:
@@ -146,8 +145,12 @@ def preflight(config: RunConfig) -> Plan:
     if pc.structure == "none":
         method = get_method(pc.method)
         needs_calibration = method.statistic is not None or pc.allocation != "uniform" or pc.update != "none"
-    else:  # every structured scorer but plain magnitude reads calibration activations (or gradients)
-        needs_calibration = pc.method != "magnitude" or pc.bias_compensation == "on"
+        if pc.allocation.startswith("scan:"):
+            from .pruning.scan import ScanTable
+
+            ScanTable.load(pc.allocation.removeprefix("scan:"))  # a broken table fails now
+    else:  # experts are scored from the tokens routed to them
+        needs_calibration = pc.structure == "experts" or pc.structured().needs_calibration
     stream, reason = _should_stream(config, source)
     work_dir = None
     if config.resume or config.checkpoint or stream:
@@ -163,8 +166,7 @@ def preflight(config: RunConfig) -> Plan:
         if config.recover or config.tasks:
             raise LLMPruneError("under torchrun the ranks share calibration only: run --recover and --tasks in a "
                                 "single process (python -m llmprune ...)")
-        pc.device = DataParallel.device(pc.device)
-        device = resolve_device(pc.device)
+        device = resolve_device(DataParallel.device(pc.device))  # this rank's: the plan's, the config stays
         parallel = DataParallel.from_environment(device)
     if needs_calibration:
         check_source(config.calib, "calib", pc.nsamples * pc.seqlen, "--nsamples or --seqlen")
@@ -174,7 +176,7 @@ def preflight(config: RunConfig) -> Plan:
     if config.eval != "none":
         check_source(config.eval, "eval", min_tokens=pc.seqlen)
     return Plan(device, resolve_dtype(config.dtype, device), tasks, needs_calibration, source, stream, reason,
-                parallel, work_dir)
+                parallel, work_dir, pc.sparsity)
 
 
 def _should_stream(config: RunConfig, source) -> tuple[bool, str | None]:
@@ -199,7 +201,8 @@ def _should_stream(config: RunConfig, source) -> tuple[bool, str | None]:
 
 
 def load(config: RunConfig, plan: Plan, progress: bool):
-    """The model on the CPU in eval mode, checked once (finite weights, prunable shapes), and room to save it."""
+    """The model on the CPU in eval mode, checked once (finite weights, prunable shapes), and room to save it;
+    --remove-params's sparsity, chosen from the model, goes into the plan."""
     from .inputs.models import load_model
     from .output.atomic import check_free_space
     from .pruning.runner import check_model
@@ -221,9 +224,9 @@ def load(config: RunConfig, plan: Plan, progress: bool):
         from .pruning.structured.runner import plan_structure, sparsity_for_params
 
         if pc.remove_params is not None:
-            pc.sparsity = sparsity_for_params(model, pc.structured(), pc.remove_params)
-            _say(progress, f"--remove-params {pc.remove_params:g}: removing {pc.sparsity:.4f} of the {pc.structure}")
-        plan_structure(model, pc.structured())  # shapes the family cannot express fail now, before any work
+            plan.sparsity = sparsity_for_params(model, pc.structured(), pc.remove_params)
+            _say(progress, f"--remove-params {pc.remove_params:g}: removing {plan.sparsity:.4f} of the {pc.structure}")
+        plan_structure(model, pc.structured(plan.sparsity))  # shapes the family cannot express fail now, before any work
     if config.save_format == "gguf":  # an architecture or tokenizer the exporter does not know fails now
         from .output.export import check_gguf_export
 
@@ -312,7 +315,7 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
 
     if config.prune.structure != "none":
         return prune_structure(model, calibration, config, progress, sparsity, previous)
-    pc = replace(config.prune, sparsity=sparsity) if sparsity != config.prune.sparsity else config.prune
+    pc = replace(config.prune, sparsity=sparsity, device=str(plan.device))  # this stage's, on this rank's device
     before = _zeros(model) if config.schedule else None
     options = {"parallel": plan.parallel, "offload_activations": config.offload_activations}
     if plan.work_dir is not None:
@@ -351,7 +354,7 @@ def prune_structure(model, calibration, config: RunConfig, progress: bool, spars
         record = prune_structured(model, calibration, stage_config, progress=progress)
         if previous is not None:
             record = chain_records(previous.structure, record, sparsity)
-    pruned = PruneReport(record["method"], pc.sparsity, "structured", "uniform")
+    pruned = PruneReport(record["method"], sparsity, "structured", "uniform")
     pruned.structure = record
     pruned.seconds = {phase: float(value) for phase, value in record.get("seconds", {}).items()}
     return pruned
@@ -429,7 +432,7 @@ def assemble_report(architecture, source, config, plan, pruned, dense, windows, 
         "architecture": architecture,
         "method": pruned.method,
         "update": pc.update,
-        "sparsity": pc.sparsity,
+        "sparsity": plan.sparsity,
         "pattern": pruned.pattern,
         "allocation": pc.allocation,
         "calibration": Calibration(config.calib, pc.nsamples, pc.seqlen, pc.seed).__dict__

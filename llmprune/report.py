@@ -8,14 +8,12 @@ SCHEMA_VERSION when a field's meaning changes, and teach `from_dict` to read the
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import LLMPruneError
-from .output.atomic import umask
+from .output.atomic import write_text_atomically
 
 SCHEMA_VERSION = 2  # 1: the untyped dict of llmprune 0.1 (no schema_version, no per-linear layer index)
 
@@ -123,17 +121,7 @@ class Report:
 
     def save(self, path: str | Path) -> Path:
         """Written beside the target, then renamed: a reader never sees half a report."""
-        path = Path(path)
-        handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                stream.write(self.to_json() + "\n")
-            os.chmod(partial, 0o666 & ~umask())
-            os.replace(partial, path)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomically(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, data: dict) -> "Report":

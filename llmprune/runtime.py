@@ -1,12 +1,15 @@
-"""Where and in what precision work runs, and what it costs: device and dtype resolution, memory gauges.
+"""Where and in what precision work runs, and what it costs: device and dtype resolution, memory gauges, parameter
+counts.
 
 Every stage (pruning, evaluation, recovery) asks here, so none imports another stage to borrow a helper.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import time
+from typing import Iterable
 
 import torch
 
@@ -76,7 +79,8 @@ def current_rss_bytes() -> int | None:
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation can still get: free GPU memory, or the kernel's MemAvailable; None when unknown."""
+    """Memory a new allocation can still get: free GPU memory, or the kernel's MemAvailable (which counts
+    reclaimable page cache), else the free pages where the OS reports them; None when unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -86,4 +90,13 @@ def available_memory_bytes(device: torch.device) -> int | None:
                     return int(line.split()[1]) * 1024
     except OSError:  # not Linux
         pass
-    return None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such sysconf name here (macOS)
+        return None
+
+
+def parameter_count(parameters: Iterable[torch.Tensor]) -> int:
+    """How many numbers the tensors hold, e.g. ``parameter_count(model.parameters())``; a tensor given twice (a
+    tied embedding) counts once."""
+    return sum(tensor.numel() for tensor in {id(tensor): tensor for tensor in parameters}.values())

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib  # standard library only at load time: the worker below runs without torch and llmprune
+
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # pinned: speeds are comparable only build to build
 
 
@@ -127,8 +129,9 @@ def run_worker(python: Path, job: dict, scratch: Path) -> dict:
 
 def decoder_params(model) -> int:
     from llmprune.inputs.models import decoder_layers
+    from llmprune.runtime import parameter_count
 
-    return sum(p.numel() for p in decoder_layers(model)[1].parameters())
+    return parameter_count(decoder_layers(model)[1].parameters())
 
 
 def prepare(name: str, model_dir: Path, outtypes: list[str], scratch: Path, seqlen: int, windows_wanted: int,
@@ -140,6 +143,7 @@ def prepare(name: str, model_dir: Path, outtypes: list[str], scratch: Path, seql
     from llmprune.inputs.data import eval_windows, tokenize
     from llmprune.inputs.models import load_model
     from llmprune.output.export import export_gguf
+    from llmprune.runtime import parameter_count
 
     model, tokenizer, _ = load_model(str(model_dir))
     windows = eval_windows(tokenize(tokenizer, eval_text), seqlen, windows_wanted)
@@ -147,7 +151,7 @@ def prepare(name: str, model_dir: Path, outtypes: list[str], scratch: Path, seql
     np.save(windows_file, windows.numpy().astype(np.int32))
     sample = eval_text[:text_chars]
     entry = {"name": name, "model_dir": str(model_dir), "decoder_params": decoder_params(model),
-             "params": sum(p.numel() for p in model.parameters()),
+             "params": parameter_count(model.parameters()),
              "ppl_ours": perplexity(model, windows, progress=False), "windows": len(windows), "seqlen": seqlen,
              "windows_file": str(windows_file), "text": sample, "text_ids": tokenize(tokenizer, sample).tolist(),
              "gguf": {}}
@@ -192,8 +196,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llmprune, not an installed one
-
     python, build = llama_cpp_python(Path(args.cache).expanduser(), build=not args.no_build)
     if python is None:
         sys.exit(f"llama-cpp-python is not built in {args.cache}: run without --no-build once")
@@ -208,8 +210,7 @@ def main() -> None:
         scratch = Path(tmp)
         dense_dir = scratch / "dense"
         if args.quick:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-            from tiny_models import save_tiny_model_dir
+            from llmprune.testing import save_tiny_model_dir
 
             save_tiny_model_dir(dense_dir)
         else:
@@ -261,13 +262,15 @@ def main() -> None:
         r["tg_vs_dense"] = r["tg_tok_s"] / dense[r["outtype"]]["tg_tok_s"]
     report = {"llama_cpp": build, "threads": args.threads, "pp": args.pp, "tg": args.tg, "rounds": args.rounds,
               "seqlen": args.seqlen, "eval_windows": args.eval_windows, "quick": args.quick,
-              "machine": platform.machine(), "cpus": os.cpu_count(), "rows": rows}
+              "machine": benchlib.machine_info(), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "deploy_quick" if args.quick else "deploy"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    from llmprune.output.atomic import write_json_atomically, write_text_atomically
+
+    write_json_atomically(out / f"{name}.json", report)
     markdown = table(rows, args.pp, args.tg)
-    (out / f"{name}.md").write_text(markdown + "\n")
+    write_text_atomically(out / f"{name}.md", markdown + "\n")
     print(markdown)
     if build.get("build_seconds"):
         print(f"llama-cpp-python {build.get('version')} built from source in {build['build_seconds']} s")

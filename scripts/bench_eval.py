@@ -17,18 +17,16 @@ Writes <out>/bench_eval.json and prints a table: wall seconds, tokens/s, and the
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-import llmprune
-from llmprune.inputs.data import eval_windows, load_text, tokenize
+import benchlib
 from llmprune.inputs.models import load_model
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.evaluation.zeroshot import evaluate_zero_shot
+from llmprune.output.atomic import write_json_atomically
 
 
 @torch.inference_mode()
@@ -77,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer, _ = load_model(args.model, "float32")
-    windows = eval_windows(tokenize(tokenizer, load_text("wiki", "eval")), args.seqlen, args.eval_windows)
+    windows = benchlib.held_out(tokenizer, args.seqlen, args.eval_windows)
     rows = []
 
     def add(name, seconds, tokens, bare_seconds, note=""):
@@ -117,14 +115,13 @@ def main() -> None:
               f"{r['bare_seconds']:8.1f} {r['x_bare']:7.2f}  {r['note']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_eval.json").write_text(json.dumps({
+    write_json_atomically(out / "bench_eval.json", {
         "model": args.model, "limit": args.limit, "eval_batch_size": args.eval_batch_size,
-        "threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
-        "llmprune": llmprune.__version__, "rows": rows,
+        "machine": benchlib.machine_info(), "rows": rows,
         "fields": {"seconds": "wall seconds of the library call", "bare_seconds": "model(input_ids) over the same "
                    "tokens (perplexity: one window at a time; zero-shot: lm-eval's requests, longest first, padded)",
                    "x_bare": "seconds / bare_seconds", "tokens": "tokens fed to the model, padding excluded"},
-    }, indent=2) + "\n")
+    })
     print(f"wrote {out / 'bench_eval.json'}")
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,17 +33,15 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llmprune.config import PruneConfig  # noqa: E402
-from llmprune.inputs.models import decoder_layers, linears, weight_matrix  # noqa: E402
-from llmprune.errors import LLMPruneError  # noqa: E402
-from llmprune.pruning.runner import prune  # noqa: E402
-from llmprune.runtime import resolve_device  # noqa: E402
-from bench_prune import time_floor  # noqa: E402  (the CPU benchmark's floor, timed the same way)
-from tiny_models import tiny_model  # noqa: E402
+import benchlib
+from bench_prune import time_floor  # the CPU benchmark's floor, timed the same way
+from llmprune.config import PruneConfig
+from llmprune.errors import LLMPruneError
+from llmprune.inputs.models import decoder_layers, linears, weight_matrix
+from llmprune.output.atomic import write_json_atomically
+from llmprune.pruning.runner import prune
+from llmprune.runtime import resolve_device
+from llmprune.testing import tiny_model
 
 SHAPES = {  # (hidden, intermediate, heads, kv heads): the embedded model's and LLaMA-7B's layer shapes
     "smollm2-135m": (576, 1536, 9, 3),
@@ -278,8 +274,7 @@ def main() -> None:
         sys.exit(f"bench_gpu.py: {err}")
     if device.index is not None:
         torch.cuda.set_device(device)  # the events and synchronisations below address the current device
-    results = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
-               "transformers": __import__("transformers").__version__, "python": platform.python_version()}
+    results = {"gpu": torch.cuda.get_device_name(device), "machine": benchlib.machine_info(device)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = {"agreement": lambda rows: agreement(rows, device),
@@ -289,7 +284,7 @@ def main() -> None:
              "sparse24": lambda rows: sparse24(rows, [int(t) for t in args.tokens.split(",")], device)}
     for part in args.parts.split(","):
         parts[part](results.setdefault(part, []))
-        out.write_text(json.dumps(results, indent=2))  # after every part: a run cut short keeps what it measured
+        write_json_atomically(out, results)  # after every part: a run cut short keeps what it measured
     print(f"\nwrote {out}")
 
 

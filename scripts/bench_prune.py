@@ -11,30 +11,26 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
-import os
-import platform
-import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-import llmprune
+import benchlib
+from benchlib import SEED, TEXT
 from llmprune import LLMPruneError, PruneConfig, prune
-from llmprune.inputs.data import calibration_windows, eval_windows, load_text, tokenize
 from llmprune.inputs.models import decoder_layers, load_model
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.output.atomic import write_atomically, write_json_atomically, write_text_atomically
 from llmprune.runtime import current_rss_bytes, elapsed, peak_rss_bytes, resolve_device, resolve_dtype
 from llmprune.pruning.runner import capture_layer_calls, propagate
 
-TEXT, SEED, BATCH_SIZE = "wiki", 0, PruneConfig().batch_size
+BATCH_SIZE = PruneConfig().batch_size
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # Issue 13's methods, (method, update), every shape of the mode: RIA, DSnoT on Wanda, gradual ADMM, ADMM re-fits.
 NEW_METHODS = (("ria", "none"), ("dsnot", "none"), ("admm", "none"), ("wanda", "admm"), ("ria", "admm"))
@@ -89,15 +85,7 @@ def matrix(mode: dict, **common) -> list[PruneConfig]:
 
 
 def select_rows(rows: list[PruneConfig], pattern: str | None) -> list[PruneConfig]:
-    if pattern is None:
-        return rows
-    try:
-        selected = [row for row in rows if re.search(pattern, row_name(row))]
-    except re.error as err:
-        raise SystemExit(f"--rows {pattern!r} is not a regular expression: {err}") from None
-    if not selected:
-        raise SystemExit(f"--rows {pattern!r} matches none of: {', '.join(map(row_name, rows))}")
-    return selected
+    return benchlib.select_rows(rows, pattern, row_name)
 
 
 @torch.inference_mode()
@@ -124,15 +112,10 @@ def time_floor(model, calibration: torch.Tensor, device: torch.device) -> dict:
     return {"capture_s": capture_s, "layers_s": layers_s, "one_pass_s": one_pass, "two_pass_s": 2 * one_pass}
 
 
-def zero_shot_mean(model, tokenizer, tasks: str | None, limit: int) -> dict:
+def zero_shot_scores(model, tokenizer, tasks: str | None, limit: int) -> dict:
     """The mean zero-shot accuracy over `tasks` (lm-eval, offline sets), and each task's; nothing without tasks."""
-    if not tasks:
-        return {}
-    from llmprune.evaluation.zeroshot import evaluate_zero_shot, resolve_tasks
-
-    result = evaluate_zero_shot(model, tokenizer, resolve_tasks(tasks), limit=limit, num_fewshot=0, batch_size=16,
-                                seed=SEED)
-    return {"zero_shot_mean": result["mean_acc"], "zero_shot": result}
+    result = benchlib.zero_shot(model, tokenizer, tasks, limit)
+    return {} if result is None else {"zero_shot_mean": result["mean_acc"], "zero_shot": result}
 
 
 def bench_row(model, config: PruneConfig, calibration, windows, device, floor: dict, zero_shot=dict) -> dict:
@@ -161,13 +144,6 @@ def dense_row(model, windows, device, zero_shot=dict) -> dict:
             "achieved_sparsity": None, "layer_sparsity": None, "seconds": {"evaluate": time.perf_counter() - start},
             "x_floor": None, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_increase_bytes": None,
             "rss_after_bytes": current_rss_bytes()} | scores
-
-
-def machine_info(device: torch.device) -> dict:
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "llmprune": llmprune.__version__,
-            "load_average_at_start": os.getloadavg()}  # other processes distort timings: see how busy it was
 
 
 def markdown(results: dict) -> str:
@@ -218,15 +194,8 @@ def plot(results: dict, path: Path) -> None:
     figure.savefig(path, format="png", dpi=120)
 
 
-def write_atomically(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    os.replace(partial, path)
-
-
 def write_json(out: Path, results: dict) -> None:
-    write_atomically(out / "bench.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+    write_json_atomically(out / "bench.json", results)
 
 
 def parse_args(argv):
@@ -267,21 +236,18 @@ def main(argv: list[str] | None = None) -> dict:
         resolve_tasks(args.tasks)
     model, tokenizer, _ = load_model(args.model, resolve_dtype("auto", device))
     memory = {"rss_after_load_bytes": current_rss_bytes(), "peak_rss_after_load_bytes": peak_rss_bytes()}
-    calibration = calibration_windows(tokenize(tokenizer, load_text(TEXT, "calib")), nsamples, seqlen, SEED)
-    windows = eval_windows(tokenize(tokenizer, load_text(TEXT, "eval")), seqlen, eval_count)
+    calibration = benchlib.calibration(tokenizer, nsamples, seqlen)
+    windows = benchlib.held_out(tokenizer, seqlen, eval_count)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     floor = time_floor(model, calibration, device)
     print(f"floor: one bare pass {floor['one_pass_s']:.2f} s (capture {floor['capture_s']:.2f} s + layers "
           f"{floor['layers_s']:.2f} s); two passes {floor['two_pass_s']:.2f} s", flush=True)
 
-    zero_shot = functools.partial(zero_shot_mean, tokenizer=tokenizer, tasks=args.tasks, limit=args.limit)
+    zero_shot = functools.partial(zero_shot_scores, tokenizer=tokenizer, tasks=args.tasks, limit=args.limit)
     dense = dense_row(model, windows, device, zero_shot)
     memory["peak_rss_before_rows_bytes"] = peak_rss_bytes()
-    from llmprune.inputs.models import resolve_model
-    from llmprune.report import display_name
-
-    results = {"complete": False, "model": display_name(resolve_model(args.model)), "architecture": type(model).__name__,
-               "dtype": str(next(model.parameters()).dtype), "machine": machine_info(device),
+    results = {"complete": False, "model": benchlib.model_name(args.model), "architecture": type(model).__name__,
+               "dtype": str(next(model.parameters()).dtype), "machine": benchlib.machine_info(device),
                "calibration": {"source": TEXT, "part": "calib", "nsamples": nsamples, "seqlen": seqlen,
                                "seed": SEED, "batch_size": BATCH_SIZE},
                "evaluation": {"source": TEXT, "part": "eval", "windows": len(windows), "seqlen": seqlen},
@@ -309,10 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(out, results)
 
     results["complete"] = True
-    results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["machine"]["load_average_at_end"] = benchlib.load_average()
     write_json(out, results)
     table = markdown(results)
-    write_atomically(out / "bench.md", lambda p: p.write_text(table))
+    write_text_atomically(out / "bench.md", table)
     write_atomically(out / "bench.png", lambda p: plot(results, p))
     print(table)
     return results

@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
-import re
 import shutil
 import tempfile
 import time
@@ -29,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-TEXT = "wiki"
-SEED = 0
+import benchlib
+from benchlib import SEED, TEXT
 # What each prune row does. A sparse prune is a PruneConfig; a structured one shrinks the model in place
 # (channels: FLAP, the structured benchmark's best at 20%; layers: by influence) and keeps no mask.
 PRUNES = {"wanda-50%": {"method": "wanda", "sparsity": 0.5},
@@ -82,46 +79,22 @@ def news_path() -> Path:
     return Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
 
 
-_TOKENS: dict[tuple[str, str], torch.Tensor] = {}
-
-
-def tokens_of(tokenizer, source: str, part: str) -> torch.Tensor:
-    """A text's tokens, kept for the process: every model of one run shares the dense model's tokenizer."""
-    from llmprune.inputs.data import load_text, tokenize
-
-    if (source, part) not in _TOKENS:
-        _TOKENS[source, part] = tokenize(tokenizer, load_text(source, part))
-    return _TOKENS[source, part]
-
-
 def held_out(tokenizer, mode: dict) -> dict[str, torch.Tensor]:
-    from llmprune.inputs.data import eval_windows
-
-    return {name: eval_windows(tokens_of(tokenizer, source, "eval"), mode["eval_seqlen"], mode["eval_windows"])
+    return {name: benchlib.held_out(tokenizer, mode["eval_seqlen"], mode["eval_windows"], source)
             for name, source in (("wiki", TEXT), ("news", f"file:{news_path()}"))}
 
 
 def recovery_config(recipe: str, steps: int, mode: dict):
-    from llmprune.recovery.train import RecoveryConfig
+    from llmprune.config import RecoverConfig
 
-    return RecoveryConfig(**RECIPES[recipe], steps=steps, batch=mode["batch"], seqlen=mode["seqlen"],
-                          val_windows=mode["val_windows"], eval_every=mode["eval_every"], seed=SEED)
+    return RecoverConfig(**RECIPES[recipe], steps=steps, batch=mode["batch"], seqlen=mode["seqlen"],
+                         val_windows=mode["val_windows"], eval_every=mode["eval_every"], seed=SEED)
 
 
 def perplexities(model, windows: dict[str, torch.Tensor], device) -> dict[str, float]:
     from llmprune.evaluation.perplexity import perplexity
 
     return {name: perplexity(model, w, device, progress=False) for name, w in windows.items()}
-
-
-def zero_shot(model, tokenizer, args) -> float | None:
-    if not args.tasks:
-        return None
-    from llmprune.evaluation.zeroshot import evaluate_zero_shot, resolve_tasks
-
-    result = evaluate_zero_shot(model, tokenizer, resolve_tasks(args.tasks), limit=args.limit, num_fewshot=0,
-                                batch_size=16, seed=SEED)
-    return result["mean_acc"]
 
 
 def load(model_spec: str, device):
@@ -140,23 +113,21 @@ def dense_job(args, mode: dict) -> dict:
 
     device = resolve_device(args.device)
     model, tokenizer = load(args.model, device)
-    _, val = recovery_windows(tokens_of(tokenizer, TEXT, "calib"), recovery_config("lora-lm", 1, mode))
+    _, val = recovery_windows(benchlib.text_tokens(tokenizer, "calib"), recovery_config("lora-lm", 1, mode))
     return {"ppl": perplexities(model, held_out(tokenizer, mode), device),
             "val_ppl": perplexity(model, val, device, progress=False),
-            "peak_rss_bytes": peak_rss_bytes(), "zero_shot_mean": zero_shot(model, tokenizer, args)}
+            "peak_rss_bytes": peak_rss_bytes(), "zero_shot_mean": benchlib.zero_shot_mean(model, tokenizer, args.tasks, args.limit)}
 
 
 def prune_job(args, mode: dict, name: str, folder: str) -> dict:
     """Prune once, evaluate, and save the pruned model (a plain HF folder) for the rows to start from."""
     from llmprune import PruneConfig, prune
-    from llmprune.inputs.data import calibration_windows
     from llmprune.runtime import peak_rss_bytes, resolve_device
 
     device = resolve_device(args.device)
     start = time.perf_counter()
     model, tokenizer = load(args.model, device)
-    calibration = calibration_windows(tokens_of(tokenizer, TEXT, "calib"), mode["nsamples"],
-                                      mode["calib_seqlen"], SEED)
+    calibration = benchlib.calibration(tokenizer, mode["nsamples"], mode["calib_seqlen"])
     kept_layers = None
     if name in STRUCTURED:
         from llmprune.pruning.structured.runner import kept_layers as kept_of
@@ -170,7 +141,7 @@ def prune_job(args, mode: dict, name: str, folder: str) -> dict:
         masks = [layer["name"] for layer in report.layers]
     minutes = (time.perf_counter() - start) / 60
     result = {"minutes": minutes, "ppl": perplexities(model, held_out(tokenizer, mode), device),
-              "peak_rss_bytes": peak_rss_bytes(), "zero_shot_mean": zero_shot(model, tokenizer, args),
+              "peak_rss_bytes": peak_rss_bytes(), "zero_shot_mean": benchlib.zero_shot_mean(model, tokenizer, args.tasks, args.limit),
               "masked_linears": masks, "kept_layers": kept_layers}
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -191,7 +162,7 @@ def row_job(args, mode: dict, prune_name: str, folder: str, recipe: str, budget:
     config = recovery_config(recipe, mode["budgets"][budget], mode)
     teacher, teacher_minutes = None, 0.0
     model, tokenizer = load(args.model, device)
-    train, val = recovery_windows(tokens_of(tokenizer, TEXT, "calib"), config)
+    train, val = recovery_windows(benchlib.text_tokens(tokenizer, "calib"), config)
     if config.loss == "distill":
         start = time.perf_counter()
         hidden_layers = evenly_spaced_layers(len(decoder_layers(model)[1]), config.distill_hidden_layers) \
@@ -210,37 +181,20 @@ def row_job(args, mode: dict, prune_name: str, folder: str, recipe: str, budget:
                            kept_layers=pruned.get("kept_layers"))
     return {"teacher_minutes": teacher_minutes, "recovery": stats,
             "ppl": perplexities(model, held_out(tokenizer, mode), device),
-            "peak_rss_bytes": peak_rss_bytes(), "zero_shot_mean": zero_shot(model, tokenizer, args)}
+            "peak_rss_bytes": peak_rss_bytes(), "zero_shot_mean": benchlib.zero_shot_mean(model, tokenizer, args.tasks, args.limit)}
 
 
 def tiny_model_dir(path: Path) -> str:
     """A 2-layer random Llama with a byte-level BPE tokenizer trained on a slice of the wiki text (for --quick)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     from llmprune.inputs.data import load_text
+    from llmprune.testing import save_tiny_model_dir
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([load_text(TEXT, "calib")[:20_000]], vocab_size=400, show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return str(save_tiny_model_dir(path, text=load_text(TEXT, "calib")[:20_000], vocab_size=400, layers=2))
 
 
 def rows_of(prunes: list[str], mode: dict, pattern: str | None) -> list[tuple[str, str, str]]:
     rows = [(prune, recipe, budget) for prune in prunes for recipe in RECIPES for budget in mode["budgets"]]
-    if pattern:
-        try:
-            rows = [row for row in rows if re.search(pattern, "/".join(row))]
-        except re.error as err:
-            raise SystemExit(f"--rows {pattern!r} is not a regular expression: {err}") from None
-        if not rows:
-            raise SystemExit(f"--rows {pattern!r} matches no prune/recipe/budget row")
-    return rows
+    return benchlib.select_rows(rows, pattern, "/".join)
 
 
 def summarise(prune_name: str, recipe: str, budget: str, row: dict, prune: dict, dense: dict) -> dict:
@@ -290,12 +244,6 @@ def plot(results: dict, path: Path) -> None:
     figure.savefig(path, format="png", dpi=120)
 
 
-def write_atomically(path: Path, write) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    os.replace(partial, path)
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="anything load_model accepts (default: llama; --quick: a tiny random Llama)")
@@ -319,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"--prunes: unknown {', '.join(unknown)}; known: {', '.join([*PRUNES, *STRUCTURED])}")
     rows = rows_of(prunes, mode, args.rows)
+    from llmprune.output.atomic import write_atomically, write_json_atomically
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-recover-"))
@@ -338,11 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
         results = {"complete": False, "model": "tiny random Llama" if args.quick and not model_given else args.model, "mode": "quick" if args.quick else "full",
                    "settings": mode, "recipes": RECIPES, "goals": GOALS, "fields": FIELDS,
                    "recovery_defaults": asdict(recovery_config("lora-lm", 1, mode)),
-                   "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                               "torch": torch.__version__, "load_average_at_start": os.getloadavg()},
+                   "machine": benchlib.machine_info(args.device or "auto"),
                    "dense": None, "prunes": {}, "rows": []}
-        save = lambda: write_atomically(out / "recover.json",  # noqa: E731
-                                        lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+        save = lambda: write_json_atomically(out / "recover.json", results)  # noqa: E731
         results["dense"] = call(dense_job)
         print(f"dense: ppl {results['dense']['ppl']}", flush=True)
         save()
@@ -361,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
                 save()
         results["complete"] = True
-        results["machine"]["load_average_at_end"] = os.getloadavg()
+        results["machine"]["load_average_at_end"] = benchlib.load_average()
         save()
         write_atomically(out / "recover.png", lambda p: plot(results, p))
         return results

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+import benchlib
 
 
 def child(job: dict) -> dict:
@@ -134,6 +133,8 @@ def main(argv=None) -> None:
         args.ranks, args.parallel_model = args.ranks or "1,2", None
     from make_random_model import SHAPES, make_config, write_random_model
 
+    from llmprune.output.atomic import write_json_atomically, write_text_atomically
+
     out = Path(args.out)  # the JSON and markdown only: pruned weights never go into the repository
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="llmprune-bench-scale-"))
@@ -171,8 +172,8 @@ def main(argv=None) -> None:
         parallel.append({"ranks": ranks, "calibration_passes_s": max(r["calibration_passes_s"] for r in result),
                          "wall_s": max(r["wall_s"] for r in result)})
     result = {"config": args.config, "model_dir": str(model_dir), "rows": rows, "parallel": parallel,
-              "cpus": os.cpu_count(), "torch": torch.__version__, "quick": args.quick}
-    (out / "bench_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+              "machine": benchlib.machine_info("cpu"), "quick": args.quick}
+    write_json_atomically(out / "bench_scale.json", result)
     lines = [f"# Scale benchmark: random {args.config}, {size / 2**30:.2f} GiB on disk, calibration activations "
              f"{activations / 2**20:.0f} MiB", "", "| method | peak RSS (GiB) | RSS / model | (RSS - activations) / model | "
              "(RSS - interpreter) / model | wall (s) | streamed == in-memory |", "|---|---|---|---|---|---|---|"]
@@ -183,7 +184,7 @@ def main(argv=None) -> None:
     if parallel:
         lines += ["", "| ranks (gloo) | calibration passes (s) | wall (s) |", "|---|---|---|"]
         lines += [f"| {p['ranks']} | {p['calibration_passes_s']:.2f} | {p['wall_s']:.1f} |" for p in parallel]
-    (out / "bench_scale.md").write_text("\n".join(lines) + "\n")
+    write_text_atomically(out / "bench_scale.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

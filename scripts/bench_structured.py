@@ -20,27 +20,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
-import os
-import platform
-import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llmprune, not an installed one
-
-from llmprune import LLMPruneError, PruneConfig, prune  # noqa: E402
-from llmprune.evaluation.perplexity import perplexity  # noqa: E402
-from llmprune.inputs.data import calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
-from llmprune.inputs.models import load_model  # noqa: E402
-from llmprune.pruning.structured import StructuredConfig, prune_structured  # noqa: E402
-
-TEXT, SEED = "wiki", 0
+import benchlib
+from benchlib import SEED
+from llmprune import LLMPruneError, PruneConfig, prune
+from llmprune.evaluation.perplexity import perplexity
+from llmprune.inputs.models import load_model
+from llmprune.output.atomic import write_atomically, write_json_atomically
+from llmprune.pruning.structured import StructuredConfig, prune_structured
 SPARSITIES = (0.1, 0.2, 0.3)
 STRUCTURES = {"channels": ("magnitude", "wanda", "flap", "taylor"), "heads": ("magnitude", "wanda", "flap", "taylor"),
               "layers": ("influence", "skip_loss")}
@@ -73,11 +68,7 @@ def row_configs(mode_rows: str | None, round_to: int):
                                                                   **options)))
     for method in UNSTRUCTURED:
         rows.append((f"unstructured-{method}-50%", "unstructured", PruneConfig(method=method, sparsity=0.5)))
-    if mode_rows:
-        rows = [row for row in rows if re.search(mode_rows, row[0])]
-        if not rows:
-            raise SystemExit(f"--rows {mode_rows!r} matches no row")
-    return rows
+    return benchlib.select_rows(rows, mode_rows, lambda row: row[0])
 
 
 @torch.inference_mode()
@@ -128,16 +119,13 @@ def speed(dense, model, mode, device, vocab) -> dict:
 
 def parameters(model) -> tuple[int, int]:
     from llmprune.inputs.models import decoder_layers
+    from llmprune.runtime import parameter_count
 
-    return model.num_parameters(), sum(p.numel() for p in decoder_layers(model)[1].parameters())
+    return parameter_count(model.parameters()), parameter_count(decoder_layers(model)[1].parameters())
 
 
 def zero_shot(model, tokenizer, tasks, limit):
-    if not tasks or tokenizer is None:
-        return None
-    from llmprune.evaluation.zeroshot import evaluate_zero_shot
-
-    return evaluate_zero_shot(model, tokenizer, [tasks], limit=limit)["mean_acc"]
+    return None if tokenizer is None else benchlib.zero_shot_mean(model, tokenizer, tasks, limit)
 
 
 def bench_row(name, kind, config, dense, calibration, windows, mode, device, vocab, tokenizer, args) -> dict:
@@ -145,10 +133,10 @@ def bench_row(name, kind, config, dense, calibration, windows, mode, device, voc
     start = time.perf_counter()
     try:
         if kind == "structured":
-            config.device = args.device
+            config = dataclasses.replace(config, device=args.device)
             record = prune_structured(model, calibration, config, progress=False)
         else:
-            config.seqlen = calibration.shape[1]
+            config = dataclasses.replace(config, seqlen=calibration.shape[1])
             record = prune(model, calibration, config, progress=False).to_dict()
     except LLMPruneError as err:  # e.g. 10% of 3 KV groups removes none: recorded, not fatal
         return {"name": name, "error": str(err)}
@@ -170,13 +158,11 @@ def bench_row(name, kind, config, dense, calibration, windows, mode, device, voc
 
 
 def tiny_random_llama():
-    """--quick: a tiny random Llama (no download), random token windows instead of text."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """--quick: a tiny random Llama (no download), random token windows instead of text. Six heads in two KV
+    groups of three: a 10% head prune removes no head there, which the row records instead of failing."""
+    from llmprune.testing import tiny_model
 
-    torch.manual_seed(SEED)
-    config = LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=6, num_attention_heads=6,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama", layers=6, hidden=96, intermediate=256, heads=6, vocab=256, seed=SEED)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -208,17 +194,6 @@ def plot(results: dict, path: Path) -> None:
     figure.savefig(path, format="png", dpi=110)
 
 
-def write_json(path: Path, results: dict) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(partial, path)
-
-
-def machine(device) -> dict:
-    return {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
-
-
 def gpu_7b(args) -> dict:
     """Random-weight LLaMA-7B shape (4096 / 11008 / 32 heads / 32 layers), bf16 on the GPU: dense against
     20% of the MLP channels removed (magnitude, widths rounded to 64), prefill 1 x 512 and decode 128."""
@@ -236,7 +211,7 @@ def gpu_7b(args) -> dict:
     start = time.perf_counter()
     record = prune_structured(model, None, StructuredConfig("channels", method="magnitude", sparsity=0.2,
                                                             device=str(device)), progress=False)
-    results = {"model": "random llama-7b shape, bfloat16", "machine": machine(device) | {
+    results = {"model": "random llama-7b shape, bfloat16", "machine": benchlib.machine_info(device) | {
         "gpu": torch.cuda.get_device_name(device)}, "prune_s": time.perf_counter() - start,
         "intermediate_size": model.config.intermediate_size,
         "decoder_params_removed_fraction": record["decoder_params_removed_fraction"],
@@ -268,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.gpu_7b:
         results = gpu_7b(args)
-        write_json(out / "structured_gpu.json", results)
+        write_json_atomically(out / "structured_gpu.json", results)
         print(json.dumps({k: v for k, v in results.items() if k != "speed"} | {
             "prefill_speedup": results["speed"]["prefill_s"]["speedup"],
             "decode_speedup": results["speed"]["decode_tok_s"]["speedup"]}, indent=2))
@@ -286,18 +261,14 @@ def main(argv: list[str] | None = None) -> dict:
         name = "tiny random llama (--quick)"
     else:
         dense, tokenizer, _ = load_model(args.model, "float32")
-        calibration = calibration_windows(tokenize(tokenizer, load_text(TEXT, "calib")), mode["nsamples"],
-                                          mode["seqlen"], SEED)
-        windows = eval_windows(tokenize(tokenizer, load_text(TEXT, "eval")), mode["seqlen"], mode["eval_windows"])
-        from llmprune.inputs.models import resolve_model
-        from llmprune.report import display_name
-
-        name = display_name(resolve_model(args.model))  # the real model (SmolLM2-135M-Instruct), not the alias
+        calibration = benchlib.calibration(tokenizer, mode["nsamples"], mode["seqlen"])
+        windows = benchlib.held_out(tokenizer, mode["seqlen"], mode["eval_windows"])
+        name = benchlib.model_name(args.model)  # the real model (SmolLM2-135M-Instruct), not the alias
     dense.to(device)
     vocab = dense.config.vocab_size
     params, decoder = parameters(dense)
     results = {"complete": False, "model": name, "architecture": type(dense).__name__, "mode": mode,
-               "machine": machine(device), "fields": FIELDS,
+               "machine": benchlib.machine_info(device), "fields": FIELDS,
                "dense": {"ppl": perplexity(dense, windows, device, progress=False), "params": params,
                          "decoder_params": decoder, "safetensors_bytes": safetensors_bytes(dense),
                          "zero_shot_mean": zero_shot(dense, tokenizer, args.tasks, args.limit)},
@@ -312,11 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{row_name}: ppl {row['ppl']:.2f}, decoder params -{row['decoder_params_removed_fraction']:.1%}, "
                   f"prefill x{row['prefill_s']['speedup']:.2f}, decode x{row['decode_tok_s']['speedup']:.2f}, "
                   f"prune {row['prune_s']:.1f} s", flush=True)
-        write_json(out / "structured.json", results)  # after every row: an interrupted run keeps what it measured
+        write_json_atomically(out / "structured.json", results)  # after every row: an interrupted run keeps what it measured
     results["complete"] = True
-    results["machine"]["load_average_at_end"] = os.getloadavg()
-    write_json(out / "structured.json", results)
-    plot(results, out / "structured.png")
+    results["machine"]["load_average_at_end"] = benchlib.load_average()
+    write_json_atomically(out / "structured.json", results)
+    write_atomically(out / "structured.png", lambda partial: plot(results, partial))
     return results
 
 

@@ -14,15 +14,17 @@ on a GPU machine without the corpus (`--device cuda`). Writes <out>/owl_sweep.js
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+import benchlib
 from llmprune import PruneConfig, prune
-from llmprune.inputs.data import calibration_starts, calibration_windows, eval_windows, load_text, tokenize
+from llmprune.inputs.data import calibration_starts
 from llmprune.inputs.models import load_model
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.pruning.registry import OwlConfig
+from llmprune.output.atomic import write_json_atomically
 
 GRID = [(5.0, 0.08), (5.0, 0.04), (5.0, 0.15), (5.0, 0.2), (3.0, 0.08), (7.0, 0.08), (10.0, 0.08), (10.0, 0.15)]
 
@@ -39,11 +41,11 @@ def validation_windows(tokens: torch.Tensor, calibration_starts: list[int], coun
 
 
 def make_windows(tokenizer, base: PruneConfig, validation_count: int) -> dict[str, torch.Tensor]:
-    calib_tokens = tokenize(tokenizer, load_text("wiki", "calib"))
+    calib_tokens = benchlib.text_tokens(tokenizer, "calib")
     starts = calibration_starts(calib_tokens.numel(), base.nsamples, base.seqlen, base.seed)
-    return {"calibration": calibration_windows(calib_tokens, base.nsamples, base.seqlen, base.seed),
+    return {"calibration": benchlib.calibration(tokenizer, base.nsamples, base.seqlen, seed=base.seed),
             "validation": validation_windows(calib_tokens, starts, validation_count, base.seqlen),
-            "held_out": eval_windows(tokenize(tokenizer, load_text("wiki", "eval")), base.seqlen, 40)}
+            "held_out": benchlib.held_out(tokenizer, base.seqlen, 40)}
 
 
 def main() -> None:
@@ -72,9 +74,9 @@ def main() -> None:
         for sparsity in map(float, args.sparsity.split(",")):
             for allocation, m, lam in [("uniform", None, None)] + [("owl", m, lam) for m, lam in GRID]:
                 model.load_state_dict(dense)
-                owl = {"owl_m": m, "owl_lambda": lam} if allocation == "owl" else {}
+                owl = OwlConfig(owl_m=m, owl_lambda=lam) if allocation == "owl" else None
                 config = PruneConfig(method=method, sparsity=sparsity, allocation=allocation, device=args.device,
-                                     **owl)
+                                     allocation_config=owl)
                 report = prune(model, windows["calibration"], config, progress=False)
                 row = {"method": method, "sparsity": sparsity, "allocation": allocation, "owl_m": m,
                        "owl_lambda": lam, "layer_sparsity": report.layer_sparsity}
@@ -86,11 +88,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "owl_sweep.json"
-    path.write_text(json.dumps({
-        "model": args.model, "device": args.device, "torch": torch.__version__,
+    write_json_atomically(path, {
+        "model": args.model, "device": args.device, "machine": benchlib.machine_info(args.device),
         "validation": f"{len(windows['validation'])} windows from the end of the calibration part, no overlap "
                       "with calibration windows",
-        "held_out": f"{len(windows['held_out'])} windows (the benchmark's)", "rows": rows}, indent=2) + "\n")
+        "held_out": f"{len(windows['held_out'])} windows (the benchmark's)", "rows": rows})
     print(f"wrote {path}")
 
 

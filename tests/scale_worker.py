@@ -32,7 +32,7 @@ def kill_at(spec: str) -> None:
     file is renamed in, before state.json is)."""
     layer, point = int(spec.split(":")[0]), spec.split(":")[1]
     current = [None]
-    save, replace, load = checkpoint.WorkFolder.save, checkpoint._replace, runner.ModelLayers.load
+    save, replace, load = checkpoint.WorkFolder.save, checkpoint.write_atomically, runner.ModelLayers.load
 
     def saving(self, i, *args):
         current[0] = i
@@ -50,7 +50,7 @@ def kill_at(spec: str) -> None:
             return original(self, i)
         return wrapped
 
-    checkpoint.WorkFolder.save, checkpoint._replace = saving, replacing
+    checkpoint.WorkFolder.save, checkpoint.write_atomically = saving, replacing
     runner.ModelLayers.load = loading(load)
     streaming.StreamedLayers.load = loading(streaming.StreamedLayers.load)
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from llmprune import PruneConfig, prune
 from llmprune.inputs.data import calibration_windows, eval_windows, load_text, tokenize
 from llmprune.inputs.models import load_model
+from llmprune.testing import save_tiny_model_dir
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_prune.py"
 QUICK_ROWS = {"dense", "magnitude-50%-uniform", "magnitude-2:4-uniform", "wanda-50%-uniform", "wanda-2:4-uniform",
@@ -32,16 +31,8 @@ def bench():
 def tiny_llama_dir(tmp_path_factory):
     """A 2-layer random Llama with a byte-level BPE tokenizer trained offline on a slice of the wiki text:
     byte-level, so any text tokenizes without unknowns; its vocabulary sizes the model's embeddings."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([load_text("wiki", "calib")[:20_000]], vocab_size=600, show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer)))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), text=load_text("wiki", "calib")[:20_000],
+                               vocab_size=600, layers=2)
 
 
 def perplexity_by_hand(model, windows: torch.Tensor) -> float:
@@ -120,3 +111,23 @@ def test_owl_sweep_validation_windows_never_touch_calibration():
     used = {p for s in starts for p in range(s, s + 50)}
     assert not used & set(windows.flatten().tolist())
     assert windows[:, 0].tolist() == [950, 800, 750, 700, 650]  # 850..949 is calibration
+
+
+def test_scripts_neither_patch_sys_path_nor_import_tests():
+    """Scripts import the installed llmprune and their neighbour benchlib as any program would: no script edits
+    sys.path or imports a module of tests/ (tiny models come from llmprune.testing)."""
+    import ast
+
+    test_modules = {path.stem for path in Path(__file__).parent.glob("*.py")}
+    scripts = sorted(SCRIPT.parent.glob("*.py"))
+    assert "benchlib" in {path.stem for path in scripts}
+    for script in scripts:
+        tree = ast.parse(script.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & test_modules, (script.name, imported & test_modules)
+        touches_path = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
+                        and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+        assert not touches_path, f"{script.name} uses sys.path"

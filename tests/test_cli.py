@@ -1,5 +1,6 @@
 """Bad input: one readable line naming the fix, a non-zero exit, and no output left behind."""
 
+import json
 import os
 import subprocess
 import sys
@@ -170,3 +171,29 @@ def test_help_documents_every_option():
                    "--eval", "--device", "--dtype", "--output", "--overwrite", "--skip", "--blocksize",
                    "--percdamp", "2:4 keeps 2 of 4", "(default: 0.01)", "(default: 128)"):
         assert option in done.stdout, option
+
+
+def test_remove_params_run_reruns_from_its_saved_config(tmp_path, tiny_dir):
+    """The saved config keeps --remove-params, not the sparsity it chose (that is the run's plan): a rerun from
+    it chooses the same sparsity and reports the same prune."""
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join('{"text": "The quick brown fox jumps over the lazy dog number %d."}' % i
+                              for i in range(300)))
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["--model", str(tiny_dir), "--structure", "channels", "--remove-params", "0.2", "--method", "wanda",
+                 "--round-to", "1", "--calib", f"file:{text}", "--eval", f"file:{text}", *FAST,
+                 "--output", str(first)]) == 0
+    saved = json.loads((first / "llmprune_config.json").read_text())
+    assert saved["prune"]["remove_params"] == 0.2 and saved["prune"]["sparsity"] is None
+    assert main(["--config", str(first / "llmprune_config.json"), "--output", str(second), "--quiet"]) == 0
+
+    def measured(folder):
+        report = json.loads((folder / "report.json").read_text())
+        for timing in ("seconds", "prune_phases", "rss_after_load_bytes", "peak_rss_bytes", "command"):
+            report.pop(timing)
+        report["structure"].pop("seconds", None)
+        return report
+
+    report = measured(first)
+    assert 0 < report["sparsity"] < 1 and report["structure"]["sparsity"] == report["sparsity"]
+    assert measured(second) == report

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from llmprune.errors import LLMPruneError
 from llmprune.inputs.models import decoder_layers, is_linear, weight_matrix
-from llmprune.recovery.distill import (TeacherTargets, distill_loss, evenly_spaced_layers, hidden_loss, teacher_topk,
-                                      topk_with_bucket)
-from llmprune.recovery.lora import RecoverConfig, recover_lora
+from llmprune.config import RecoverConfig
+from llmprune.recovery.distill import TeacherTargets, evenly_spaced_layers, teacher_topk, topk_with_bucket
 from llmprune.recovery.loop import epoch_order
-from llmprune.recovery.train import RecoveryConfig, check_recovery, recovery_windows, train_recovery
+from llmprune.recovery.losses import distill_loss, hidden_loss, token_loss_share
+from llmprune.recovery.train import check_recovery, recovery_windows, train_recovery
 from tiny_models import VOCAB, tiny_model
 
 
@@ -86,6 +86,28 @@ def test_collapsed_loss_and_gradient_match_a_direct_float64_computation(temperat
     assert loss.item() == pytest.approx(direct.item(), rel=1e-5)
     torch.testing.assert_close(student32.grad.double(), student64.grad, rtol=1e-4, atol=1e-7)
     assert loss.item() < full_kl(teacher, student, temperature)  # merging outcomes only loses information
+
+
+@pytest.mark.parametrize("loss, alpha", [("lm", 0.0), ("distill", 0.0), ("distill", 0.3)])
+def test_token_loss_shares_of_chunks_add_up_to_the_step_loss(loss, alpha):
+    """A step of 2 windows x 5 tokens cut into chunks of 3 tokens: the shares add up to (1 - alpha) * KL + alpha *
+    LM (or LM alone), the LM term the mean over the 8 tokens with a next token, computed token by token in float64."""
+    from llmprune.recovery.losses import next_token_labels
+
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 2, 5, 11, generator=generator) * 3
+    ids = torch.randint(0, 11, (2, 5), generator=generator)
+    labels = next_token_labels(ids)
+    assert labels[:, :-1].tolist() == ids[:, 1:].tolist() and labels[:, -1].tolist() == [-100, -100]
+    rows = [labels.flatten()] + [t.flatten(0, 1) for t in topk_with_bucket(teacher, 11, 1.0)]
+    logits = student.flatten(0, 1)
+    total = sum(token_loss_share(logits[start : start + 3], *(row[start : start + 3] for row in rows), loss=loss,
+                                 alpha=alpha, temperature=1.0, step_tokens=10, step_predicted=8).item()
+                for start in range(0, 10, 3))
+    log_q = F.log_softmax(student.double(), dim=-1)
+    lm = -sum(float(log_q[b, s, ids[b, s + 1]]) for b in range(2) for s in range(4)) / 8
+    expected = lm if loss == "lm" else (1 - alpha) * full_kl(teacher, student) + alpha * lm
+    assert total == pytest.approx(expected, rel=1e-5)
 
 
 def test_teacher_pass_and_float16_storage_reproduce_the_models_kl():
@@ -173,7 +195,7 @@ def test_hidden_term_matches_layers_by_their_dense_index_after_layer_removal():
     model = tiny_model("llama", layers=4)
     windows = random_windows(4)
     targets = teacher_topk(model, windows, VOCAB, batch_size=2, progress=False, hidden_layers=(0, 2))
-    config = RecoveryConfig(loss="distill", params="full", steps=1, batch=4, seqlen=32, lr=1e-3, distill_topk=VOCAB,
+    config = RecoverConfig(loss="distill", params="full", steps=1, batch=4, seqlen=32, lr=1e-3, distill_topk=VOCAB,
                             distill_hidden=0.5)
     same = train_recovery(copy.deepcopy(model), windows, None, config, teacher=targets, masks={}, progress=False)
     assert same["loss_first"] < 1e-4 and same["hidden"]["student_layers"] == [0, 2]
@@ -200,7 +222,7 @@ def test_hidden_term_matches_layers_by_their_dense_index_after_layer_removal():
 def test_hidden_term_refuses_what_it_cannot_match():
     model = tiny_model("llama")
     windows = random_windows(2)
-    config = RecoveryConfig(loss="distill", params="full", steps=1, batch=2, seqlen=32, distill_topk=8,
+    config = RecoverConfig(loss="distill", params="full", steps=1, batch=2, seqlen=32, distill_topk=8,
                             distill_hidden=1.0)
     plain = teacher_topk(model, windows, 8, progress=False)
     with pytest.raises(LLMPruneError, match="hidden_layers"):
@@ -210,7 +232,7 @@ def test_hidden_term_refuses_what_it_cannot_match():
         train_recovery(model, windows, None, config, teacher=last_only, masks={}, progress=False,
                        kept_layers=[0, 1, 3])
     with pytest.raises(LLMPruneError, match="use loss='distill'"):
-        train_recovery(model, windows, None, RecoveryConfig(steps=1, batch=2, seqlen=32, distill_hidden=1.0),
+        train_recovery(model, windows, None, RecoverConfig(steps=1, batch=2, seqlen=32, distill_hidden=1.0),
                        masks={}, progress=False)
     with pytest.raises(LLMPruneError, match="outside the model's 3 decoder layers"):
         teacher_topk(model, windows, 8, progress=False, hidden_layers=(3,))
@@ -271,7 +293,7 @@ def test_chunked_step_loss_is_the_models_own(loss, alpha):
     expected = {"lm": lm, "distill": (1 - alpha) * kl + alpha * lm}[loss]
     firsts = []
     for chunk in (7, 0):
-        config = RecoveryConfig(loss=loss, params="full", steps=1, batch=4, seqlen=32, lr=1e-6, distill_topk=VOCAB,
+        config = RecoverConfig(loss=loss, params="full", steps=1, batch=4, seqlen=32, lr=1e-6, distill_topk=VOCAB,
                                 distill_alpha=alpha, loss_chunk=chunk)
         stats = train_recovery(copy_of(student), windows, None, config, teacher=targets, masks={}, progress=False)
         assert stats["loss_chunk"] == chunk
@@ -308,7 +330,7 @@ def test_full_distillation_keeps_zeros_exactly_and_lowers_kl(family):
     dense_logits, targets, model, masks, train, val = dense_and_pruned(family)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     kl_before = kl_to(model, dense_logits, train)
-    config = RecoveryConfig(loss="distill", params="full", steps=12, batch=2, seqlen=32, lr=1e-3, distill_topk=16,
+    config = RecoverConfig(loss="distill", params="full", steps=12, batch=2, seqlen=32, lr=1e-3, distill_topk=16,
                             weight_decay=0.1, eval_every=5)  # decay on: it must not revive zeros either
 
     stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False)
@@ -336,7 +358,7 @@ def test_full_distillation_keeps_zeros_exactly_and_lowers_kl(family):
 def test_lora_distillation_keeps_mask_and_lowers_kl(tmp_path):
     dense_logits, targets, model, masks, train, val = dense_and_pruned("llama")
     kl_before = kl_to(model, dense_logits, train)
-    config = RecoveryConfig(loss="distill", params="lora", steps=12, batch=2, seqlen=32, lr=3e-3, distill_topk=16,
+    config = RecoverConfig(loss="distill", params="lora", steps=12, batch=2, seqlen=32, lr=3e-3, distill_topk=16,
                             eval_every=0)
     stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False,
                            adapter_dir=tmp_path / "adapter")
@@ -355,25 +377,23 @@ def test_alpha_mixes_in_the_lm_loss():
     with torch.no_grad():
         output = model(train[first], labels=train[first])
         kl = distill_loss(output.logits, *targets.rows(first), 1.0)
-    config = RecoveryConfig(loss="distill", params="lora", steps=1, batch=2, seqlen=32, distill_topk=16, distill_alpha=0.3)
+    config = RecoverConfig(loss="distill", params="lora", steps=1, batch=2, seqlen=32, distill_topk=16, distill_alpha=0.3)
     stats = train_recovery(model, train, None, config, teacher=targets, masks=masks, progress=False)
     assert stats["loss_first"] == pytest.approx(0.3 * output.loss.item() + 0.7 * kl.item(), rel=1e-5)
     assert stats["alpha"] == 0.3 and stats["temperature"] == 1.0
 
 
-def test_lora_lm_recipe_is_exactly_todays_lora_recovery():
-    """params=lora, loss=lm runs the same masked LoRA, order and loop as recover_lora: the same weights result."""
+def test_validation_passes_leave_lora_training_unchanged():
+    """Scoring validation windows every 2 steps (eval mode, no grad, then back to training) changes nothing the
+    training computes: the same weights result as a run without validation."""
     results = []
-    for use_new in (False, True):
+    for validate in (False, True):
         model = tiny_model("llama")
         masks = prune_rows(model)
         train = random_windows(8)
-        if use_new:
-            train_recovery(model, train, random_windows(2, seed=2),
-                           RecoveryConfig(steps=4, batch=2, seqlen=32, lr=1e-2, eval_every=2, loss_chunk=0),
-                           masks=masks, progress=False)
-        else:
-            recover_lora(model, train, RecoverConfig(steps=4, batch=2, seqlen=32, lr=1e-2), progress=False)
+        config = RecoverConfig(steps=4, batch=2, seqlen=32, lr=1e-2, dropout=0.1, eval_every=2 if validate else 0)
+        train_recovery(model, train, random_windows(2, seed=2) if validate else None, config, masks=masks,
+                       progress=False)
         results.append(model.model.layers[1].mlp.down_proj.weight)
     assert torch.equal(*results)
 
@@ -393,7 +413,7 @@ def test_gradient_checkpointing_checkpoints_and_trains_the_same(params, monkeypa
     runs = []
     for checkpointing in (False, True):
         dense_logits, targets, model, masks, train, val = dense_and_pruned("llama")
-        config = RecoveryConfig(loss="distill", params=params, steps=3, batch=2, seqlen=32, lr=3e-3, distill_topk=16,
+        config = RecoverConfig(loss="distill", params=params, steps=3, batch=2, seqlen=32, lr=3e-3, distill_topk=16,
                                 gradient_checkpointing=checkpointing)
         stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False)
         runs.append((stats, model.model.layers[0].self_attn.q_proj.weight))
@@ -413,7 +433,7 @@ def test_bf16_precision_keeps_zeros_and_matches_float32_closely():
     for precision in ("float32", "bf16"):
         dense_logits, targets, model, masks, train, val = dense_and_pruned("llama")
         kl_before = kl_to(model, dense_logits, train)
-        config = RecoveryConfig(loss="distill", params="full", steps=8, batch=2, seqlen=32, lr=1e-3,
+        config = RecoverConfig(loss="distill", params="full", steps=8, batch=2, seqlen=32, lr=1e-3,
                                 distill_topk=16, precision=precision)
         stats = train_recovery(model, train, val, config, teacher=targets, masks=masks, progress=False)
         modules = dict(model.named_modules())
@@ -432,7 +452,7 @@ def test_structurally_smaller_model_trains_every_weight():
     model = tiny_model("llama")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     stats = train_recovery(model, random_windows(8), None,
-                           RecoveryConfig(params="full", steps=3, batch=2, seqlen=32, lr=1e-3), masks={},
+                           RecoverConfig(params="full", steps=3, batch=2, seqlen=32, lr=1e-3), masks={},
                            progress=False)
     assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert stats["trained_parameters"] == sum(p.numel() for p in model.parameters()) and stats["curve"] == []
@@ -441,7 +461,7 @@ def test_structurally_smaller_model_trains_every_weight():
 
 def test_recovery_windows_split_training_from_validation():
     tokens = torch.arange(1000)
-    train, val = recovery_windows(tokens, RecoveryConfig(steps=5, batch=2, seqlen=32, val_windows=3))
+    train, val = recovery_windows(tokens, RecoverConfig(steps=5, batch=2, seqlen=32, val_windows=3))
     assert train.shape == (10, 32) and val.shape == (3, 32)
     assert torch.equal(val, tokens[28 * 32 : 31 * 32].view(3, 32))  # the end of the text
     assert set(train[:, 0].tolist()).isdisjoint(val[:, 0].tolist()) and bool((train[:, 0] % 32 == 0).all())
@@ -451,17 +471,17 @@ def test_recovery_windows_split_training_from_validation():
 
 def test_budget_larger_than_the_text_is_refused():
     with pytest.raises(LLMPruneError, match=r"holds 1000 tokens \(31 windows\).*--recover-steps"):
-        recovery_windows(torch.arange(1000), RecoveryConfig(steps=15, batch=2, seqlen=32, val_windows=3))
+        recovery_windows(torch.arange(1000), RecoverConfig(steps=15, batch=2, seqlen=32, val_windows=3))
     model = tiny_model("llama")
     masks = prune_rows(model)
     with pytest.raises(LLMPruneError, match="only 5 windows"):
-        train_recovery(model, random_windows(5), None, RecoveryConfig(steps=3, batch=2, seqlen=32), masks=masks)
+        train_recovery(model, random_windows(5), None, RecoverConfig(steps=3, batch=2, seqlen=32), masks=masks)
 
 
 def test_teacher_must_match_the_student():
     dense_logits, targets, model, masks, train, val = dense_and_pruned("llama")
     before = model.model.layers[0].mlp.up_proj.weight.clone()
-    config = RecoveryConfig(loss="distill", params="full", steps=2, batch=2, seqlen=32, distill_topk=16)
+    config = RecoverConfig(loss="distill", params="full", steps=2, batch=2, seqlen=32, distill_topk=16)
     other_vocab = teacher_topk(tiny_model("llama", vocab=160), train, 16, progress=False)
     with pytest.raises(LLMPruneError, match="vocabulary has 160 tokens but the student's has 128"):
         train_recovery(model, train, val, config, teacher=other_vocab, masks=masks, progress=False)
@@ -470,7 +490,7 @@ def test_teacher_must_match_the_student():
     with pytest.raises(LLMPruneError, match="before pruning"):
         train_recovery(model, train, val, config, teacher=None, masks=masks, progress=False)
     with pytest.raises(LLMPruneError, match="--distill-temperature"):
-        train_recovery(model, train, val, RecoveryConfig(loss="distill", params="full", steps=2, batch=2, seqlen=32,
+        train_recovery(model, train, val, RecoverConfig(loss="distill", params="full", steps=2, batch=2, seqlen=32,
                                                          distill_topk=16, distill_temperature=2.0),
                        teacher=targets, masks=masks, progress=False)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
@@ -479,13 +499,13 @@ def test_teacher_must_match_the_student():
 def test_full_params_refused_when_the_mask_cannot_be_held(monkeypatch):
     model = tiny_model("llama")
     masks = prune_rows(model)
-    config = RecoveryConfig(params="full", steps=2, batch=2, seqlen=32)
-    monkeypatch.setattr("llmprune.recovery.train.available_memory_bytes", lambda device: 1000)
+    config = RecoverConfig(params="full", steps=2, batch=2, seqlen=32)
+    monkeypatch.setattr("llmprune.recovery.params.available_memory_bytes", lambda device: 1000)
     with pytest.raises(LLMPruneError, match="free: use --recover-params lora"):
         check_recovery(tiny_model("llama"), config)  # on the dense model, before any work
     with pytest.raises(LLMPruneError, match="free: use --recover-params lora"):
         train_recovery(model, random_windows(4), None, config, masks=masks, progress=False)
-    check_recovery(tiny_model("llama"), RecoveryConfig(params="lora"))  # LoRA's footprint is not estimated
+    check_recovery(tiny_model("llama"), RecoverConfig(params="lora"))  # LoRA's footprint is not estimated
     monkeypatch.undo()
     name = next(name for name in masks if name.endswith("up_proj"))  # not square: a transposed mask is wrong
     with pytest.raises(LLMPruneError, match="non-zero weights where its mask prunes them"):
@@ -512,12 +532,12 @@ def test_full_params_refused_when_the_mask_cannot_be_held(monkeypatch):
 )
 def test_bad_config_values_name_the_fix(kwargs, hint):
     with pytest.raises(LLMPruneError, match=hint):
-        RecoveryConfig(**kwargs)
+        RecoverConfig(**kwargs)
 
 
 def test_default_learning_rate_depends_on_what_is_trained():
-    assert RecoveryConfig(params="lora").lr == 5e-4 and RecoveryConfig(params="full").lr == 1e-4
-    assert math.isclose(RecoveryConfig(params="full", lr=3e-5).lr, 3e-5)
+    assert RecoverConfig(params="lora").lr == 5e-4 and RecoverConfig(params="full").lr == 1e-4
+    assert math.isclose(RecoverConfig(params="full", lr=3e-5).lr, 3e-5)
 
 
 def test_bench_recover_quick_run(tmp_path):
@@ -545,10 +565,10 @@ def test_bench_recover_quick_run(tmp_path):
 def test_masks_found_from_zeros_or_refused_on_an_unpruned_model():
     model = tiny_model("llama")
     with pytest.raises(LLMPruneError, match="masks=\\{\\}"):
-        train_recovery(model, random_windows(4), None, RecoveryConfig(params="full", steps=1, batch=2, seqlen=32))
+        train_recovery(model, random_windows(4), None, RecoverConfig(params="full", steps=1, batch=2, seqlen=32))
     masks = prune_rows(model)
     stats = train_recovery(model, random_windows(4), None,
-                           RecoveryConfig(params="full", steps=2, batch=2, seqlen=32, lr=1e-3), progress=False)
+                           RecoverConfig(params="full", steps=2, batch=2, seqlen=32, lr=1e-3), progress=False)
     modules = dict(model.named_modules())
     assert all(torch.equal(modules[name].weight != 0, mask) for name, mask in masks.items())
     assert stats["trained_parameters"] == sum(modules[name].weight.numel() for name in masks)  # no biases in Llama

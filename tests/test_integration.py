@@ -105,7 +105,8 @@ def test_scan_then_allocate_from_it(tiny_dir, text, tmp_path, capsys):
     table = json.loads((tmp_path / "scan" / "scan.json").read_text())
     assert len(table["units"]) == 3 and (tmp_path / "scan" / "scan.png").stat().st_size > 0
     report = pipeline.run(config(tiny_dir, text, tmp_path, PruneConfig(
-        sparsity=0.6, allocation=f"scan:{tmp_path / 'scan' / 'scan.json'}", scan_max_shift=0.2, **FAST)),
+        sparsity=0.6, allocation=f"scan:{tmp_path / 'scan' / 'scan.json'}",
+        allocation_config={"scan_max_shift": 0.2}, **FAST)),
         progress=False)
     sizes = [sum(r.numel for r in report.layers if r.layer == i) for i in range(3)]
     weighted = sum(s * n for s, n in zip(report.layer_sparsity, sizes)) / sum(sizes)

@@ -3,17 +3,16 @@
 import pytest
 import torch
 
-from llmprune.config import PruneConfig
+from llmprune.config import prune_config_from
 from llmprune.pruning.masks import nm_mask, row_mask
 from llmprune.pruning.methods import LayerTarget, get_method
 from llmprune.pruning.methods.sparsegpt import inverse_hessian_factor
 
 
 def run(method, weight, statistic, segments=(), **config):
-    cfg = PruneConfig(method=method, **config)
-    found = get_method(method)
-    knobs = {name: getattr(cfg, name) for name in found.knobs}
-    return found.fn(weight, statistic, LayerTarget(cfg.sparsity, cfg.nm, tuple(segments)), **knobs)
+    cfg = prune_config_from({"method": method, **config})  # knobs by name, as the flags give them
+    return get_method(method).fn(weight, statistic, LayerTarget(cfg.sparsity, cfg.nm, tuple(segments)),
+                                 **cfg.method_config.knobs())
 
 
 def test_wanda_and_magnitude_choose_differently():
@@ -64,8 +63,9 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(pattern):
     norms = x.norm(dim=0)
     error = {}
     for method, stat in [("magnitude", None), ("wanda", norms), ("sparsegpt", hessian)]:
+        knobs = {"blocksize": 8} if method == "sparsegpt" else {}
         new, keep = run(method, weight, stat, sparsity=None if pattern != "unstructured" else 0.5,
-                        pattern=pattern, blocksize=8)
+                        pattern=pattern, **knobs)
         assert (~keep).sum() == weight.numel() // 2  # the same mask budget for all three
         assert (new[~keep] == 0).all()
         error[method] = float(((x @ weight.t() - x @ new.t()) ** 2).sum())
@@ -232,11 +232,12 @@ def test_sparsegpt_equals_the_papers_algorithm(case, dtype, rtol):
     weight, _, hessian = layer_problem(rows=24, cols=96, tokens=384, seed=7, coupling=0.5)
     hessian = (hessian + hessian.t()) / 2  # exactly symmetric: a Cholesky reads one triangle, inv() both
     assert torch.linalg.cond(hessian.double()) < 100  # well conditioned: float32 and float64 agree closely
-    cfg = PruneConfig(method="sparsegpt", percdamp=0.01, **case)
+    cfg = prune_config_from({"method": "sparsegpt", "percdamp": 0.01, **case})
+    knobs = cfg.method_config
     new, keep = get_method("sparsegpt").fn(weight.to(dtype), hessian.to(dtype),
                                            LayerTarget(cfg.sparsity, cfg.nm, tuple(segments)),
-                                           blocksize=cfg.blocksize, percdamp=cfg.percdamp)
-    expected, expected_keep = paper_sparsegpt(weight, hessian, cfg.sparsity, cfg.nm, segments, cfg.blocksize)
+                                           blocksize=knobs.blocksize, percdamp=knobs.percdamp)
+    expected, expected_keep = paper_sparsegpt(weight, hessian, cfg.sparsity, cfg.nm, segments, knobs.blocksize)
     assert torch.equal(keep, expected_keep)
     assert (new[~keep] == 0).all()
     scale = expected.abs().max()

@@ -4,6 +4,7 @@ The tests read each family's experts through their own table below (orientation,
 not through llmprune's layout reading, and take the routing from the model's own router."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -299,7 +300,7 @@ def test_listed_experts_are_pruned_as_the_fused_ones():
     banned, reference = listed_mixtral(banned={1: [3]}), tiny_moe("mixtral")
     rare = PruneConfig(method="wanda", sparsity=SPARSITY, batch_size=4, min_expert_tokens=1, skip=only(1))
     report = prune(banned, ids, rare, progress=False)
-    prune(reference, ids, PruneConfig(**{**rare.__dict__, "min_expert_tokens": 10**6}), progress=False)
+    prune(reference, ids, dataclasses.replace(rare, min_expert_tokens=10**6), progress=False)
     assert report.moe["blocks"]["model.layers.1.mlp.experts"]["tokens"][3] == 0
     assert report.moe["blocks"]["model.layers.1.mlp.experts"]["rare"] == [3]
     expert = banned.model.layers[1].mlp.experts[3]

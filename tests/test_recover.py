@@ -13,7 +13,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from llmprune.errors import LLMPruneError
 from llmprune.inputs.models import decoder_layers, is_linear, weight_matrix
-from llmprune.recovery.lora import MaskedLoraLinear, RecoverConfig, masked_lora_config, recover_lora
+from llmprune.config import RecoverConfig
+from llmprune.recovery.lora import MaskedLoraLinear, masked_lora_config
+from llmprune.recovery.train import train_recovery
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -44,6 +46,15 @@ def prune_rows_by_magnitude(model, sparsity: float = 0.5) -> dict[str, nn.Module
     return pruned
 
 
+def epochs(windows: torch.Tensor, count: int) -> torch.Tensor:
+    """The windows ``count`` times over: training sees each window once per epoch, and the loss on them can fall."""
+    return windows.repeat(count, 1)
+
+
+def masks_of(pruned: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {name: module.weight != 0 for name, module in pruned.items()}
+
+
 @torch.no_grad()
 def mean_loss(model, ids: torch.Tensor) -> float:
     return model(input_ids=ids, labels=ids, use_cache=False).loss.item()
@@ -63,10 +74,11 @@ def test_recovery_keeps_mask_lowers_loss_and_changes_weights(pruned_tiny, tmp_pa
     loss_before = mean_loss(model, windows)
     config = RecoverConfig(steps=30, lr=1e-2, batch=2, seqlen=32)
 
-    merged, stats = recover_lora(model, windows, config, pruned_linears=pruned, progress=False,
-                                 adapter_dir=tmp_path / "adapter")
+    stats = train_recovery(model, epochs(windows, 15), None, config, masks=masks_of(pruned), progress=False,
+                           adapter_dir=tmp_path / "adapter")
+    merged = model
 
-    assert merged is model and type(merged) is LlamaForCausalLM
+    assert type(merged) is LlamaForCausalLM
     for name, module in pruned.items():
         assert torch.equal(module.weight != 0, before[name] != 0), name
     assert any(not torch.equal(module.weight, before[name]) for name, module in pruned.items())
@@ -77,7 +89,7 @@ def test_recovery_keeps_mask_lowers_loss_and_changes_weights(pruned_tiny, tmp_pa
     assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
     assert not hasattr(merged, "peft_config")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert stats["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert stats["lora"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert stats["tokens"] == 30 * 2 * 32 and stats["loss_last"] < stats["loss_first"]
 
 
@@ -87,8 +99,9 @@ def test_bfloat16_model_keeps_dtype_and_mask():
     masks = {name: module.weight != 0 for name, module in pruned.items()}
     windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     loss_before = mean_loss(model, windows)
-    merged, _ = recover_lora(model, windows, RecoverConfig(steps=30, lr=1e-2, batch=2, seqlen=32),
-                             pruned_linears=pruned, progress=False)
+    train_recovery(model, epochs(windows, 15), None, RecoverConfig(steps=30, lr=1e-2, batch=2, seqlen=32), masks=masks,
+                   progress=False)
+    merged = model
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
     assert all(torch.equal(module.weight != 0, masks[name]) for name, module in pruned.items())
     assert mean_loss(merged, windows) < loss_before - 0.3
@@ -101,7 +114,9 @@ def test_recovery_is_deterministic_and_leaves_global_rng_alone():
         prune_rows_by_magnitude(model)
         windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(123)
-        merged, _ = recover_lora(model, windows, RecoverConfig(steps=3, lr=1e-2, batch=2, seqlen=16), progress=False)
+        train_recovery(model, epochs(windows, 2), None, RecoverConfig(steps=3, lr=1e-2, batch=2, seqlen=16),
+                       progress=False)
+        merged = model
         draw_after = torch.rand(1)
         torch.manual_seed(123)
         assert torch.equal(draw_after, torch.rand(1))
@@ -112,10 +127,11 @@ def test_recovery_is_deterministic_and_leaves_global_rng_alone():
 def test_only_targets_are_trained(pruned_tiny):
     model, pruned, windows = pruned_tiny
     before = {name: module.weight.detach().clone() for name, module in pruned.items()}
-    _, stats = recover_lora(model, windows, RecoverConfig(steps=2, lr=1e-2, batch=2, seqlen=32, targets=["v_proj"]),
-                            pruned_linears=pruned, progress=False)
+    stats = train_recovery(model, windows, None,
+                           RecoverConfig(steps=2, lr=1e-2, batch=2, seqlen=32, targets=["v_proj"]),
+                           masks=masks_of(pruned), progress=False)
     changed = {name.rsplit(".", 1)[-1] for name, m in pruned.items() if not torch.equal(m.weight, before[name])}
-    assert changed == {"v_proj"} and stats["targets"] == ["v_proj"]
+    assert changed == {"v_proj"} and stats["lora"]["targets"] == ["v_proj"]
 
 
 def test_gpt2_conv1d_linears_keep_their_mask():
@@ -124,9 +140,11 @@ def test_gpt2_conv1d_linears_keep_their_mask():
     before = {name: module.weight.detach().clone() for name, module in pruned.items()}
     windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     loss_before = mean_loss(model, windows)
-    # pruned_linears=None: found from the zeros in the decoder layers
-    merged, stats = recover_lora(model, windows, RecoverConfig(steps=30, lr=1e-2, batch=2, seqlen=32), progress=False)
-    assert stats["targets"] == ["c_attn", "c_proj", "c_fc"]
+    # masks=None: found from the zeros in the decoder layers
+    stats = train_recovery(model, epochs(windows, 15), None, RecoverConfig(steps=30, lr=1e-2, batch=2, seqlen=32),
+                           progress=False)
+    merged = model
+    assert stats["lora"]["targets"] == ["c_attn", "c_proj", "c_fc"]
     for name, module in pruned.items():
         assert torch.equal(module.weight != 0, before[name] != 0), name
         assert not torch.equal(module.weight, before[name]), name
@@ -158,11 +176,47 @@ def test_masked_lora_trains_exactly_the_model_it_merges(build, dropout):
         assert torch.equal(modules[name].weight != 0, mask), name
 
 
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_saved_model_reproduces_the_training_forward(build, tmp_path, monkeypatch):
+    """What ships is what was trained: after LoRA recovery, the model saved and loaded back gives the logits that
+    the training-time model (adapters active, unmerged) gave on the validation windows after the last step, and
+    holds every pruned zero. Plain LoRA trains a dense delta, whose forward no sparse model reproduces; a merge
+    that drops the mask writes into pruned weights: either fails here."""
+    import llmprune.recovery.train as train_module
+
+    model = build()
+    masks = masks_of(prune_rows_by_magnitude(model))
+    train = epochs(torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1)), 5)
+    val = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(2))
+    training_logits = []
+    score = train_module.perplexity
+
+    def recording(trainee, windows, device, **kwargs):  # the validation pass: trainee in eval mode, unmerged
+        with torch.no_grad():
+            training_logits.append(trainee(input_ids=windows, use_cache=False).logits)
+        return score(trainee, windows, device, **kwargs)
+
+    monkeypatch.setattr(train_module, "perplexity", recording)
+    train_recovery(model, train, val, RecoverConfig(steps=10, lr=1e-2, batch=2, seqlen=32), masks=masks,
+                   progress=False)
+    model.save_pretrained(tmp_path / "recovered")
+    reloaded = type(model).from_pretrained(tmp_path / "recovered").eval()
+
+    first, last = training_logits[0], training_logits[-1]
+    assert len(training_logits) == 2 and (last - first).abs().max() > 0.1  # the adapters did train
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(val, use_cache=False).logits, last, rtol=1e-5, atol=1e-5)
+    for name, mask in masks.items():
+        weight = reloaded.get_submodule(name).weight
+        assert not bool(weight[~mask].any()), name
+        assert bool(weight[mask].all()), name  # no kept weight landed on zero either
+
+
 def test_unknown_target_lists_valid_names(pruned_tiny):
     model, pruned, windows = pruned_tiny
     with pytest.raises(LLMPruneError, match="valid pruned linears are q_proj, k_proj, v_proj, o_proj, gate_proj"):
-        recover_lora(model, windows, RecoverConfig(steps=1, batch=1, seqlen=32, targets=["q_proj", "qkv"]),
-                     pruned_linears=pruned, progress=False)
+        train_recovery(model, windows, None, RecoverConfig(steps=1, batch=1, seqlen=32, targets=["q_proj", "qkv"]),
+                       masks=masks_of(pruned), progress=False)
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
@@ -170,12 +224,13 @@ def test_failed_training_hands_back_the_unwrapped_pruned_model(pruned_tiny, monk
     model, pruned, windows = pruned_tiny
     before = {name: module.weight.detach().clone() for name, module in pruned.items()}
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llmprune.recovery.lora._train", interrupted)
+    monkeypatch.setattr("llmprune.recovery.train.train_loop", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        recover_lora(model, windows, RecoverConfig(steps=1, batch=1, seqlen=32), pruned_linears=pruned, progress=False)
+        train_recovery(model, windows, None, RecoverConfig(steps=1, batch=1, seqlen=32), masks=masks_of(pruned),
+                       progress=False)
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules()) and not hasattr(model, "peft_config")
     assert all(torch.equal(module.weight, before[name]) for name, module in pruned.items())
 
@@ -183,7 +238,8 @@ def test_failed_training_hands_back_the_unwrapped_pruned_model(pruned_tiny, monk
 def test_windows_must_match_seqlen(pruned_tiny):
     model, pruned, windows = pruned_tiny
     with pytest.raises(LLMPruneError, match="seqlen=64"):
-        recover_lora(model, windows, RecoverConfig(steps=1, batch=1, seqlen=64), pruned_linears=pruned, progress=False)
+        train_recovery(model, windows, None, RecoverConfig(steps=1, batch=1, seqlen=64), masks=masks_of(pruned),
+                       progress=False)
 
 
 @pytest.mark.parametrize(
@@ -239,8 +295,9 @@ def test_recovery_lowers_heldout_perplexity_of_pruned_smollm2(embedded):
         heldout = token_windows(tokenizer, articles[-4:], 256)[:8]
         ppl_before = perplexity(model, heldout)
 
-        merged, stats = recover_lora(model, train, RecoverConfig(steps=12, lr=5e-4, batch=1, seqlen=256),
-                                     pruned_linears=pruned, progress=False)
+        stats = train_recovery(model, train, None, RecoverConfig(steps=12, lr=5e-4, batch=1, seqlen=256),
+                               masks=masks, progress=False)
+        merged = model
 
         ppl_after = perplexity(merged, heldout)
         print(f"held-out ppl {ppl_before:.1f} -> {ppl_after:.1f}; {stats}")

@@ -8,6 +8,7 @@ import torch
 from llmprune import PruneConfig, prune
 from llmprune.errors import LLMPruneError
 from llmprune.pruning.masks import row_mask
+from llmprune.pruning.registry import OwlConfig
 from llmprune.inputs.models import decoder_layers, linears, weight_matrix
 from llmprune.pruning.runner import capture_layer_calls, collect_statistics, propagate
 from tiny_models import FINAL_NORM, VOCAB, tiny_model
@@ -159,7 +160,8 @@ def test_owl_gives_the_outlier_layer_lower_sparsity():
         for module in linears(model.model.layers[2]).values():
             module.weight[:, :3] *= 40
     report = prune(model, tokens(n=8, seqlen=32),
-                   PruneConfig(method="wanda", sparsity=0.7, allocation="owl", owl_lambda=0.08), progress=False)
+                   PruneConfig(method="wanda", sparsity=0.7, allocation="owl",
+                               allocation_config=OwlConfig(owl_lambda=0.08)), progress=False)
     sparsities = report.layer_sparsity
     assert sparsities[2] == min(sparsities) and sparsities[2] < 0.7 - 0.05
     sizes = [sum(m.weight.numel() for m in linears(layer).values()) for layer in model.model.layers]
@@ -169,14 +171,14 @@ def test_owl_gives_the_outlier_layer_lower_sparsity():
 
 def test_a_method_that_misses_the_pattern_is_caught(monkeypatch):
     """The runner verifies every mask: a method pruning one weight too few is an error, not a quiet result."""
-    from llmprune.pruning.methods import METHODS, Method
     from llmprune.pruning.methods.magnitude import magnitude
+    from llmprune.pruning.registry import HANDLERS, MagnitudeConfig
 
     def off_by_one(weight, statistic, target):
         new, keep = magnitude(weight, statistic, target)
         keep[0, keep[0].logical_not().nonzero()[0]] = True  # restore one pruned weight
         return new, keep
 
-    monkeypatch.setitem(METHODS, "magnitude", Method("magnitude", None, "row", off_by_one, ""))
+    monkeypatch.setitem(HANDLERS, MagnitudeConfig, off_by_one)
     with pytest.raises(LLMPruneError, match="internal error: .*q_proj"):
         prune(tiny_model("llama"), None, PruneConfig(method="magnitude"), progress=False)

@@ -184,7 +184,7 @@ def test_resume_refuses_nothing_and_other_settings(source, tmp_path):
     child = subprocess.run([sys.executable, str(WORKER), json.dumps(job | {"kill": "2:load"})], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == -9, child.stderr[-2000:]
-    with pytest.raises(LLMPruneError, match=r"other settings \(method\)"):
+    with pytest.raises(LLMPruneError, match=r"other settings \(method, method_config\)"):  # its knobs differ too
         scale_worker.run(job | {"resume": True, "method": "sparsegpt"})
 
 

@@ -3,6 +3,7 @@ bias), removed layers are skipped layers, the result loads with stock transforme
 computations, compensation preserves the mean output, bad input fails before any work."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -290,7 +291,7 @@ def test_round_to_and_target_params():
     assert report["units_kept"] == model.config.intermediate_size == 192 and report["round_to"] == 64
     model = tiny_model("llama", intermediate=256)
     config = StructuredConfig("channels", method="magnitude", round_to=1)
-    config.sparsity = sparsity_for_params(model, config, 0.3)
+    config = replace(config, sparsity=sparsity_for_params(model, config, 0.3))
     report = prune_structured(model, calibration(), config, progress=False)
     per_channel = 3 * 64 * 3 / report["decoder_params_before"]  # gate row + up row + down column, 3 layers
     assert abs(report["decoder_params_removed_fraction"] - 0.3) <= per_channel / 2 + 1e-9

@@ -2,47 +2,46 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 from ..inputs.data import check_source, eval_windows, load_text, tokenize
-from ..config import DTYPES, option
+from ..config import PruneConfig, RunConfig
 from ..errors import LLMPruneError
+from ..options import option, same_as, settle
 from ..inputs.models import load_model, resolve_model
 from .perplexity import perplexity
+from ..output.atomic import write_json_atomically
 from ..runtime import resolve_device, resolve_dtype
 from .zeroshot import evaluate_zero_shot, resolve_tasks
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
+    """The `eval` command's settings; those a prune run also takes are RunConfig's and PruneConfig's fields."""
+
     model: str = option(MISSING, "the model to evaluate (an llmprune output, an alias, a Hub id, a .gguf)")
     baseline: str | None = option(None, "a model to compare with, e.g. the dense one (llama)")
     ppl: tuple[str, ...] | str = option(("wiki",), "comma list of perplexity sources (wiki, wikitext2, c4, "
                                         "file:PATH), or none", metavar="SOURCES")
-    tasks: str | None = option(None, "zero-shot tasks through lm-evaluation-harness, comma separated: task "
-                               "names or suites (wanda-suite, all-offline)", group="zero-shot")
-    limit: int | None = option(None, "documents per task (default: all)", group="zero-shot")
-    num_fewshot: int = option(0, "few-shot examples per prompt", group="zero-shot")
-    seed: int = option(0, "lm-eval's seeds")
-    seqlen: int = option(512, "tokens per perplexity window")
-    eval_windows: int = option(40, "perplexity windows; 0 = all")
-    batch_size: int = option(16, "lm-eval batch size", flag="--eval-batch-size", group="zero-shot")
-    device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda if available)")
-    dtype: str = option("auto", "weights' dtype; auto = float32 on CPU, bfloat16 on CUDA", choices=DTYPES)
+    tasks: str | None = same_as(RunConfig, "tasks")
+    limit: int | None = same_as(RunConfig, "limit")
+    num_fewshot: int = same_as(RunConfig, "num_fewshot")
+    eval_batch_size: int = same_as(RunConfig, "eval_batch_size")
+    seed: int = same_as(PruneConfig, "seed", group="evaluation")
+    seqlen: int = same_as(PruneConfig, "seqlen", group="evaluation")
+    eval_windows: int = same_as(RunConfig, "eval_windows")
+    device: str | None = same_as(PruneConfig, "device", help="where the models run: cpu, cuda, cuda:1 (default: "
+                                 "cuda if available, else cpu)")
+    dtype: str = same_as(RunConfig, "dtype")
     results: str | None = option(None, "where to write the results (default: MODEL/eval.json for a directory, "
                                  "else ./eval.json)")
-    offline: bool = option(False, "never contact the Hugging Face Hub (models from local files or the cache, "
-                           "tasks from llmprune's offline copies)")
+    offline: bool = same_as(RunConfig, "offline")
 
     def __post_init__(self):
-        if isinstance(self.ppl, str):
-            self.ppl = tuple(s for s in self.ppl.split(",") if s and s != "none")
-        self.ppl = tuple(self.ppl)
+        ppl = self.ppl.split(",") if isinstance(self.ppl, str) else self.ppl
+        settle(self, "ppl", tuple(s for s in ppl if s and s != "none"))
         if self.limit is not None and self.limit < 1:
             raise LLMPruneError(f"--limit must be at least 1 document per task (got {self.limit})")
         if self.seqlen < 1 or self.eval_windows < 0:
@@ -82,19 +81,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         if tasks:
             result["zero_shot"][role] = evaluate_zero_shot(model.to(device), tokenizer, tasks, limit=config.limit,
                                                            num_fewshot=config.num_fewshot,
-                                                           batch_size=config.batch_size, seed=config.seed)
+                                                           batch_size=config.eval_batch_size, seed=config.seed)
         del model
     write_json_atomically(results_path(config), result)
     return result
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    """A failed evaluation never corrupts an existing eval.json: write beside it, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def comparison_table(result: dict) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import LLMPruneError
+from ..runtime import parameter_count
 
 
 @dataclass(frozen=True)
@@ -140,15 +141,21 @@ def check_positions(limit: int | None, seqlens: dict[str, int]) -> None:
 
 def gguf_context_length(path: Path) -> int | None:
     """The `<architecture>.context_length` of a GGUF file's header (the tensors are not read)."""
+    require_gguf()
     from gguf import GGUFReader
 
     try:
         fields = GGUFReader(path, "r").fields
         architecture = fields["general.architecture"].contents()
         found = fields.get(f"{architecture}.context_length")
-    except (KeyError, ValueError, OSError) as err:
+    except (KeyError, ValueError, IndexError, OSError) as err:  # IndexError: a header cut short
         raise LLMPruneError(f"{path} is not a readable GGUF file ({err}): re-download or re-convert it") from None
     return int(found.contents()) if found is not None else None
+
+
+def require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise LLMPruneError("loading a .gguf file needs the gguf package: pip install gguf")
 
 
 def _read_config(source: ModelSource, trust_remote_code: bool):
@@ -207,8 +214,7 @@ def load_model(
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if source.gguf_file:
-        if importlib.util.find_spec("gguf") is None:
-            raise LLMPruneError("loading a .gguf file needs the gguf package: pip install gguf")
+        require_gguf()
         # Dequantize explicitly: a model that keeps the GGUF quantizer attached refuses save_pretrained.
         kwargs |= {"gguf_file": source.gguf_file,
                    "quantization_config": GgufConfig(gguf_file=source.gguf_file, dequantize=True)}
@@ -246,7 +252,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best, best_name, best_size = None, "", 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            size = sum(p.numel() for p in module.parameters())
+            size = parameter_count(module.parameters())
             if size > best_size:
                 best, best_name, best_size = module, name, size
     if best is None:

@@ -1,17 +1,21 @@
-"""Output directories are written atomically: built in a temporary folder beside the target, then renamed.
+"""Outputs are written atomically: a folder is built in a temporary folder beside the target, a file in a temporary
+file beside it, then renamed into place.
 
 A failed or interrupted run leaves no half-written output, and an existing one survives unless
 --overwrite is given, in which case it is replaced only once the new one is complete. Outputs get
-ordinary permissions (folders 0755, files 0644 under the usual umask), not the 0700 of a temp folder.
+ordinary permissions (folders 0755, files 0644 under the usual umask), not the 0700/0600 of temporary ones.
+Every file the package writes in place goes through :func:`write_atomically`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from ..errors import LLMPruneError
 
@@ -79,3 +83,31 @@ def atomic_directory(path: str | Path, overwrite: bool):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Write the file ``path`` through ``write(temporary_path)``, a hidden file beside it, then rename it over
+    ``path``: a reader sees the old file or the complete new one, never half of one. On any failure, interruption
+    included, the temporary file is removed and ``path`` is left as it was. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    partial = Path(name)
+    try:
+        write(partial)
+        os.chmod(partial, 0o666 & ~umask())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    return write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomically(path: str | Path, data) -> Path:
+    """``data`` as indented JSON with a final newline."""
+    return write_text_atomically(path, json.dumps(data, indent=2) + "\n")

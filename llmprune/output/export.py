@@ -16,14 +16,14 @@ the two halves, so q_proj/k_proj rows (and biases) are reordered as llama.cpp's 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
+from ..config import GGUF_OUTTYPES, RunConfig
 from ..errors import LLMPruneError
+from ..options import option, same_as
+from .atomic import write_atomically
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # the llama.cpp names, as `llama-quantize` and the converter use them
 FORMATS = ("gguf",)
 
 
@@ -49,20 +49,16 @@ PRE_TOKENIZERS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig:
-    """The `export` command's options; help texts are for a CLI generated from the fields."""
+    """The `export` command's settings; the GGUF weight type and --overwrite are a prune run's (RunConfig)."""
 
-    model: str = field(metadata={"help": "an llmprune output directory (a saved Hugging Face model)", "cli": False})
-    format: str = field(default="gguf", metadata={"help": "gguf: one file for llama.cpp and the tools built on it",
-                                                  "choices": FORMATS})
-    outtype: str = field(default="f16", metadata={
-        "help": "type of the weight matrices: f32, f16, bf16, or q8_0 (8-bit, about half of f16); "
-                "norms and biases stay f32", "choices": OUTTYPES})
-    output: str | None = field(default=None, metadata={"help": "the .gguf file to write "
-                                                               "(default: DIR/<DIR's name>-<outtype>.gguf)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing file (only once the new one "
-                                                             "is complete)"})
+    model: str = option(MISSING, "an llmprune output directory (a saved Hugging Face model)", cli=False)
+    format: str = option("gguf", "gguf: one file for llama.cpp and the tools built on it", choices=FORMATS)
+    outtype: str = same_as(RunConfig, "gguf_outtype", flag="--outtype", group=None)
+    output: str | None = option(None, "the .gguf file to write (default: DIR/<DIR's name>-<outtype>.gguf)")
+    overwrite: bool = same_as(RunConfig, "overwrite", help="replace an existing file (only once the new one is "
+                              "complete)", group=None)
 
     def output_path(self) -> Path:
         if self.output:
@@ -86,7 +82,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16
     converter does); norms and biases stay f32.
     """
     plan = _plan(Path(model_dir), Path(out_path), outtype, overwrite)
-    _write_atomically(plan)
+    write_atomically(plan.out_path, lambda staging: _write(plan, staging))
     return plan.out_path
 
 
@@ -106,8 +102,8 @@ def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str) -
     """What can be checked from a model's config and tokenizer alone: a prune run with `--save-format gguf`
     calls this on the loaded model before pruning (`model.config.to_dict()`,
     `json.loads(tokenizer.backend_tokenizer.to_str())`), so that a long run cannot end in a refusal."""
-    if outtype not in OUTTYPES:
-        raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(OUTTYPES)}")
+    if outtype not in GGUF_OUTTYPES:
+        raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(GGUF_OUTTYPES)}")
     model_type = config.get("model_type")
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
@@ -125,8 +121,8 @@ def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str) -
 
 
 def _plan(model_dir: Path, out_path: Path, outtype: str, overwrite: bool) -> _Plan:
-    if outtype not in OUTTYPES:
-        raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(OUTTYPES)}")
+    if outtype not in GGUF_OUTTYPES:
+        raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(GGUF_OUTTYPES)}")
     if out_path.is_dir():
         raise LLMPruneError(f"{out_path} is a directory: give the .gguf file's path")
     if out_path.exists() and not overwrite:
@@ -270,20 +266,6 @@ def _encode(weight, outtype: str):
 
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-
-
-def _write_atomically(plan: _Plan) -> None:
-    """Build the file beside the target under a hidden name; rename only once it is complete."""
-    out = plan.out_path
-    handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(handle)
-    staging = Path(staging)
-    try:
-        _write(plan, staging)
-        os.replace(staging, out)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
 
 
 def _write(plan: _Plan, path: Path) -> None:

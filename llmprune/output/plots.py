@@ -6,13 +6,10 @@ other machines can be compared after their weights were deleted.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
-import os
-import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from ..errors import LLMPruneError
 from ..report import Report
+from .atomic import write_atomically, write_text_atomically
 
 REPORT_NAME = "report.md"
 LAYER_PLOT = "layer_sparsity.png"
@@ -61,9 +59,9 @@ class Run:
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """Compare the llmprune output directories `run_dirs` in `out_dir`/report.md plus PNG plots.
 
-    Returns the path of report.md. The files are built beside `out_dir` and moved in at the end, so a
-    failure leaves `out_dir` as it was; other files in `out_dir` are kept, but a plot of a previous
-    report that this one has no data for is removed, so that the folder never shows a stale plot.
+    Returns the path of report.md. Every file is drawn in memory first and then written atomically, report.md
+    last, so a failure while drawing leaves `out_dir` as it was; other files in `out_dir` are kept, but a plot
+    of a previous report that this one has no data for is removed, so that the folder never shows a stale plot.
     """
     if not run_dirs:
         raise LLMPruneError("no run given: pass one or more output directories of `python -m llmprune --output DIR`")
@@ -73,24 +71,18 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LLMPruneError(f"{out_dir} is a file; give --out a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        plots = {LAYER_PLOT: _plot_layer_sparsity(runs, staging / LAYER_PLOT),
-                 PPL_PLOT: _plot_metric_vs_sparsity(runs, staging / PPL_PLOT, "perplexity"),
-                 ACCURACY_PLOT: _plot_metric_vs_sparsity(runs, staging / ACCURACY_PLOT, "accuracy")}
-        written = [name for name, drawn in plots.items() if drawn]
-        (staging / REPORT_NAME).write_text(_markdown(runs, written), encoding="utf-8")
-        out_dir.mkdir(exist_ok=True)
-        for name in plots:
-            if name not in written:
-                (out_dir / name).unlink(missing_ok=True)
-        # report.md last: while the files move in, it never references a plot that is not there yet.
-        for name in [*written, REPORT_NAME]:
-            os.replace(staging / name, out_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir / REPORT_NAME
+    plots = {LAYER_PLOT: _plot_layer_sparsity(runs),
+             PPL_PLOT: _plot_metric_vs_sparsity(runs, "perplexity"),
+             ACCURACY_PLOT: _plot_metric_vs_sparsity(runs, "accuracy")}
+    written = [name for name, png in plots.items() if png is not None]
+    markdown = _markdown(runs, written)
+    for name, png in plots.items():
+        if png is None:
+            (out_dir / name).unlink(missing_ok=True)
+        else:
+            write_atomically(out_dir / name, lambda partial, png=png: partial.write_bytes(png))
+    # report.md last: while the plots are written, it never references one that is not there yet.
+    return write_text_atomically(out_dir / REPORT_NAME, markdown)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -150,11 +142,13 @@ def _new_figure(width: float = 9.0, height: float = 5.0):
     return figure, figure.add_subplot()
 
 
-def _save(figure, axes, path: Path) -> None:
+def _png(figure, axes) -> bytes:
     axes.grid(True, alpha=0.3)
     # Legends sit right of the axes so they never hide a point; bbox "tight" widens the image to fit them.
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=DPI, bbox_inches="tight")
+    return image.getvalue()
 
 
 def _colors(count: int) -> list:
@@ -162,7 +156,7 @@ def _colors(count: int) -> list:
     return [palette(i % palette.N) for i in range(count)]
 
 
-def _plot_layer_sparsity(runs: list[Run], path: Path) -> bool:
+def _plot_layer_sparsity(runs: list[Run]) -> bytes | None:
     figure, axes = _new_figure()
     values = []
     for i, (run, color) in enumerate(zip(runs, _colors(len(runs)))):
@@ -175,7 +169,7 @@ def _plot_layer_sparsity(runs: list[Run], path: Path) -> bool:
         axes.plot(range(len(target)), target, color=color, linestyle="--", linewidth=1, alpha=0.8)
         values += [*achieved.values(), *target]
     if not values:
-        return False
+        return None
     # One legend entry explains every dashed line, instead of doubling the entries per run.
     axes.plot([], [], color="0.4", linestyle="--", linewidth=1, label="target (dashed)")
     # Uniform runs sit within a hair of their target: a floor on the padding keeps that flat instead of
@@ -188,8 +182,7 @@ def _plot_layer_sparsity(runs: list[Run], path: Path) -> bool:
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("achieved sparsity (size-weighted over its linears)")
     axes.set_title("Sparsity per decoder layer (dashed: target)")
-    _save(figure, axes, path)
-    return True
+    return _png(figure, axes)
 
 
 def _metric(run: Run, metric: str, stage: str) -> float | None:
@@ -201,10 +194,11 @@ def _metric(run: Run, metric: str, stage: str) -> float | None:
     return value if value is not None and math.isfinite(value) else None  # inf cannot sit on a log axis
 
 
-def _plot_metric_vs_sparsity(runs: list[Run], path: Path, metric: str) -> bool:
-    """Perplexity or mean zero-shot accuracy against achieved sparsity, one colour per run group."""
+def _plot_metric_vs_sparsity(runs: list[Run], metric: str) -> bytes | None:
+    """Perplexity or mean zero-shot accuracy against achieved sparsity, one colour per run group (a PNG; None
+    when no run has the metric)."""
     if all(_metric(run, metric, "pruned") is None for run in runs):
-        return False
+        return None
     figure, axes = _new_figure()
     # Colours and markers are assigned over all runs, not only those with this metric, so that a group
     # looks the same in the perplexity and the accuracy plot.
@@ -248,8 +242,7 @@ def _plot_metric_vs_sparsity(runs: list[Run], path: Path, metric: str) -> bool:
     else:
         axes.set_ylabel("mean zero-shot accuracy (higher is better)")
         axes.set_title("Mean zero-shot accuracy vs sparsity")
-    _save(figure, axes, path)
-    return True
+    return _png(figure, axes)
 
 
 def _dense_lines(axes, dense: list[tuple[Run, float | None]], metric: str) -> list[float]:

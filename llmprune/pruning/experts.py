@@ -468,11 +468,10 @@ def prune_expert_block(block: ExpertBlock, statistics: ExpertStatistics | None, 
             chosen = magnitude if source == "magnitude" else method
             segments = block.segments(matrix, expert)
             target = LayerTarget(sparsity, config.nm, segments if len(segments) > 1 else ())
-            knobs = {name: getattr(config, name) for name in chosen.knobs}
+            knobs = config.method_config.knobs() if chosen is method and config.method_config is not None else {}
             new_weight, keep = chosen.fn(weight, stats.get(chosen.statistic), target, **knobs)
             if update is not None and source != "magnitude":
-                knobs = {name: getattr(config, name) for name in update.knobs}
-                new_weight = update.fn(weight, stats[update.statistic], keep, **knobs)
+                new_weight = update.fn(weight, stats[update.statistic], keep, **config.update_config.knobs())
             label = f"{block.name}.{matrix.param}[{expert}]"
             verify_mask([label], new_weight, keep, list(segments), chosen, sparsity, config)
             block.set_weight(matrix, expert, new_weight)

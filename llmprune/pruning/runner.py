@@ -353,11 +353,9 @@ def prune_group(group, targets, statistics, method: Method, update, sparsity, co
     rows = [w.shape[0] for w in weights]
     stacked = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float()
     target = LayerTarget(sparsity, config.nm, tuple(rows))
-    knobs = {name: getattr(config, name) for name in method.knobs}
-    new_weight, keep = method.fn(stacked, statistics.get(method.statistic), target, **knobs)
+    new_weight, keep = method.fn(stacked, statistics.get(method.statistic), target, **config.method_config.knobs())
     if update is not None:
-        knobs = {name: getattr(config, name) for name in update.knobs}
-        new_weight = update.fn(stacked, statistics[update.statistic], keep, **knobs)
+        new_weight = update.fn(stacked, statistics[update.statistic], keep, **config.update_config.knobs())
     verify_mask(group, new_weight, keep, rows, method, sparsity, config)
     for name, module, new in zip(group, modules, new_weight.split(rows)):
         set_weight_matrix(module, new)
@@ -400,7 +398,7 @@ def allocate_sparsity(store, targets, calls, config, device, report, progress, r
 
         sizes = [sum(weight_matrix(m).numel() for m in layer_targets.values()) for layer_targets in targets]
         table = ScanTable.load(config.allocation.removeprefix("scan:"))
-        return scan_allocation(table, config.sparsity, sizes, config.scan_max_shift)
+        return scan_allocation(table, config.sparsity, sizes, config.allocation_config.scan_max_shift)
     start = time.perf_counter()
     layer0_inputs = calls.hidden.clone()
     ratios, sizes = [], []
@@ -409,12 +407,12 @@ def allocate_sparsity(store, targets, calls, config, device, report, progress, r
         stats = collect_statistics(layer, i, calls, targets[i], ("input_norms",), write_outputs=True, reduce=reduce)
         scores = torch.cat([(weight_matrix(m).float().abs() * stats[name]["input_norms"]).flatten()
                             for name, m in targets[i].items()])
-        ratios.append(outlier_ratio(scores, config.owl_m))
+        ratios.append(outlier_ratio(scores, config.allocation_config.owl_m))
         sizes.append(scores.numel())
         store.done(i, layer)
     calls.hidden.copy_(layer0_inputs)
     report.seconds["allocation"] += elapsed(start, device)
-    sparsities = owl_sparsities(ratios, sizes, config.sparsity, config.owl_lambda)
+    sparsities = owl_sparsities(ratios, sizes, config.sparsity, config.allocation_config.owl_lambda)
     achieved = sum(s * n for s, n in zip(sparsities, sizes)) / sum(sizes)
     if abs(achieved - config.sparsity) > 1e-6:  # the clamp to [0, 0.99] cut a layer's share
         raise LLMPruneError(f"OWL's layer sparsities had to be clamped, which moves the model to {achieved:.4f} "

@@ -2,9 +2,14 @@
 per-layer sparsity from it.
 
 A unit is one decoder layer (`by="layer"`) or one kind of linear across all layers (`by="linear"`, e.g.
-every `mlp.down_proj`). Each (unit, sparsity) cell is one ordinary prune by the runner with --skip keeping
-everything but the unit dense, one loss evaluation, and the unit's dense weights restored. When only
-layer i is pruned its calibration inputs are the dense model's, so the runner stops after layer i.
+every `mlp.down_proj`). A cell is one (unit, sparsity): the unit pruned as the runner would with --skip keeping
+everything else dense, one loss evaluation, and the unit's dense weights restored.
+
+By layer, every earlier layer is dense, so one dense pass serves all cells: layer i's calibration statistics
+are gathered from the dense calibration states entering it while those states move on to layer i+1 (one
+calibration pass per layer in all, solved once per sparsity), and the dense validation states entering
+layer i are kept, so a cell's loss runs only layers i..N-1. Neither needs more than one layer's states at once.
+By linear, every layer is pruned, so each cell is a whole prune by the runner.
 
 Score the loss on windows that are not the ones results are reported on (e.g. validation windows cut from
 the calibration text), or an allocation chosen from the scan flatters itself.
@@ -25,7 +30,9 @@ from ..config import PruneConfig
 from ..errors import LLMPruneError
 from ..evaluation.perplexity import perplexity
 from ..inputs.models import decoder_layers, linears
-from .runner import check_model, prunable_linears, prune
+from .methods import get_method, get_update
+from .runner import (ModelLayers, PruneReport, capture_layer_calls, check_model, collect_statistics,
+                     propagate, prunable_linears, prune, prune_group, share_groups)
 
 
 @dataclass
@@ -75,42 +82,138 @@ def scan_sensitivity(model, calibration: torch.Tensor | None, windows: torch.Ten
     """Prune each unit alone at each sparsity with `config` (its method, pattern, update and knobs; uniform
     allocation), score the loss on `windows` (n, seqlen), restore the unit. The model is left dense."""
     device = device or config.device or "cpu"
-    configs = [replace(config, sparsity=s, allocation="uniform") for s in sparsities]  # validated here, up front
+    # validated here, up front
+    configs = [replace(config, sparsity=s, allocation="uniform", allocation_config=None) for s in sparsities]
     check_model(model, configs[0])  # fails at once on a bad N:M width or a --skip that leaves nothing
     prefix, layers = decoder_layers(model)
-    units = []  # (name, the configs of its cells, its linears)
+    units = []  # (name, the configs of its cells, its linears by full name)
     for name, outside in scan_units(model, by):
         skip = f"(?:{config.skip})|{outside}" if config.skip else outside
         cell = replace(configs[0], skip=skip)
-        targets = [m for i, layer in enumerate(layers) for m in prunable_linears(layer, f"{prefix}.{i}", cell).values()]
+        targets = {n: m for i, layer in enumerate(layers)
+                   for n, m in prunable_linears(layer, f"{prefix}.{i}", cell).items()}
         if not targets:
             if by == "layer":  # an allocation needs every layer
                 raise LLMPruneError(f"--skip keeps all of layer {name} dense: scan by linear, or narrow --skip")
             continue  # a kind of linear that --skip keeps dense everywhere is not a unit
         units.append((name, [replace(c, skip=skip) for c in configs], targets))
 
+    bar = tqdm(total=len(units) * len(sparsities), desc=f"scan by {by}", unit="prune", disable=not progress)
+    scan = _scan_layers if by == "layer" else _scan_whole_prunes
+    dense_loss, table = scan(model, layers, units, calibration, windows, config, device, bar)
+    bar.close()
+    sizes = [sum(m.weight.numel() for m in targets.values()) for _, _, targets in units]
+    return ScanTable(config.method, by, [name for name, _, _ in units], [float(s) for s in sparsities], dense_loss,
+                     table, sizes)
+
+
+def _restore(modules, weights) -> None:
+    with torch.no_grad():
+        for module, weight in zip(modules, weights):
+            module.weight.copy_(weight)
+
+
+def _scan_whole_prunes(model, layers, units, calibration, windows, config, device, bar):
+    """Each cell an ordinary prune of the whole model by the runner, then the model's own loss."""
     def loss() -> float:
         return math.log(perplexity(model, windows, device, progress=False))
 
     dense_loss = loss()
     table = []
-    bar = tqdm(total=len(units) * len(sparsities), desc=f"scan by {by}", unit="prune", disable=not progress)
-    for name, cells, modules in units:
+    for name, cells, targets in units:
+        modules = list(targets.values())
         dense = [m.weight.detach().clone() for m in modules]
         row = []
         for cell in cells:
-            bar.set_postfix_str(f"{by} {name} @ {cell.sparsity:g}")
+            bar.set_postfix_str(f"{name} @ {cell.sparsity:g}")
             prune(model, calibration, cell, progress=False)
             row.append(loss())
-            with torch.no_grad():
-                for module, weight in zip(modules, dense):
-                    module.weight.copy_(weight)
+            _restore(modules, dense)
             bar.update()
         table.append(row)
-    bar.close()
-    sizes = [sum(m.weight.numel() for m in modules) for _, _, modules in units]
-    return ScanTable(config.method, by, [name for name, _, _ in units], [float(s) for s in sparsities], dense_loss,
-                     table, sizes)
+    return dense_loss, table
+
+
+@torch.inference_mode()
+def _scan_layers(model, layers, units, calibration, windows, config, device, bar):
+    """Unit i is layer i, in order: gather layer i's statistics from the dense calibration states entering it
+    (those states move on through the dense layer in the same pass), solve each sparsity, and score each from
+    the kept dense validation states entering layer i. The dense loss comes last, from the states leaving the
+    last layer, at no layer's cost."""
+    method = get_method(config.method)
+    update = get_update(config.update) if config.update != "none" else None
+    kinds = tuple(dict.fromkeys(k for k in (method.statistic, update and update.statistic) if k))
+    if kinds and calibration is None:
+        raise LLMPruneError(f"method '{method.name}' needs calibration data")
+    calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, False) if kinds else None
+    validation = capture_layer_calls(model, layers, windows, 1, device, False)  # one window a call, as perplexity
+    store = ModelLayers(layers, device)
+    report = PruneReport(method.name, config.sparsity, config.pattern, "uniform")  # prune_group's log, unused
+    returns_tuple: dict[int, bool] = {}  # per layer: whether it returns (hidden, ...) rather than hidden
+    table = []
+    for i, (name, cells, targets) in enumerate(units):
+        modules = list(targets.values())
+        layer = store.load(i)
+        statistics = collect_statistics(layer, i, calls, targets, kinds, write_outputs=True) if kinds else {}
+        entering = validation.hidden.clone()
+        def output_type(module, args, out, index=i):
+            returns_tuple[index] = isinstance(out, (tuple, list))
+
+        handle = layer.register_forward_hook(output_type)
+        try:
+            propagate(layer, i, validation)
+        finally:
+            handle.remove()
+        dense = [m.weight.detach().clone() for m in modules]
+        pruned = []  # solved while the layer is on the device, scored below with the whole model
+        for cell in cells:
+            for group in share_groups(targets, statistics):
+                prune_group(group, targets, statistics.get(group[0], {}), method, update, cell.sparsity, cell,
+                            report, layer_index=i)
+            pruned.append([m.weight.detach().clone() for m in modules])
+            _restore(modules, dense)
+        store.done(i, layer)
+        row = []
+        for cell, weights in zip(cells, pruned):
+            bar.set_postfix_str(f"layer {name} @ {cell.sparsity:g}")
+            _restore(modules, weights)
+            row.append(loss_from_layer(model, layers, i, entering, windows, device, returns_tuple))
+            _restore(modules, dense)
+            bar.update()
+        table.append(row)
+    dense_loss = loss_from_layer(model, layers, len(layers), validation.hidden, windows, device, returns_tuple)
+    return dense_loss, table
+
+
+def loss_from_layer(model, layers, first: int, entering: torch.Tensor, windows: torch.Tensor, device,
+                    returns_tuple: dict[int, bool]) -> float:
+    """Mean token NLL on `windows` by the model's own forward (embeddings, masks, the layers from `first` on,
+    final norm, head), with the layers before `first` replaced by stubs: the last stub hands on `entering`
+    (the hidden states entering layer `first`, one row per window), so those layers cost nothing.
+    `returns_tuple[j]`: layer j's output type, which its stub mimics."""
+    feed = iter(entering)
+    fed = [0]
+
+    def stub(index):
+        def forward(hidden_states, *args, **kwargs):
+            if index == first - 1:
+                hidden_states = next(feed).unsqueeze(0)
+                fed[0] += 1
+            return (hidden_states,) if returns_tuple[index] else hidden_states
+
+        return forward
+
+    for j in range(first):
+        layers[j].forward = stub(j)
+    try:
+        loss = math.log(perplexity(model, windows, device, progress=False))
+    finally:
+        for j in range(first):
+            del layers[j].forward  # back to the class's forward
+    if first and fed[0] != len(windows):
+        raise LLMPruneError(f"internal error: the model ran layer {first - 1} {fed[0]} times for {len(windows)} "
+                            "windows; please report this")
+    return loss
 
 
 def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

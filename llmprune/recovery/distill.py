@@ -1,5 +1,6 @@
 """Distillation from the dense model: its next-token distributions, kept as top-k log-probabilities plus one
-bucket for the rest, and the KL loss that trains the pruned model (student) to match them.
+bucket for the rest, the targets of the KL loss (``distill_loss`` in recovery/losses.py) that trains the pruned
+model (student) to match them.
 
 Design choice: the teacher never sits beside the student. Its targets are computed in one dense pass over the
 recovery windows before pruning (the same model object, before it is pruned) and kept in memory or spilled to
@@ -13,9 +14,8 @@ It is the full-vocabulary KL when k covers the vocabulary, and a lower bound of 
 cannot increase a KL).
 
 Optionally the same pass keeps the outputs of a few decoder layers (``hidden_layers``, bfloat16, whose range
-holds any residual stream: ``2 * hidden``
-bytes per token per layer, 59 MB per layer for the default budget at hidden size 576), for a hidden-state term
-(:func:`hidden_loss`) that pulls each surviving layer's output towards the dense model's.
+holds any residual stream: ``2 * hidden`` bytes per token per layer, 59 MB per layer for the default budget at hidden size 576), for a hidden-state term
+(``hidden_loss`` in recovery/losses.py) that pulls each surviving layer's output towards the dense model's.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llmprune.errors import LLMPruneError
+from llmprune.recovery.losses import log_mass_outside
 
 MANIFEST = "teacher.json"
 FIELDS = ("logprobs", "indices", "rest")
@@ -138,7 +139,7 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
     Kept in memory unless ``spill_dir`` is given: then written there as safetensors chunks of ``chunk_windows``
     windows (plus a manifest, so :meth:`TeacherTargets.load` reads them back). Memory per token: ``k * 6 + 4``
     bytes (float16 log-probs, int32 ids, float32 bucket); one batch's logits are the only other cost.
-    ``hidden_layers``: decoder layer indices whose outputs are kept too (bfloat16, for :func:`hidden_loss`).
+    ``hidden_layers``: decoder layer indices whose outputs are kept too (bfloat16, for the hidden-state loss).
     """
     if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[0] == 0:
         raise LLMPruneError(f"teacher windows must be a LongTensor [n_windows, seqlen], got {windows.dtype} "
@@ -193,11 +194,14 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
     if spill_dir is not None:
         from safetensors.torch import save_file
 
+        from llmprune.output.atomic import write_json_atomically
+
         save_file({"windows": targets.windows}, str(spill_dir / "windows.safetensors"))
-        (spill_dir / MANIFEST).write_text(json.dumps({
+        # The manifest last and whole: TeacherTargets.load finds complete targets or none.
+        write_json_atomically(spill_dir / MANIFEST, {
             "vocab_size": vocab, "topk": k, "temperature": float(temperature), "chunk_windows": chunk_windows,
             "chunks": [path.name for path in chunks], "hidden_layers": list(hidden_layers),
-            "hidden_size": hidden_size}, indent=2) + "\n")
+            "hidden_size": hidden_size})
     return targets
 
 
@@ -216,38 +220,7 @@ def topk_with_bucket(logits: torch.Tensor, k: int, temperature: float):
     probability outside them ([..., 1]; -inf when k covers the vocabulary)."""
     logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
     top, indices = logprobs.topk(k, dim=-1)
-    return top, indices, _log_rest(logprobs, indices)
-
-
-def _log_rest(logprobs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """log(sum of exp(logprobs) outside ``indices``), summed over the outside directly: log1p(-sum of the top k)
-    loses everything when the top k hold nearly all the mass, which is the common case."""
-    if indices.shape[-1] == logprobs.shape[-1]:
-        return torch.full_like(logprobs[..., :1], -math.inf)
-    return logprobs.scatter(-1, indices, -math.inf).logsumexp(-1, keepdim=True)
-
-
-def distill_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
-                 teacher_rest: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) on the k + 1 outcomes (top-k tokens, the rest), times T^2.
-
-    ``student_logits`` [b, s, vocab]; teacher tensors as :meth:`TeacherTargets.rows` returns them. The T^2 factor
-    keeps the gradient's scale independent of the temperature (Hinton et al.). The teacher's k + 1 log-probs are
-    renormalised first: float16 storage leaves their sum a hair off 1.
-    """
-    logits = student_logits.float()
-    if temperature != 1:  # at T = 1 no vocabulary-sized copy (logits / 1 is logits)
-        logits = logits / temperature
-    student = F.log_softmax(logits, dim=-1)
-    student_top = student.gather(-1, teacher_indices)
-    if teacher_indices.shape[-1] < student.shape[-1]:
-        student_top = torch.cat([student_top, _log_rest(student, teacher_indices)], dim=-1)
-        teacher = torch.cat([teacher_logprobs, teacher_rest], dim=-1)
-    else:  # no outside: the bucket is empty for both
-        teacher = teacher_logprobs
-    teacher = F.log_softmax(teacher, dim=-1)
-    kl = (teacher.exp() * (teacher - student_top)).sum(-1)
-    return kl.mean() * temperature**2
+    return top, indices, log_mass_outside(logprobs, indices)
 
 
 def evenly_spaced_layers(n_layers: int, count: int) -> tuple[int, ...]:
@@ -279,15 +252,3 @@ def capture_layer_outputs(model, layers: tuple[int, ...]):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def hidden_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over layer pairs and tokens of the relative squared error ||s - t||^2 / ||t||^2 between the student's
-    and the teacher's layer outputs ([b, s, hidden] each). Relative, so layers whose residual stream has grown
-    large do not drown the others; per token, so one token's outlier features do not weigh on every token."""
-    terms = []
-    for s, t in zip(student, teacher, strict=True):
-        t = t.to(s.device, torch.float32)
-        error = (s.float() - t).pow(2).sum(-1)
-        terms.append((error / t.pow(2).sum(-1).clamp_min(1e-12)).mean())
-    return torch.stack(terms).mean()

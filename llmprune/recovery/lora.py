@@ -12,11 +12,10 @@ model that ships.
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from llmprune.config import RecoverConfig
 from llmprune.errors import LLMPruneError
-from llmprune.inputs.models import decoder_layers, is_linear
-from llmprune.recovery.loop import epoch_order, train_loop
-
-T = TypeVar("T")
+from llmprune.inputs.models import is_linear
 
 
 class MaskedLoraLinear(PeftLoraLinear):
@@ -81,72 +77,16 @@ def masked_lora_config(config: RecoverConfig, target_names: list[str]) -> LoraCo
     return lora_config
 
 
-def find_pruned_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear of the decoder layers holding an exact zero (a fallback: prefer the runner's own list, since a
-    dequantized dense layer can hold exact zeros too, which would then merely stay zero)."""
-    prefix, layers = decoder_layers(model)
-    return {
-        f"{prefix}.{name}": module
-        for name, module in layers.named_modules()
-        if is_linear(module) and bool((module.weight == 0).any())
-    }
-
-
-def recover_lora(
-    model: nn.Module,
-    train_ids: torch.Tensor,
-    config: RecoverConfig,
-    *,
-    pruned_linears: dict[str, nn.Module] | None = None,
-    progress: bool = True,
-    adapter_dir: str | Path | None = None,
-) -> tuple[nn.Module, dict]:
-    """Fine-tune masked LoRA adapters on ``train_ids`` windows, merge them, and return ``(model, stats)``.
-
-    ``train_ids`` is a LongTensor [n_windows, config.seqlen]. The model is modified in place and returned in eval
-    mode, without peft wrappers or grad flags, in its original dtype, with exactly the zeros it had before.
-    ``adapter_dir`` keeps the raw (unmerged) adapter; note that loading it with plain peft onto the pruned model
-    applies the delta unmasked: the merged model returned here is the sparse artifact.
-    """
-    if train_ids.dim() != 2 or train_ids.shape[1] != config.seqlen or train_ids.shape[0] == 0 or (
-        train_ids.dtype != torch.long
-    ):
-        raise LLMPruneError(f"recovery data must be a LongTensor [n_windows, {config.seqlen}], got "
-                            f"{train_ids.dtype} {list(train_ids.shape)}: build windows with seqlen={config.seqlen}")
-    if pruned_linears is None:
-        pruned_linears = find_pruned_linears(model)
-    device = next(model.parameters()).device
-    (losses, seconds), targets = train_masked_lora(
-        model, pruned_linears, config, lambda peft_model: _train(peft_model, train_ids.to(device), config, progress),
-        adapter_dir=adapter_dir,
-    )
-    stats = {
-        "steps": config.steps,
-        "lr": config.lr,
-        "r": config.r,
-        "alpha": config.alpha,
-        "targets": targets,
-        "seconds": round(seconds, 1),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "tokens": config.steps * config.batch * config.seqlen,
-    }
-    return model, stats
-
-
-def train_masked_lora(
-    model: nn.Module,
-    pruned_linears: dict[str, nn.Module],
-    config: RecoverConfig,
-    train: Callable[[nn.Module], T],
-    *,
-    adapter_dir: str | Path | None = None,
-) -> tuple[T, list[str]]:
-    """Wrap ``pruned_linears`` (those named in ``config.targets``) in masked LoRA, run ``train(peft_model)``, merge,
-    and check every zero pattern; returns ``(what train returned, the target leaf names)``.
+@contextmanager
+def masked_lora(model: nn.Module, pruned_linears: dict[str, nn.Module], config: RecoverConfig,
+                adapter_dir: str | Path | None = None) -> Iterator[tuple[nn.Module, list[str]]]:
+    """Wrap ``pruned_linears`` (those named in ``config.targets``) in masked LoRA and yield ``(peft model, the
+    target leaf names)`` to train; on leaving, keep the raw adapter in ``adapter_dir`` (if given), merge, and
+    check every zero pattern.
 
     On any failure, interruption included, the untouched pruned model is handed back unwrapped. Only ``r``,
-    ``alpha``, ``dropout``, ``targets`` and ``seed`` of ``config`` are read here: the training is ``train``'s.
+    ``alpha``, ``dropout`` and ``targets`` of ``config`` are read here: the training is the caller's. peft
+    initialises the adapters from the global RNG: seed it (in a fork) before entering for a reproducible run.
     """
     names = _module_names(model, pruned_linears)
     masks = {name: module.weight != 0 for name, module in zip(names, pruned_linears.values())}
@@ -155,27 +95,22 @@ def train_masked_lora(
 
     lora_config = masked_lora_config(config, target_names)
     had_peft_config = hasattr(model, "peft_config")
-    device = next(model.parameters()).device
     try:
-        # peft initialises lora_A from the global RNG: seed it inside a fork so the caller's RNG stays untouched.
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            torch.manual_seed(config.seed)
-            with warnings.catch_warnings():  # peft 0.21 calls a property transformers 5 deprecates: not ours to fix
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                peft_model = get_peft_model(model, lora_config)
-            try:
-                result = train(peft_model)
-                if adapter_dir is not None:
-                    peft_model.save_pretrained(str(adapter_dir))
-            except BaseException:
-                peft_model.unload()  # hand back the untouched pruned model
-                raise
+        with warnings.catch_warnings():  # peft 0.21 calls a property transformers 5 deprecates: not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = get_peft_model(model, lora_config)
+        try:
+            yield peft_model, targets
+            if adapter_dir is not None:
+                peft_model.save_pretrained(str(adapter_dir))
+        except BaseException:
+            peft_model.unload()  # hand back the untouched pruned model
+            raise
         peft_model.merge_and_unload()  # swaps the original (now merged) linears back into `model`
     finally:
         if not had_peft_config and hasattr(model, "peft_config"):
             del model.peft_config  # peft's note on the model it wrapped; nothing wraps it any more
-    _finalize(model, masks)
-    return result, targets
+    _check_patterns(model, masks)
 
 
 def _module_names(model: nn.Module, linears: dict[str, nn.Module]) -> list[str]:
@@ -205,36 +140,15 @@ def _resolve_targets(names: list[str], requested: list[str] | None) -> list[str]
     return list(requested)
 
 
-def _train(peft_model: nn.Module, train_ids: torch.Tensor, config: RecoverConfig, progress: bool):
-    """AdamW on next-token loss over shuffled windows (cycled when there are fewer than steps x batch); returns
-    (per-step losses, seconds)."""
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    order = epoch_order(len(train_ids), config.steps * config.batch, config.seed).view(config.steps, config.batch)
-
-    def loss_of(window_indices: torch.Tensor) -> torch.Tensor:
-        batch = train_ids[window_indices.to(train_ids.device)]
-        # The model's own shifted-label loss; logits of a few 2 x 512 windows fit easily in memory.
-        return peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-
-    peft_model.train()
-    run = train_loop(params, order, loss_of, lr=config.lr, tokens_per_step=config.batch * config.seqlen,
-                     progress=progress, desc="LoRA recovery")
-    return run["losses"], run["seconds"]
-
-
-def _finalize(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Eval mode, no grad flags, masks re-applied, and a loud error unless every zero pattern is exactly as before."""
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-        param.grad = None
+def _check_patterns(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """A loud error unless the wrappers are gone and every zero pattern is exactly as before. The mask is not
+    re-applied first: a merge that wrote into a pruned weight must show here, not be hidden."""
     modules = dict(model.named_modules())
     leftovers = [name for name, module in modules.items() if isinstance(module, BaseTunerLayer)]
     if leftovers:
         raise LLMPruneError(f"peft layers remain after merging: {leftovers[:3]}")
     for name, mask in masks.items():
         weight = modules[name].weight
-        weight.data.mul_(mask)  # belt and braces: the masked delta already merged as zeros there
         if not torch.equal(weight != 0, mask):
             raise LLMPruneError(f"sparsity pattern of {name} changed during LoRA recovery "
                                 f"({int((weight != 0).sum())} non-zeros, expected {int(mask.sum())}); "

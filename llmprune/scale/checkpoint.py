@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LLMPruneError
+from ..output.atomic import write_atomically
 
 STATE = "state.json"
 
@@ -37,13 +37,6 @@ def settings_of(config, model: str, calibration: torch.Tensor | None, world: int
 
 def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-
-
-def _replace(path: Path, write) -> None:
-    """Write through `write(temporary_path)`, then rename over `path` (atomic on one filesystem)."""
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
 
 
 class WorkFolder:
@@ -104,13 +97,13 @@ class WorkFolder:
         from safetensors.torch import save_file
 
         weights = {f"{self.prefix}.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
-        _replace(self.layer_file(i), lambda p: save_file(weights, p, metadata={"format": "pt"}))
+        write_atomically(self.layer_file(i), lambda p: save_file(weights, p, metadata={"format": "pt"}))
         if calls is not None and i + 1 < self.layer_count:
-            _replace(self.path / f"hidden-{i:05d}.pt", lambda p: torch.save(calls.hidden.to("cpu"), p))
+            write_atomically(self.path / f"hidden-{i:05d}.pt", lambda p: torch.save(calls.hidden.to("cpu"), p))
         state = {"settings": self.settings, "done": i, "report": {
             "layers": report.layers, "layer_sparsity": report.layer_sparsity, "seconds": report.seconds,
             "tally": report.tally}}
-        _replace(self.path / STATE, lambda p: p.write_text(json.dumps(state, indent=1)))
+        write_atomically(self.path / STATE, lambda p: p.write_text(json.dumps(state, indent=1)))
         for old in self.path.glob("hidden-*.pt"):
             if old.name != f"hidden-{i:05d}.pt":
                 old.unlink()

@@ -7,6 +7,7 @@ evaluated (layer by layer) and completed with its report and card in the staging
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from ..config import RunConfig
 
@@ -52,7 +53,8 @@ def run_streamed(config: RunConfig, plan, progress: bool, command: str | None):
         result["report"] = report
 
     with clock("prune"):
-        prune_streamed(source.path, config.output, calibration, pc, dtype=plan.dtype, work_dir=plan.work_dir,
+        on_device = replace(pc, device=str(plan.device))  # this rank's device under torchrun (the plan's)
+        prune_streamed(source.path, config.output, calibration, on_device, dtype=plan.dtype, work_dir=plan.work_dir,
                        resume=config.resume, offload_activations=config.offload_activations,
                        overwrite=config.overwrite, parallel=plan.parallel, progress=progress,
                        trust_remote_code=config.trust_remote_code, finish=finish)

@@ -13,7 +13,6 @@ tensor, model.safetensors.index.json) that from_pretrained loads. The dense mode
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from ..errors import LLMPruneError
 from ..inputs.models import DTYPES, decoder_layers, linears, weight_matrix
-from ..runtime import release_free_memory, resolve_device
+from ..runtime import available_memory_bytes, release_free_memory, resolve_device
 from .checkpoint import WorkFolder, default_work_dir, settings_of, shard_name
 
 INDEX = "model.safetensors.index.json"
@@ -54,13 +53,7 @@ def weight_bytes(model_dir: str | Path) -> int:
 
 def should_stream(model_dir: str | Path, share: float = 0.5) -> tuple[bool, str]:
     """The auto rule: stream when the weights on disk exceed `share` of the memory available now."""
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024  # counts reclaimable page cache too
-    except OSError:
-        pass
+    available = available_memory_bytes(torch.device("cpu")) or 0  # unknown: stream, the safe side
     size = weight_bytes(model_dir)
     gib = 2 ** 30
     return size > share * available, (f"the weights take {size / gib:.1f} GiB and {available / gib:.1f} GiB of memory "

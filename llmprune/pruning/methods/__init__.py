@@ -1,9 +1,9 @@
-"""Pruning methods and weight updates, registered by name. Adding one is adding one file here.
+"""Pruning methods and weight updates: pure functions over tensors that know nothing of models, hooks or files.
+Each is declared in pruning/registry.py (its name, summary, statistic and config class, torch-free) and its
+kernel, in a file here, is bound to that config class with `@handles(ItsConfig)`:
 
-A method is a pure function over tensors; it knows nothing of models, hooks or files:
-
-    @register("name", statistic="input_norms", summary="...", knobs=("my_knob",))
-    def name(weight, statistic, target, my_knob) -> (new_weight, keep_mask)
+    @handles(MineConfig)
+    def mine(weight, statistic, target, my_knob) -> (new_weight, keep_mask)
 
 - weight: float32 (rows, in_features). Rows may stack several linears that read the same input (q/k/v,
   gate/up): `target.segments` gives their row counts, so one statistic serves them all.
@@ -11,27 +11,24 @@ A method is a pure function over tensors; it knows nothing of models, hooks or f
   names (see statistics.py: "input_norms", "hessian", ...); None for a method that needs no data.
 - target: this layer's LayerTarget (its own sparsity, after any allocation such as OWL, and the N:M
   pattern). A method never sees the global sparsity, so it cannot read the wrong one.
-- knobs: the method's own settings, by name, taken from fields of PruneConfig with the same names.
+- knobs: the fields of the method's config class (PruneConfig.method_config), as keywords.
 - keep_mask: bool, True where a weight is kept. The runner verifies the exact count or N:M pattern.
 
 An update (`--update`) re-fits the kept weights after any method's mask:
 
-    @register_update("name", statistic="hessian", summary="...", knobs=(...))
+    @handles(UpdateConfig)
     def name(weight, statistic, keep, **knobs) -> new_weight   # zeros exactly where keep is False
 
-A new statistic is one class registered in statistics.py; a new method or update is one file here (found
-and imported by the loop at the bottom), and any knob it reads is one field of PruneConfig. `--help` lists
-methods from their `register(...)` calls without importing them (pruning/catalog.py), so it stays fast.
+A kernel file is imported the first time its handler is asked for, so this package imports no torch.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
-from typing import Callable
 
-from ...errors import LLMPruneError
+from ..registry import METHODS, UPDATES, Method, Update, get_method, get_update, handles
+
+__all__ = ["LayerTarget", "METHODS", "UPDATES", "Method", "Update", "get_method", "get_update", "handles"]
 
 
 @dataclass(frozen=True)
@@ -41,58 +38,3 @@ class LayerTarget:
     sparsity: float  # this layer's target (OWL or a scan may give every layer its own)
     nm: tuple[int, int] | None = None  # N:M: keep N of every M consecutive inputs of a row
     segments: tuple[int, ...] = ()  # row counts of the stacked linears; () means one matrix
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    statistic: str | None
-    compares: str  # unstructured selection group: "row" (each output row) or "matrix" (each stacked matrix)
-    fn: Callable[..., tuple]  # -> (new_weight, keep_mask)
-    summary: str
-    knobs: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Update:
-    name: str
-    statistic: str
-    fn: Callable[..., object]  # -> new_weight
-    summary: str
-    knobs: tuple[str, ...] = ()
-
-
-METHODS: dict[str, Method] = {}
-UPDATES: dict[str, Update] = {}
-
-
-def register(name: str, statistic: str | None, summary: str, compares: str = "row", knobs: tuple[str, ...] = ()):
-    def decorate(fn):
-        METHODS[name] = Method(name, statistic, compares, fn, summary, tuple(knobs))
-        return fn
-
-    return decorate
-
-
-def register_update(name: str, statistic: str, summary: str, knobs: tuple[str, ...] = ()):
-    def decorate(fn):
-        UPDATES[name] = Update(name, statistic, fn, summary, tuple(knobs))
-        return fn
-
-    return decorate
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise LLMPruneError(f"unknown --method '{name}': choose one of {', '.join(METHODS)} (see --help)")
-    return METHODS[name]
-
-
-def get_update(name: str) -> Update:
-    if name not in UPDATES:
-        raise LLMPruneError(f"unknown --update '{name}': choose one of none, {', '.join(UPDATES)} (see --help)")
-    return UPDATES[name]
-
-
-for _module in pkgutil.iter_modules(__path__):  # registration: every file here registers what it defines
-    importlib.import_module(f"{__name__}.{_module.name}")

@@ -32,7 +32,7 @@ import torch
 
 from ...errors import LLMPruneError
 from ..masks import nm_mask, row_mask
-from . import register, register_update
+from ..registry import AdmmConfig, AdmmUpdateConfig, handles
 
 
 def _check(iterations: int, rho: float, damp: float) -> None:
@@ -65,8 +65,7 @@ class ScaledProblem:
         return z / self.scale
 
 
-@register_update("admm", statistic="hessian", knobs=("admm_iterations", "admm_rho", "admm_damp"),
-                 summary="re-fit the kept weights to the dense outputs by ADMM (Boza 2024)")
+@handles(AdmmUpdateConfig)
 def admm_update(weight, hessian, keep, admm_iterations=20, admm_rho=1.0, admm_damp=0.1):
     """The kept weights of `weight` (the dense one) re-fitted on the fixed mask `keep`; zeros elsewhere."""
     _check(admm_iterations, admm_rho, admm_damp)
@@ -88,8 +87,7 @@ def gradual_mask(scores: torch.Tensor, sparsity: float, target) -> torch.Tensor:
     return row_mask(scores.masked_fill(nm_mask(scores, *target.nm), float("inf")), sparsity)
 
 
-@register("admm", statistic="hessian", knobs=("admm_iterations", "admm_rho", "admm_damp", "admm_gradual_steps"),
-          summary="gradual mask on ADMM-updated weights (Boza 2024)")
+@handles(AdmmConfig)
 def admm_gradual(weight, hessian, target, admm_iterations=20, admm_rho=1.0, admm_damp=0.1, admm_gradual_steps=15):
     """Iteration t < steps prunes to s * (1 - (1 - (t+1)/steps)^3) (the paper's cubic schedule); the last
     schedule step reaches the target, and the remaining iterations re-fit on that final mask."""

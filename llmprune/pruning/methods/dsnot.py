@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import LLMPruneError
-from . import register
+from ..registry import DsnotConfig, handles
 from .magnitude import score_mask
 
 
@@ -67,8 +67,7 @@ def refine_mask(weight, keep, wanda, mean, variance, nm=None, cycles=50, thresho
     return keep
 
 
-@register("dsnot", statistic="input_moments", knobs=("dsnot_cycles", "dsnot_threshold"),
-          summary="Wanda mask refined by training-free grow/prune swaps (Zhang et al. 2024)")
+@handles(DsnotConfig)
 def dsnot(weight, moments, target, dsnot_cycles=50, dsnot_threshold=0.1):
     if dsnot_cycles < 0 or dsnot_threshold < 0:
         raise LLMPruneError(f"--dsnot-cycles and --dsnot-threshold must not be negative "

@@ -1,7 +1,7 @@
 """Magnitude pruning: drop the smallest |W|, compared within each output row (or each N:M group)."""
 
 from ..masks import nm_mask, row_mask
-from . import register
+from ..registry import MagnitudeConfig, handles
 
 
 def score_mask(scores, target):
@@ -9,7 +9,7 @@ def score_mask(scores, target):
     return nm_mask(scores, *target.nm) if target.nm else row_mask(scores, target.sparsity)
 
 
-@register("magnitude", statistic=None, summary="|W|; needs no calibration data")
+@handles(MagnitudeConfig)
 def magnitude(weight, statistic, target):
     keep = score_mask(weight.abs(), target)
     return weight * keep, keep

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register
+from ..registry import RiaConfig, handles
 from .magnitude import score_mask
 
 
@@ -30,8 +30,7 @@ def relative_importance(weight: torch.Tensor, segments: tuple[int, ...] = ()) ->
     return magnitude / column_sums.clamp_min(tiny) + magnitude / row_sums.clamp_min(tiny)
 
 
-@register("ria", statistic="input_norms", knobs=("ria_alpha",),
-          summary="relative importance times ||X||^a (Zhang et al. 2024)")
+@handles(RiaConfig)
 def ria(weight, input_norms, target, ria_alpha=0.5):
     keep = score_mask(relative_importance(weight, target.segments) * input_norms.pow(ria_alpha), target)
     return weight * keep, keep

@@ -14,7 +14,7 @@ import torch
 
 from ...errors import LLMPruneError
 from ..masks import lowest_mask, nm_mask, pruned_count
-from . import register
+from ..registry import SparseGPTConfig, handles
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int = 4) -> torch.Tensor:
@@ -99,8 +99,7 @@ def column_graph(width: int, rows: int, nm, device: torch.device, dtype: torch.d
     return run
 
 
-@register("sparsegpt", statistic="hessian", compares="matrix", knobs=("blocksize", "percdamp"),
-          summary="OBS sparse regression with weight updates (Frantar & Alistarh 2023)")
+@handles(SparseGPTConfig)
 def sparsegpt(weight, hessian, target, blocksize=128, percdamp=0.01):
     w = weight.clone()
     rows, cols = w.shape

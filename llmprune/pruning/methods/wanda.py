@@ -1,10 +1,10 @@
 """Wanda (Sun et al., 2023, arXiv:2306.11695): score |W_ij| * ||X_j||_2, compared within each output row."""
 
-from . import register
+from ..registry import WandaConfig, handles
 from .magnitude import score_mask
 
 
-@register("wanda", statistic="input_norms", summary="|W| * ||X||_2 per input feature (Sun et al. 2023)")
+@handles(WandaConfig)
 def wanda(weight, input_norms, target):
     keep = score_mask(weight.abs() * input_norms, target)
     return weight * keep, keep

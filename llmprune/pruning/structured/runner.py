@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ...errors import LLMPruneError
 from ...inputs.models import decoder_layers, weight_matrix
-from ...runtime import elapsed, resolve_device
+from ...runtime import elapsed, parameter_count, resolve_device
 from ..runner import _run, capture_layer_calls, collect_statistics, propagate
 from .compensation import removed_mean_contribution
 from .config import StructuredConfig
@@ -113,7 +113,7 @@ def plan_structure(model: nn.Module, config: StructuredConfig) -> Plan:
         if flag is None:
             note = (f"{family} has no bias on {spec.cols[0]} and no config flag that adds one, so a compensated "
                     f"model would not load as a standard {family}")
-            if config.bias_compensation:
+            if config.bias_compensation == "on":
                 raise LLMPruneError(f"{note}: drop --bias-compensation")
             plan.compensate, plan.compensation_note = False, note + "; bias compensation is off"
         elif isinstance(flag, str):
@@ -247,7 +247,7 @@ def _check_family_expresses(model, prefix, spec: UnitSpec, changes: dict, layer)
 
 def parameter_counts(model: nn.Module, layers: nn.ModuleList) -> tuple[int, int]:
     """(all parameters, decoder-layer parameters); a tied embedding counts once."""
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in layers.parameters())
+    return parameter_count(model.parameters()), parameter_count(layers.parameters())
 
 
 def kept_layers(record: dict) -> list[int] | None:

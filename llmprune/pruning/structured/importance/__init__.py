@@ -3,7 +3,8 @@
 An importance is a pure function over tensors: `fn(view: UnitView) -> scores (units,)`, higher = keep.
 It knows nothing of models or hooks: the runner fills in the view, and only the parts the importance
 `needs` ("statistics": calibration moments of the layer's inputs; "gradients": the calibration loss's
-gradient of the unit's weights; None: weights alone). Adding one is one file here, imported at the bottom.
+gradient of the unit's weights; None: weights alone). Adding one is its declaration in pruning/registry.py
+(name, needs, summary) and one file here, imported at the bottom.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ....errors import LLMPruneError
+from ... import registry
 
 
 @dataclass
@@ -42,18 +43,18 @@ class Importance:
 IMPORTANCES: dict[str, Importance] = {}
 
 
-def register_importance(name: str, needs: str | None, summary: str):
+def handles_importance(name: str):
+    """Bind a scoring function to the importance declared under `name` in pruning/registry.py."""
     def decorate(fn):
-        IMPORTANCES[name] = Importance(name, needs, fn, summary)
+        declared = registry.get_importance(name)
+        IMPORTANCES[name] = Importance(name, declared.needs, fn, declared.summary)
         return fn
 
     return decorate
 
 
 def get_importance(name: str) -> Importance:
-    if name not in IMPORTANCES:
-        raise LLMPruneError(f"--method '{name}' has no structured importance: choose one of "
-                            f"{', '.join(IMPORTANCES)} with --structure channels or heads")
+    registry.get_importance(name)  # an unknown name fails with the registry's message
     return IMPORTANCES[name]
 
 

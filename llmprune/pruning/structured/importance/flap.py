@@ -3,11 +3,10 @@ the calibration tokens can be replaced by its mean (folded into the bias, see co
 cost: score = Var(Z_j) * ||W[:, j]||^2 for each input channel j of the output projection, summed over the
 unit's channels, then standardized over the layer's units (FLAP's step to compare across layers)."""
 
-from . import UnitView, per_unit, register_importance
+from . import UnitView, per_unit, handles_importance
 
 
-@register_importance("flap", needs="statistics",
-                     summary="variance of the channel's input x squared norm of its output column, standardized (FLAP)")
+@handles_importance("flap")
 def flap(view: UnitView):
     fluctuation = sum(per_unit(w.square() * view.channel_variance[:, None, :]) for w in view.cols)
     std = fluctuation.std()

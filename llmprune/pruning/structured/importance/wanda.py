@@ -2,10 +2,10 @@
 the input each weight multiplies (the layer input for rows of gate/up/q/k/v; the channel itself for columns
 of down/o)."""
 
-from . import UnitView, per_unit, register_importance
+from . import UnitView, per_unit, handles_importance
 
 
-@register_importance("wanda", needs="statistics", summary="sum of |W| * ||X||_2 over the unit's weights (Wanda-sp)")
+@handles_importance("wanda")
 def wanda(view: UnitView):
     rows = sum(per_unit(w.abs() * view.input_norms) for w in view.rows)
     cols = sum(per_unit(w.abs() * view.channel_norms[:, None, :]) for w in view.cols)
