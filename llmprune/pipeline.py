@@ -279,7 +279,7 @@ def recovery_data(model, tokenizer, config: RunConfig, plan: Plan, progress: boo
 
             hidden_layers = evenly_spaced_layers(len(decoder_layers(model)[1]), rc.distill_hidden_layers)
         teacher = teacher_topk(model, train, rc.distill_topk, progress=progress, temperature=rc.distill_temperature,
-                               spill_dir=rc.teacher_spill, hidden_layers=hidden_layers)
+                               spill_dir=rc.teacher_spill, hidden_layers=hidden_layers, logit_chunk=rc.loss_chunk)
     return RecoveryInputs(train, val, teacher, rc, config.keep_adapter)
 
 

@@ -150,3 +150,156 @@ def test_real_model_loads():
         logits = model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], 151936) and torch.isfinite(logits).all()
     assert tokenizer.decode(logits[0, -1].argmax()) == " pd"  # the weights are a coder model's, not noise
+
+
+# ---- the larger shapes: an untied head over a large vocabulary ---------------------------------------------------
+
+BIG_VOCAB = 6000  # large enough that a chunk of tokens is far below the vocabulary, small enough for a test
+
+
+def tiny_qwen(vocab: int = BIG_VOCAB, intermediate: int = 128, seed: int = 0):
+    """A tiny random Qwen2 shaped like the real one where it matters: untied head, q/k/v biases, GQA."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                         tie_word_embeddings=False, max_position_embeddings=512))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.2)  # an untied head of its own values, not a copy of the embedding
+    return model.eval()
+
+
+class HeadRows:
+    """Records how many token rows each call of the output head computes logits for."""
+
+    def __init__(self, model):
+        self.rows: list[int] = []
+        self.handle = model.get_output_embeddings().register_forward_hook(self.record)
+
+    def record(self, module, args, output):
+        self.rows.append(output.shape[:-1].numel())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def windows_of(count: int, seqlen: int, vocab: int = BIG_VOCAB):
+    import torch
+
+    return torch.randint(0, vocab, (count, seqlen), generator=torch.Generator().manual_seed(3))
+
+
+def test_perplexity_chunks_the_head_and_matches_float64():
+    import math
+
+    import torch
+
+    from llmprune.evaluation.perplexity import perplexity
+
+    model = tiny_qwen()
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    windows = windows_of(2, 300)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(windows).logits.double(), -1)
+    expected = math.exp(-float(logprobs[:, :-1].gather(-1, windows[:, 1:, None]).mean()))
+    with HeadRows(model) as head:
+        got = perplexity(model, windows, progress=False, chunk=64)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert head.rows[:2] == [8, 8]  # the split's check: the model's logits and the head's, on 8 tokens
+    assert max(head.rows[2:]) <= 64 and sum(head.rows[2:]) == 2 * 299
+    with HeadRows(model) as head:
+        whole = perplexity(model, windows, progress=False, chunk=0)
+    assert whole == pytest.approx(expected, rel=1e-5) and head.rows == [300, 300]
+
+
+def test_streamed_perplexity_through_chunks_of_an_untied_head(tmp_path):
+    """The streamed protocol (layer by layer from safetensors) scores batches of 2 x 199 predicted tokens in
+    chunks of 128 and matches the model's own float64 loss."""
+    import math
+
+    import torch
+
+    from llmprune.scale.streaming import streamed_perplexity
+
+    model = tiny_qwen()
+    model.save_pretrained(tmp_path)
+    windows = windows_of(4, 200)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(windows).logits.double(), -1)
+    expected = math.exp(-float(logprobs[:, :-1].gather(-1, windows[:, 1:, None]).mean()))
+    assert streamed_perplexity(tmp_path, windows, "cpu", batch_size=2, progress=False) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_teacher_topk_chunks_the_head_and_equals_the_whole_logits():
+    import torch
+
+    from llmprune.recovery.distill import teacher_topk
+
+    model = tiny_qwen()
+    windows = windows_of(3, 100)
+    whole = teacher_topk(model, windows, 16, batch_size=2, progress=False, logit_chunk=0)
+    with HeadRows(model) as head:
+        chunked = teacher_topk(model, windows, 16, batch_size=2, progress=False, logit_chunk=48)
+    assert head.rows[:2] == [8, 8] and max(head.rows[2:]) <= 48 and sum(head.rows[2:]) == 300
+    everything = torch.arange(3)
+    for got, want in zip(chunked.rows(everything), whole.rows(everything)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # float16 storage; same top-k ids
+    assert torch.equal(chunked.rows(everything)[1], whole.rows(everything)[1])
+
+
+def test_distillation_step_chunks_the_untied_head():
+    """Recovery by distillation through the untied head: every logit a step makes is in a chunk of at most
+    loss_chunk tokens, and the gradient still reaches the head through the recomputed chunks."""
+    import torch
+
+    from llmprune.recovery.distill import teacher_topk
+    from llmprune.recovery.train import RecoveryConfig, train_recovery
+
+    model = tiny_qwen()
+    windows = windows_of(4, 64)
+    targets = teacher_topk(model, windows, 8, batch_size=2, progress=False)
+    head_before = model.lm_head.weight.detach().clone()
+    config = RecoveryConfig(loss="distill", params="full", steps=2, batch=2, seqlen=64, loss_chunk=32, lr=1e-3,
+                            distill_topk=8)
+    with HeadRows(model) as head:
+        stats = train_recovery(model, windows, windows[:1], config, teacher=targets, masks={}, progress=False)
+    assert stats["loss_chunk"] == 32
+    assert max(head.rows) <= 64  # 32-token training chunks, 64-token chunks of validation perplexity
+    assert not torch.equal(model.lm_head.weight, head_before)  # full training of a dense model trains the head
+
+
+def test_sparsegpt_at_the_real_mlp_width_leaves_the_head_alone(tmp_path):
+    """SparseGPT on a tiny Qwen2 with the real model's MLP width (down_proj's Hessian is 4,864 x 4,864) and
+    an untied head: exact counts, and the head and embedding untouched."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from llmprune import pipeline
+    from llmprune.config import PruneConfig, RunConfig
+
+    model = tiny_qwen(vocab=512, intermediate=4864)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["def f(x):\n    return x + 1\n" * 20], vocab_size=300, min_frequency=1,
+                            show_progress=False)
+    model.save_pretrained(tmp_path / "qwen")
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer).save_pretrained(tmp_path / "qwen")
+    report = pipeline.run(RunConfig(model=str(tmp_path / "qwen"), prune=PruneConfig(method="sparsegpt",
+                                                                                    nsamples=4, seqlen=64),
+                                    calib="code", eval="code", eval_windows=2, output=str(tmp_path / "out")),
+                          progress=False)
+    down = [layer for layer in report.layers if layer.name.endswith("down_proj")]
+    assert [layer.shape for layer in down] == [[64, 4864]] * 2
+    assert all(layer.achieved_sparsity == 0.5 for layer in report.layers)
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(pruned.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(pruned.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert not pruned.config.tie_word_embeddings
