@@ -259,13 +259,14 @@ def test_distillation_step_chunks_the_untied_head():
     import torch
 
     from llmprune.recovery.distill import teacher_topk
-    from llmprune.recovery.train import RecoveryConfig, train_recovery
+    from llmprune.config import RecoverConfig
+    from llmprune.recovery.train import train_recovery
 
     model = tiny_qwen()
     windows = windows_of(4, 64)
     targets = teacher_topk(model, windows, 8, batch_size=2, progress=False)
     head_before = model.lm_head.weight.detach().clone()
-    config = RecoveryConfig(loss="distill", params="full", steps=2, batch=2, seqlen=64, loss_chunk=32, lr=1e-3,
+    config = RecoverConfig(loss="distill", params="full", steps=2, batch=2, seqlen=64, loss_chunk=32, lr=1e-3,
                             distill_topk=8)
     with HeadRows(model) as head:
         stats = train_recovery(model, windows, windows[:1], config, teacher=targets, masks={}, progress=False)
@@ -303,3 +304,22 @@ def test_sparsegpt_at_the_real_mlp_width_leaves_the_head_alone(tmp_path):
     assert torch.equal(pruned.lm_head.weight, model.lm_head.weight)
     assert torch.equal(pruned.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert not pruned.config.tie_word_embeddings
+
+
+def test_benchmarks_write_another_model_or_text_under_its_own_folder():
+    """The benchmark scripts' default output folder: the embedded model on wiki keeps results/; another model
+    or text gets its own folder, so that no run overwrites another's figures."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_prune.py"
+    spec = importlib.util.spec_from_file_location("bench_prune", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.results_folder("llama") == Path("results")
+    assert bench.results_folder("qwen-coder-0.5b") == Path("results/qwen-coder-0.5b")
+    assert bench.results_folder("qwen-coder-0.5b", "code", "scale") == Path("results/qwen-coder-0.5b/code/scale")
+    assert bench.results_folder("llama", "code") == Path("results/code")
+    assert bench.results_folder("/models/tiny.gguf") == Path("results/tiny")
+    args = bench.parse_args(["--model", "qwen-coder-0.5b", "--text", "code"])
+    assert (args.model, args.text, args.out) == ("qwen-coder-0.5b", "code", None)
