@@ -169,9 +169,10 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
     model.eval()
     chunks = []
     hidden_size = 0
+    from llmprune.evaluation.perplexity import PROBE_TOKENS
     from llmprune.recovery.chunked import split_head
 
-    split = split_head(model, windows[:1, :8].to(device)) if logit_chunk else None
+    split = split_head(model, windows[:1, :PROBE_TOKENS].to(device)) if logit_chunk else None
     try:
         with tqdm(total=len(windows), desc="teacher top-k", unit="window", disable=not progress) as bar, \
                 capture_layer_outputs(model, hidden_layers) as outputs:
