@@ -22,8 +22,8 @@ from .zeroshot import evaluate_zero_shot, resolve_tasks
 class EvalConfig:
     model: str = option(MISSING, "the model to evaluate (an llmprune output, an alias, a Hub id, a .gguf)")
     baseline: str | None = option(None, "a model to compare with, e.g. the dense one (llama)")
-    ppl: tuple[str, ...] | str = option(("wiki",), "comma list of perplexity sources (wiki, wikitext2, c4, "
-                                        "file:PATH), or none", metavar="SOURCES")
+    ppl: tuple[str, ...] | str = option(("wiki",), "comma list of perplexity sources (wiki, code, wikitext2, "
+                                        "c4, file:PATH), or none", metavar="SOURCES")
     tasks: str | None = option(None, "zero-shot tasks through lm-evaluation-harness, comma separated: task "
                                "names or suites (wanda-suite, all-offline)", group="zero-shot")
     limit: int | None = option(None, "documents per task (default: all)", group="zero-shot")
