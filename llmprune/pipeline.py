@@ -282,7 +282,7 @@ def recovery_data(model, tokenizer, config: RunConfig, plan: Plan, progress: boo
 
             hidden_layers = evenly_spaced_layers(len(decoder_layers(model)[1]), rc.distill_hidden_layers)
         teacher = teacher_topk(model, train, rc.distill_topk, progress=progress, temperature=rc.distill_temperature,
-                               spill_dir=rc.teacher_spill, hidden_layers=hidden_layers)
+                               spill_dir=rc.teacher_spill, hidden_layers=hidden_layers, logit_chunk=rc.loss_chunk)
     return RecoveryInputs(train, val, teacher, rc, config.keep_adapter)
 
 
@@ -405,13 +405,15 @@ def assemble_report(architecture, source, config, plan, pruned, dense, windows, 
     import torch
     import transformers
 
+    from .inputs.data import source_description
     from .runtime import current_rss_bytes, peak_rss_bytes
 
     pc = config.prune
     summary = pruned.to_dict()
     perplexity = None
     if windows is not None:
-        perplexity = Perplexity(config.eval, pc.seqlen, len(windows), dense.perplexity, ppl_pruned, ppl_recovered)
+        perplexity = Perplexity(config.eval, pc.seqlen, len(windows), dense.perplexity, ppl_pruned, ppl_recovered,
+                                source_description(config.eval))
     return Report.from_dict({
         "llmprune_version": __version__,
         "model": config.model,
@@ -424,7 +426,8 @@ def assemble_report(architecture, source, config, plan, pruned, dense, windows, 
         "sparsity": plan.sparsity,
         "pattern": pruned.pattern,
         "allocation": pc.allocation,
-        "calibration": Calibration(config.calib, pc.nsamples, pc.seqlen, pc.seed).__dict__
+        "calibration": Calibration(config.calib, pc.nsamples, pc.seqlen, pc.seed,
+                                   source_description(config.calib)).__dict__
         if plan.needs_calibration else None,
         "achieved_sparsity": summary["achieved_sparsity"],
         "layer_sparsity": summary["layer_sparsity"],

@@ -41,6 +41,7 @@ class Perplexity:
     dense: float | None = None
     pruned: float | None = None
     recovered: float | None = None
+    description: str | None = None  # what `dataset` is (for `code`, which Python's standard library)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Calibration:
     nsamples: int
     seqlen: int
     seed: int
+    description: str | None = None  # what `source` is (for `code`, which Python's standard library)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -223,10 +224,11 @@ def streamed_perplexity(model_dir, windows: torch.Tensor, device=None, dtype: st
     with the decoder layers replaced by the states they would have produced."""
     import math
 
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from ..evaluation.perplexity import PROBE_TOKENS, nll_sum
     from ..pruning.runner import capture_layer_calls, propagate
+    from ..recovery.chunked import split_head
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     streamed = StreamedModel(model_dir, dtype, trust_remote_code)
@@ -240,17 +242,28 @@ def streamed_perplexity(model_dir, windows: torch.Tensor, device=None, dtype: st
     streamed.load_tensors(streamed.rest, streamed.model, "", "cpu")  # embeddings (dropped), final norm, head
     model_device = next(p.device for p in streamed.model.parameters() if p.device.type != "meta")
     total, count = 0.0, 0
+    split = None
     for batch, rows in enumerate(calls.batches):
         final = calls.hidden[rows].to(model_device)
-        for j, layer in enumerate(streamed.layers):  # layer 0 yields the last layer's output; the rest pass it on
-            layer.forward = (lambda hidden_states, *a, final=final, **k: final) if j == 0 else \
-                (lambda hidden_states, *a, **k: hidden_states)
-        try:
-            ids = windows[rows].to(model_device)
-            logits = streamed.model(input_ids=ids, use_cache=False).logits
-        finally:
-            for layer in streamed.layers:
-                del layer.forward
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        ids = windows[rows].to(model_device)
+        if batch == 0:  # does decoder + head give the model's logits? (checked on a few tokens, as perplexity does)
+            with _replaced_layers(streamed.layers, final[:1, :PROBE_TOKENS]):
+                split = split_head(streamed.model, ids[:1, :PROBE_TOKENS])
+        with _replaced_layers(streamed.layers, final):
+            total += nll_sum(streamed.model, ids, split)
         count += ids[:, 1:].numel()
     return math.exp(total / count)
+
+
+@contextmanager
+def _replaced_layers(layers, final: torch.Tensor):
+    """The model's own forward with its decoder layers standing in: layer 0 yields the last layer's output
+    (``final``), the rest pass it on."""
+    for j, layer in enumerate(layers):
+        layer.forward = (lambda hidden_states, *a, **k: final) if j == 0 else \
+            (lambda hidden_states, *a, **k: hidden_states)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
