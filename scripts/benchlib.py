@@ -10,6 +10,7 @@ written with llmprune's own atomic writers (llmprune.output.atomic); tiny models
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import platform
 import re
 from typing import Callable, TypeVar

@@ -309,17 +309,15 @@ def test_sparsegpt_at_the_real_mlp_width_leaves_the_head_alone(tmp_path):
 def test_benchmarks_write_another_model_or_text_under_its_own_folder():
     """The benchmark scripts' default output folder: the embedded model on wiki keeps results/; another model
     or text gets its own folder, so that no run overwrites another's figures."""
-    import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "scripts" / "bench_prune.py"
-    spec = importlib.util.spec_from_file_location("bench_prune", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.results_folder("llama") == Path("results")
-    assert bench.results_folder("qwen-coder-0.5b") == Path("results/qwen-coder-0.5b")
-    assert bench.results_folder("qwen-coder-0.5b", "code", "scale") == Path("results/qwen-coder-0.5b/code/scale")
-    assert bench.results_folder("llama", "code") == Path("results/code")
-    assert bench.results_folder("/models/tiny.gguf") == Path("results/tiny")
+    import bench_prune as bench  # scripts/ is on the tests' path (conftest)
+    from benchlib import results_folder
+
+    assert results_folder("llama") == Path("results")
+    assert results_folder("qwen-coder-0.5b") == Path("results/qwen-coder-0.5b")
+    assert results_folder("qwen-coder-0.5b", "code", "scale") == Path("results/qwen-coder-0.5b/code/scale")
+    assert results_folder("llama", "code") == Path("results/code")
+    assert results_folder("/models/tiny.gguf") == Path("results/tiny")
     args = bench.parse_args(["--model", "qwen-coder-0.5b", "--text", "code"])
     assert (args.model, args.text, args.out) == ("qwen-coder-0.5b", "code", None)
