@@ -43,7 +43,7 @@ def shrink(structure: str, sparsity: float, model, calibration) -> None:
     from llmprune.pruning.structured.runner import prune_structured
 
     return prune_structured(model, calibration, StructuredConfig(structure=structure, sparsity=sparsity),
-                            progress=False)
+                            progress=False).structure
 
 
 STRUCTURED = {"channels-20%": functools.partial(shrink, "channels", 0.2),

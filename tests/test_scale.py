@@ -117,11 +117,10 @@ def test_offloaded_activations_live_in_a_file_and_change_nothing(source, tmp_pat
     assert torch.equal(kept.hidden, filed.hidden)
     config = PruneConfig(method="sparsegpt", batch_size=4)
     calibration = scale_worker.CALIBRATION
-    staged = []
-    plain = streaming.prune_streamed(source, tmp_path / "a", calibration, config, progress=False,
-                                     finish=lambda staging, report: staged.append(
-                                         streaming.streamed_perplexity(staging, ids, "cpu", progress=False)))
-    assert len(staged) == 1 and staged[0] > 1
+    with streaming.streamed_prune(source, tmp_path / "a", calibration, config, progress=False) as (plain, staging):
+        assert not (tmp_path / "a").exists()  # the output is in place only once the block ends
+        assert streaming.streamed_perplexity(staging, ids, "cpu", progress=False) > 1
+    assert (tmp_path / "a" / "model.safetensors.index.json").is_file()
     offloaded = streaming.prune_streamed(source, tmp_path / "b", calibration, config, progress=False,
                                          offload_activations=tmp_path / "act")
     assert plain.layers == offloaded.layers
