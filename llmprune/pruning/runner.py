@@ -81,6 +81,7 @@ class PruneReport:
             "layer_sparsity": self.layer_sparsity,
             "layers": [{k: v for k, v in layer.items() if k not in ("zeros", "numel")} for layer in self.layers],
             "seconds": dict(self.seconds),
+            "structure": self.structure.to_dict() if self.structure is not None else None,
         }
 
     def state(self) -> dict:
