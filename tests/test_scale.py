@@ -325,3 +325,36 @@ def test_more_ranks_than_windows_is_refused():
     parallel.world = 3
     shares = [DataParallel.share(type("P", (), {"rank": r, "world": 3})(), scale_worker.CALIBRATION) for r in range(3)]
     assert torch.equal(torch.cat(shares), scale_worker.CALIBRATION)
+
+
+def test_streamed_run_equals_the_in_memory_run(tiny_dir, tmp_path):
+    """pipeline.run with --stream (scale/pipeline.py) against the in-memory run, for a structured prune: the same
+    saved tensors and structure record, the same perplexities (measured layer by layer from the folders), and a
+    report.json that reads back as the report returned."""
+    from llmprune import pipeline
+    from llmprune.config import RunConfig
+    from llmprune.report import Report
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(6000)))
+
+    def run(name, stream):
+        return pipeline.run(RunConfig(model=str(tiny_dir), stream=stream, output=str(tmp_path / name),
+                                      prune=PruneConfig(structure="channels", method="flap", sparsity=0.5, round_to=8,
+                                                        nsamples=4, seqlen=16, batch_size=2),
+                                      calib=f"file:{text}", eval=f"file:{text}", eval_windows=3), progress=False)
+
+    memory, stream = run("memory", False), run("stream", True)
+    assert stream.scale["stream"] and not memory.scale["stream"]
+    without_seconds = lambda record: {k: v for k, v in record.to_dict().items() if k != "seconds"}
+    assert without_seconds(stream.structure) == without_seconds(memory.structure)
+    assert stream.structure.units_kept == 64 < stream.structure.units_before
+    assert stream.perplexity.dense == pytest.approx(memory.perplexity.dense, rel=1e-5)
+    assert stream.perplexity.pruned == pytest.approx(memory.perplexity.pruned, rel=1e-5)
+    assert stream.perplexity.pruned != pytest.approx(stream.perplexity.dense, rel=1e-3)
+    saved_memory, saved_stream = weights(tmp_path / "memory"), weights(tmp_path / "stream")
+    assert saved_memory.keys() == saved_stream.keys()
+    for name in saved_memory:
+        assert torch.equal(saved_memory[name], saved_stream[name]), name
+    assert Report.load(tmp_path / "stream" / "report.json").structure == stream.structure
+    assert "llmprune_config.json" in {f.name for f in (tmp_path / "stream").iterdir()}
