@@ -12,7 +12,8 @@ Only the current layer is on the device; the rest of the model stays where it wa
 (structured/runner.py) walks the layers with the same each_layer, only its middle step differs. Three optional
 hooks take this loop to models larger than memory, crashes and several processes (llmprune/scale/):
     store:      where layers live: load(i) -> the layer on the device, done(i, layer) puts it back
-    checkpoint: restore(layers, calls, report) -> the first layer left to prune; save(i, layer, calls, report)
+    checkpoint: restore(layers, calls, report[, reshape]) -> the first layer left to prune; save(i, layer, calls,
+                report)
     parallel:   reduce(statistic) sums a statistic over ranks; rank 0 solves and broadcast(modules) shares it
 """
 

@@ -267,11 +267,6 @@ def parameter_counts(model: nn.Module, layers: nn.ModuleList) -> tuple[int, int]
     return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in layers.parameters())
 
 
-def kept_layers(record: StructureRecord) -> list[int] | None:
-    """The dense index of each decoder layer a structure record left (None: it removed no layer)."""
-    return record.kept_layers()
-
-
 def stage_sparsity(previous: StructureRecord, target: float) -> float:
     """A --schedule stage's sparsity for `prune_structured`, which removes a fraction of what the model has now:
     the fraction that brings the structure to `target` of the dense count, given the record of the prunes so far."""
@@ -366,8 +361,7 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None, config:
         record.heads_mode = plan.heads_mode
         record.heads_after = plan.spec.attributes["num_heads"]
         record.kv_heads_after = plan.spec.attributes["num_key_value_heads"]
-    report = PruneReport(record.method, config.sparsity, "structured", "uniform", seconds=record.seconds,
-                         structure=record)
+    report = PruneReport(record.method, config.sparsity, "structured", "uniform", seconds={}, structure=record)
     store = store or ModelLayers(plan.layers, device)
     hooks = {"store": store, "checkpoint": checkpoint, "parallel": parallel, "offload": offload_activations}
     if plan.spec:
@@ -378,7 +372,8 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None, config:
         setattr(model.config, key, value)
     start = time.perf_counter()
     verify_against_config(model)
-    record.seconds["verify"] = time.perf_counter() - start
+    report.seconds["verify"] = time.perf_counter() - start
+    record.seconds = report.seconds  # one dict: the report's phases are the record's
     params_after, decoder_after = parameter_counts(model, plan.layers)
     record.params_before, record.params_after = params_before, params_after
     record.params_removed_fraction = 1 - params_after / params_before
