@@ -78,6 +78,21 @@ def check_shrunk(directory, structure: str) -> None:
     assert shapes == {"channels": (5, 64, 4), "heads": (5, 128, 2), "layers": (3, 128, 4)}[structure], shapes
 
 
+@pytest.fixture
+def most_layers_held(monkeypatch) -> list[int]:
+    """[the most decoder layers a streamed prune held in memory at once], counted at each StreamedLayers.load."""
+    load = streaming.StreamedLayers.load
+    most = [0]
+
+    def counting(self, i):
+        layer = load(self, i)
+        real = [l for l in self.streamed.layers if next(l.parameters()).device.type != "meta"]
+        most[0] = max(most[0], len(real))
+        return layer
+    monkeypatch.setattr(streaming.StreamedLayers, "load", counting)
+    return most
+
+
 def reference(source, method, out) -> Path:
     scale_worker.run({"mode": "memory", "method": method, "src": str(source), "out": str(out)})
     return out
@@ -95,21 +110,12 @@ def test_random_model_loads_and_is_sharded_by_layer(tied_source):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_streamed_equals_in_memory_bit_for_bit(source, tied_source, tmp_path, method, tied, monkeypatch):
+def test_streamed_equals_in_memory_bit_for_bit(source, tied_source, tmp_path, method, tied, most_layers_held):
     """Same tensors, same report; and no more than one decoder layer is ever materialized."""
     src = tied_source if tied else source
-    load = streaming.StreamedLayers.load
-    most = [0]
-
-    def counting(self, i):
-        layer = load(self, i)
-        real = [l for l in self.streamed.layers if next(l.parameters()).device.type != "meta"]
-        most[0] = max(most[0], len(real))
-        return layer
-    monkeypatch.setattr(streaming.StreamedLayers, "load", counting)
     reference(src, method, tmp_path / "memory")
     scale_worker.run({"mode": "stream", "method": method, "src": str(src), "out": str(tmp_path / "stream")})
-    assert most[0] == 1
+    assert most_layers_held[0] == 1
     assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
     memory, stream = weights(tmp_path / "memory"), weights(tmp_path / "stream")
     assert memory.keys() == stream.keys()
@@ -121,21 +127,12 @@ def test_streamed_equals_in_memory_bit_for_bit(source, tied_source, tmp_path, me
 
 
 @pytest.mark.parametrize("structure", ["channels", "heads", "layers"])
-def test_structured_streamed_equals_in_memory_bit_for_bit(source, tmp_path, structure, monkeypatch):
+def test_structured_streamed_equals_in_memory_bit_for_bit(source, tmp_path, structure, most_layers_held):
     """The streamed structured prune writes the same tensors (of the smaller shapes, under a config that states
     them, or from_pretrained would not load them) and the same structure record, one decoder layer at a time."""
-    load = streaming.StreamedLayers.load
-    most = [0]
-
-    def counting(self, i):
-        layer = load(self, i)
-        real = [l for l in self.streamed.layers if next(l.parameters()).device.type != "meta"]
-        most[0] = max(most[0], len(real))
-        return layer
-    monkeypatch.setattr(streaming.StreamedLayers, "load", counting)
     scale_worker.run(structured_job(structure, "memory", source, tmp_path / "memory"))
     scale_worker.run(structured_job(structure, "stream", source, tmp_path / "stream"))
-    assert most[0] == 1
+    assert most_layers_held[0] == 1
     check_shrunk(tmp_path / "stream", structure)
     memory, stream = weights(tmp_path / "memory"), weights(tmp_path / "stream")
     assert memory.keys() == stream.keys()
