@@ -154,8 +154,8 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
 def each_layer(store, count: int, first: int, calls, propagate_to: int, checkpoint, report, device, progress,
                desc: str = "pruning"):
     """The loop every prune shares: yields (i, layer on the device, progress bar) for layers first..count-1; once
-    the caller has worked on the layer, its outputs become the next layer's inputs (up to layer `propagate_to`),
-    it is checkpointed and given back to the store."""
+    the caller has worked on the layer, its outputs become the next layer's inputs (for layers before
+    `propagate_to`: no data flows further), it is checkpointed and given back to the store."""
     bar = tqdm(total=count, initial=first, desc=desc, unit="layer", disable=not progress)
     for i in range(first, count):
         layer = store.load(i)

@@ -511,11 +511,11 @@ def _prune_layers(model, calibration, config, plan: Plan, report, device, progre
         record.layer_scores = record.layer_scores or []
         for i, layer, _ in each_layer(store, len(layers), first, calls, -1, checkpoint, report, device, progress,
                                       desc="block influence"):
-            total = torch.zeros(2, dtype=torch.float64)  # (sum over tokens of 1 - cos, tokens)
+            total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum over tokens of 1 - cos, tokens)
             for batch, rows in enumerate(calls.batches):
                 out = run_layer(layer, i, calls, batch)
                 terms = influence_terms(calls.hidden[rows], out)
-                total += torch.tensor([float(terms.sum()), terms.numel()], dtype=torch.float64)
+                total += torch.tensor([float(terms.sum()), terms.numel()], dtype=torch.float64, device=device)
                 calls.hidden[rows] = out  # the dense layer's outputs feed the next
             if parallel is not None:
                 parallel.sum(total)
@@ -525,7 +525,7 @@ def _prune_layers(model, calibration, config, plan: Plan, report, device, progre
         scores = skip_losses(model, layers, calibration, config.batch_size, progress)
         record.layer_scores = scores
     report.seconds["score"] = report.seconds.get("score", 0.0) + elapsed(start, device)
-    removed = torch.tensor(lowest(scores, plan.remove_count))
+    removed = torch.tensor(lowest(scores, plan.remove_count), device=device)  # on the device: NCCL's collectives
     if parallel is not None:
         parallel.decide(removed)
     record.removed_layers = removed.tolist()
