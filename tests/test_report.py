@@ -155,7 +155,8 @@ def test_structure_record_reads_untyped_reports_and_everything_shows_it(tmp_path
     saved = json.loads(report.to_json())["structure"]  # written back: the old keys, and the version
     assert {k: saved[k] for k in UNTYPED_CHANNELS} == UNTYPED_CHANNELS and saved["version"] == STRUCTURE_VERSION
     assert Report.from_dict(json.loads(report.to_json())) == report
-    assert write_report([run], tmp_path / "report").is_file()  # `llmprune report` over a structured run
+    table = write_report([run], tmp_path / "report").read_text(encoding="utf-8")  # `llmprune report`
+    assert "| channels | flap | channels (structured) | uniform | 50.0% | 50.00% | 18.50 → 30.25 |" in table
 
     layers = StructureRecord.from_dict(UNTYPED_CHANNELS | {"kind": "layers", "unit": "layers", "units_before": 5,
                                                            "units_kept": 3, "removed_layers": [1, 3], "layers": []})
