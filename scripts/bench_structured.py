@@ -138,7 +138,7 @@ def bench_row(name, kind, config, dense, calibration, windows, mode, device, voc
     try:
         if kind == "structured":
             config = dataclasses.replace(config, device=args.device)
-            record = prune_structured(model, calibration, config, progress=False)
+            record = prune_structured(model, calibration, config, progress=False).structure.to_dict()
         else:
             config = dataclasses.replace(config, seqlen=calibration.shape[1])
             record = prune(model, calibration, config, progress=False).to_dict()
@@ -156,7 +156,7 @@ def bench_row(name, kind, config, dense, calibration, windows, mode, device, voc
     model.to(device)
     row |= speed(dense, model, mode, device, vocab)
     row["structure"] = {k: v for k, v in record.items() if k not in ("layers",)} if kind == "structured" else None
-    if kind == "structured" and "layers" in record:
+    if kind == "structured" and record["layers"]:
         row["structure"]["kept_per_layer"] = [entry["kept"] for entry in record["layers"]]
     return row
 
@@ -214,12 +214,12 @@ def gpu_7b(args) -> dict:
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     record = prune_structured(model, None, StructuredConfig("channels", method="magnitude", sparsity=0.2,
-                                                            device=str(device)), progress=False)
+                                                            device=str(device)), progress=False).structure
     results = {"model": "random llama-7b shape, bfloat16", "machine": benchlib.machine_info(device) | {
         "gpu": torch.cuda.get_device_name(device)}, "prune_s": time.perf_counter() - start,
         "intermediate_size": model.config.intermediate_size,
-        "decoder_params_removed_fraction": record["decoder_params_removed_fraction"],
-        "params_removed_fraction": record["params_removed_fraction"],
+        "decoder_params_removed_fraction": record.decoder_params_removed_fraction,
+        "params_removed_fraction": record.params_removed_fraction,
         "speed": speed(dense, model, FULL | {"repeats": args.repeats or 10}, device, 32000)}
     return results
 
