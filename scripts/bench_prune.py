@@ -23,9 +23,9 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 import benchlib
-from benchlib import SEED, TEXT
+from benchlib import SEED
 from llmprune import LLMPruneError, PruneConfig, prune
-from llmprune.inputs.data import source_description
+from llmprune.inputs.data import check_source, source_description
 from llmprune.inputs.models import decoder_layers, load_model
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.output.atomic import write_atomically, write_json_atomically, write_text_atomically
