@@ -34,7 +34,8 @@ patterns:
 defaults: 32 x 512 calibration tokens and 40 evaluation windows suit a CPU and the embedded model;
 the papers use --nsamples 128 --seqlen 2048 --eval-windows 0 (all windows) on a GPU.
 text sources: {sources}, or file:PATH (.txt, or .jsonl with a "text" field). `wiki` is offline
-(Wikipedia shipped in the gensim wheel, split by article into calibration and held-out parts).
+(Wikipedia shipped in the gensim wheel, split by article into calibration and held-out parts), and so is
+`code` (the running Python's standard library, split by file).
 
 examples:
   python -m llmprune --model llama --method wanda --sparsity 0.5 --output out/llama-wanda50

@@ -92,13 +92,13 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None,
             pruned = prune_model(model, calibration, config, plan, sparsity, progress, pruned)
         if stage == len(stages) - 1:
             with clock("evaluate"):
-                ppl_pruned = _perplexity(model, windows, plan, progress, "pruned")
+                ppl_pruned = measure_perplexity(model, windows, config, plan, progress, "pruned")
         if recovery_inputs is not None:
             with clock("recover"):
                 recoveries.append(recover(model, pruned, recovery_inputs, stage, len(stages), progress))
     recovery = _join_stages(recoveries, stages) if recoveries else None
     with clock("evaluate"):
-        ppl_recovered = _perplexity(model, windows, plan, progress, "recovered") if recovery else None
+        ppl_recovered = measure_perplexity(model, windows, config, plan, progress, "recovered") if recovery else None
         zero_shot = _zero_shot(model, tokenizer, plan, config, progress, "recovered" if recovery else "pruned")
     clock.seconds["calibrate"] += pruned.seconds.get("capture", 0.0)  # the runner's capture is calibration
     clock.seconds["prune"] -= pruned.seconds.get("capture", 0.0)
@@ -108,7 +108,7 @@ def run(config: RunConfig, progress: bool = True, command: str | None = None,
     report = assemble_report(type(model).__name__, source, config, plan, pruned, dense, windows, ppl_pruned,
                              ppl_recovered, zero_shot, recovery, clock.seconds, command)
     if config.output:
-        _say(progress, f"writing {config.output}")
+        say(progress, f"writing {config.output}")
         save_output(model, tokenizer, config, report, recovery)
     push_output(config, report, progress)
     return report
@@ -126,9 +126,6 @@ def preflight(config: RunConfig) -> Plan:
     from .pruning.methods import get_method
     from .runtime import resolve_device, resolve_dtype
 
-    if config.prune.structure != "none" and config.stream:
-        raise LLMPruneError(f"--structure {config.prune.structure} with --stream is not supported yet: prune "
-                            "structurally in memory")
 
     pc = config.prune
     if config.output:
@@ -149,8 +146,8 @@ def preflight(config: RunConfig) -> Plan:
             from .pruning.scan import ScanTable
 
             ScanTable.load(pc.allocation.removeprefix("scan:"))  # a broken table fails now
-    else:  # experts are scored from the tokens routed to them
-        needs_calibration = pc.structure == "experts" or pc.structured().needs_calibration
+    else:
+        needs_calibration = pc.structure == "experts" or pc.structured().needs_calibration  # experts: routed tokens
     stream, reason = _should_stream(config, source)
     work_dir = None
     if config.resume or config.checkpoint or stream:
@@ -168,6 +165,13 @@ def preflight(config: RunConfig) -> Plan:
                                 "single process (python -m llmprune ...)")
         device = resolve_device(DataParallel.device(pc.device))  # this rank's: the plan's, the config stays
         parallel = DataParallel.from_environment(device)
+    if pc.structure == "experts" and (stream or parallel is not None):
+        raise LLMPruneError("--structure experts scores the experts in one process with the model in memory: drop "
+                            "--stream and torchrun")
+    if pc.structure not in ("none", "experts"):
+        from .pruning.structured.runner import check_layer_by_layer
+
+        check_layer_by_layer(pc.structured(), stream, parallel is not None)
     if needs_calibration:
         check_source(config.calib, "calib", pc.nsamples * pc.seqlen, "--nsamples or --seqlen")
     if config.recover:
@@ -197,6 +201,9 @@ def _should_stream(config: RunConfig, source) -> tuple[bool, str | None]:
                                 "--schedule need: prune first, then recover or evaluate the (smaller) output")
         if not config.output:
             raise LLMPruneError(f"streaming ({reason}) writes the model as it goes: give --output DIR")
+        if config.prune.remove_params is not None:
+            raise LLMPruneError(f"streaming ({reason}) takes the structure's own --sparsity: give it instead of "
+                                "--remove-params")
     return stream, reason
 
 
@@ -211,7 +218,7 @@ def load(config: RunConfig, plan: Plan, progress: bool):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    _say(progress, f"loading {config.model} ({plan.dtype})")
+    say(progress, f"loading {config.model} ({plan.dtype})")
     model, tokenizer, source = load_model(config.model, plan.dtype, config.trust_remote_code)
     pc = config.prune
     if pc.structure == "none":
@@ -225,7 +232,7 @@ def load(config: RunConfig, plan: Plan, progress: bool):
 
         if pc.remove_params is not None:
             plan.sparsity = sparsity_for_params(model, pc.structured(), pc.remove_params)
-            _say(progress, f"--remove-params {pc.remove_params:g}: removing {plan.sparsity:.4f} of the {pc.structure}")
+            say(progress, f"--remove-params {pc.remove_params:g}: removing {plan.sparsity:.4f} of the {pc.structure}")
         plan_structure(model, pc.structured(plan.sparsity))  # shapes the family cannot express fail now, before any work
     if config.save_format == "gguf":  # an architecture or tokenizer the exporter does not know fails now
         from .output.export import check_gguf_export
@@ -244,7 +251,7 @@ def calibration_data(tokenizer, config: RunConfig, plan: Plan, progress: bool):
 
     if not plan.needs_calibration:
         return None
-    _say(progress, f"calibration text: {config.calib}")
+    say(progress, f"calibration text: {config.calib}")
     pc = config.prune
     windows = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")), pc.nsamples, pc.seqlen,
                                   pc.seed)
@@ -278,7 +285,7 @@ def recovery_data(model, tokenizer, config: RunConfig, plan: Plan, progress: boo
     if rc.loss == "distill":
         from .recovery.distill import teacher_topk
 
-        _say(progress, f"distillation targets: the dense model's top {rc.distill_topk} on {len(train)} windows")
+        say(progress, f"distillation targets: the dense model's top {rc.distill_topk} on {len(train)} windows")
         hidden_layers = ()
         if rc.distill_hidden:
             from .inputs.models import decoder_layers
@@ -286,24 +293,28 @@ def recovery_data(model, tokenizer, config: RunConfig, plan: Plan, progress: boo
 
             hidden_layers = evenly_spaced_layers(len(decoder_layers(model)[1]), rc.distill_hidden_layers)
         teacher = teacher_topk(model, train, rc.distill_topk, progress=progress, temperature=rc.distill_temperature,
-                               spill_dir=rc.teacher_spill, hidden_layers=hidden_layers)
+                               spill_dir=rc.teacher_spill, hidden_layers=hidden_layers, logit_chunk=rc.loss_chunk)
     return RecoveryInputs(train, val, teacher, rc, config.keep_adapter)
 
 
 def evaluate_dense(model, tokenizer, config: RunConfig, plan: Plan, dense: DenseScores | None, progress: bool):
     """The held-out windows, and the dense model's perplexity and zero-shot scores (unless given)."""
-    from .inputs.data import eval_windows, load_text, tokenize
-
-    windows = None
+    windows = evaluation_windows(tokenizer, config, plan)
     if not plan.writer:
         return None, DenseScores(None, None)
-    if config.eval != "none":
-        windows = eval_windows(tokenize(tokenizer, load_text(config.eval, "eval")), config.prune.seqlen,
-                               config.eval_windows)
     if dense is None:
-        dense = DenseScores(_perplexity(model, windows, plan, progress, "dense"),
+        dense = DenseScores(measure_perplexity(model, windows, config, plan, progress, "dense"),
                             _zero_shot(model, tokenizer, plan, config, progress, "dense"))
     return windows, dense
+
+
+def evaluation_windows(tokenizer, config: RunConfig, plan: Plan):
+    """The held-out windows perplexity is measured on (None with --eval none, and on torchrun ranks but 0)."""
+    from .inputs.data import eval_windows, load_text, tokenize
+
+    if config.eval == "none" or not plan.writer:
+        return None
+    return eval_windows(tokenize(tokenizer, load_text(config.eval, "eval")), config.prune.seqlen, config.eval_windows)
 
 
 def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: float, progress: bool, previous=None):
@@ -312,19 +323,37 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
     from dataclasses import replace
 
     from .pruning.runner import prune
+    from .pruning.structured.runner import chain_records, prune_structured, stage_sparsity
 
-    if config.prune.structure != "none":
-        return prune_structure(model, calibration, config, progress, sparsity, previous)
-    pc = replace(config.prune, sparsity=sparsity, device=str(plan.device))  # this stage's, on this rank's device
-    before = _zeros(model) if config.schedule else None
+    if config.prune.structure == "experts":  # whole routed experts: pruning/expert_removal.py
+        from .pruning.expert_removal import expert_removal_report
+
+        if previous is not None:
+            raise LLMPruneError("--schedule with --structure experts: remove the experts in one step")
+        return expert_removal_report(model, calibration, replace(config.prune, sparsity=sparsity), progress)
+    structured = config.prune.structure != "none"
+    if structured:  # a stage removes what brings the structure to `sparsity` of the dense model's count
+        stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
+        pc = config.prune.structured(stage)
+    else:
+        pc = replace(config.prune, sparsity=sparsity)
+    pc = replace(pc, device=str(plan.device))  # this rank's device under torchrun; the config stays as given
+    before = _zeros(model) if config.schedule and not structured else None
     options = {"parallel": plan.parallel, "offload_activations": config.offload_activations}
+    if not structured:
+        options["checked"] = True  # load() ran check_model
     if plan.work_dir is not None:
         from .scale.checkpoint import prune_resumable
 
         pruned = prune_resumable(model, calibration, pc, plan.work_dir, config.model, resume=config.resume,
-                                 progress=progress, checked=True, **options)
+                                 progress=progress, **options)
     else:
-        pruned = prune(model, calibration, pc, progress=progress, checked=True, **options)
+        pruned = (prune_structured if structured else prune)(model, calibration, pc, progress, **options)
+    if structured:
+        pruned.sparsity = sparsity  # the target of the structure (the stage's own is in its record)
+        if previous is not None:
+            pruned.structure = chain_records(previous.structure, pruned.structure, sparsity)
+            pruned.seconds = pruned.structure.seconds
     if before is not None:
         revived = [name for name, zeros in before.items() if bool((model.get_submodule(name).weight[zeros] != 0).any())]
         if revived:
@@ -333,39 +362,11 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
     return pruned
 
 
-def prune_structure(model, calibration, config: RunConfig, progress: bool, sparsity: float, previous=None):
-    """Remove whole channels, heads or layers: the model becomes smaller; its record is the report's `structure`.
-    A --schedule stage removes what brings the structure to `sparsity` of the dense model's count."""
-    from dataclasses import replace
-
-    from .pruning.runner import PruneReport
-    from .pruning.structured.runner import chain_records, prune_structured, stage_sparsity
-
-    pc = config.prune
-    if pc.structure == "experts":  # whole routed experts: pruning/expert_removal.py
-        from .pruning.expert_removal import remove_experts
-
-        if previous is not None:
-            raise LLMPruneError("--schedule with --structure experts: remove the experts in one step")
-        record = remove_experts(model, calibration, replace(pc, sparsity=sparsity), progress=progress)
-    else:
-        stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
-        stage_config = replace(pc.structured(), sparsity=stage)
-        record = prune_structured(model, calibration, stage_config, progress=progress)
-        if previous is not None:
-            record = chain_records(previous.structure, record, sparsity)
-    pruned = PruneReport(record["method"], sparsity, "structured", "uniform")
-    pruned.structure = record
-    pruned.seconds = {phase: float(value) for phase, value in record.get("seconds", {}).items()}
-    return pruned
-
-
 def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, progress: bool) -> dict:
     """Train the pruned model (its zeros kept) on this stage's share of the recovery windows."""
     import tempfile
     from dataclasses import replace
 
-    from .pruning.structured.runner import kept_layers
     from .recovery.train import train_recovery
 
     rc = inputs.config
@@ -379,7 +380,7 @@ def recover(model, pruned, inputs: RecoveryInputs, stage: int, stages: int, prog
     adapter_dir = Path(tempfile.mkdtemp(prefix="llmprune-adapter-")) if keep_adapter else None
     stats = train_recovery(model, train, inputs.val, replace(rc, steps=steps), teacher, masks, progress=progress,
                            adapter_dir=adapter_dir,
-                           kept_layers=kept_layers(pruned.structure) if pruned.structure else None)
+                           kept_layers=pruned.structure.kept_layers() if pruned.structure else None)
     from .inputs.models import weight_matrix
 
     if masks:
@@ -416,13 +417,15 @@ def assemble_report(architecture, source, config, plan, pruned, dense, windows, 
     import torch
     import transformers
 
+    from .inputs.data import source_description
     from .runtime import current_rss_bytes, peak_rss_bytes
 
     pc = config.prune
     summary = pruned.to_dict()
     perplexity = None
     if windows is not None:
-        perplexity = Perplexity(config.eval, pc.seqlen, len(windows), dense.perplexity, ppl_pruned, ppl_recovered)
+        perplexity = Perplexity(config.eval, pc.seqlen, len(windows), dense.perplexity, ppl_pruned, ppl_recovered,
+                                source_description(config.eval))
     return Report.from_dict({
         "llmprune_version": __version__,
         "model": config.model,
@@ -435,7 +438,8 @@ def assemble_report(architecture, source, config, plan, pruned, dense, windows, 
         "sparsity": plan.sparsity,
         "pattern": pruned.pattern,
         "allocation": pc.allocation,
-        "calibration": Calibration(config.calib, pc.nsamples, pc.seqlen, pc.seed).__dict__
+        "calibration": Calibration(config.calib, pc.nsamples, pc.seqlen, pc.seed,
+                                   source_description(config.calib)).__dict__
         if plan.needs_calibration else None,
         "achieved_sparsity": summary["achieved_sparsity"],
         "layer_sparsity": summary["layer_sparsity"],
@@ -465,7 +469,6 @@ def save_output(model, tokenizer, config: RunConfig, report: Report, recovery: d
     import shutil
 
     from .output.atomic import atomic_directory
-    from .output.publish import write_model_card
 
     adapter_dir = (recovery or {}).get("_adapter_dir")
     try:
@@ -474,15 +477,13 @@ def save_output(model, tokenizer, config: RunConfig, report: Report, recovery: d
                 shutil.copytree(adapter_dir, staging / "adapter")  # the unmerged LoRA adapter (peft format)
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            config.save(staging / "llmprune_config.json")
             if config.save_format == "gguf":
                 from .output.export import export_gguf
 
                 name = f"{Path(config.output).name}-{config.gguf_outtype}.gguf"
                 export_gguf(staging, staging / name, config.gguf_outtype)
                 report.gguf = {"file": name, "outtype": config.gguf_outtype, "bytes": (staging / name).stat().st_size}
-            report.save(staging / "report.json")
-            write_model_card(staging, report)
+            write_run_files(staging, config, report)
     finally:
         if adapter_dir:
             shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -492,25 +493,42 @@ def save_output(model, tokenizer, config: RunConfig, report: Report, recovery: d
         shutil.rmtree(config.work_dir or default_work_dir(config.output), ignore_errors=True)
 
 
+def write_run_files(staging: Path, config: RunConfig, report: Report) -> None:
+    """Beside the model in the folder being written: the run's config (to rerun it), its report and model card."""
+    from .output.publish import write_model_card
+
+    config.save(staging / "llmprune_config.json")
+    report.save(staging / "report.json")
+    write_model_card(staging, report)
+
+
 def push_output(config: RunConfig, report: Report, progress: bool) -> None:
     if config.push_to_hub:
         from .output.publish import push
 
-        _say(progress, f"pushing {config.output} to {config.push_to_hub}")
+        say(progress, f"pushing {config.output} to {config.push_to_hub}")
         report.pushed_to = push(config.output, config.push_to_hub, private=config.private)
 
 
 # ------------------------------------------------------------------ helpers
 
 
-def _perplexity(model, windows, plan: Plan, progress: bool, which: str) -> float | None:
+def measure_perplexity(model, windows, config: RunConfig, plan: Plan, progress: bool, which: str) -> float | None:
+    """Perplexity on the held-out windows of `model`: in memory, or a folder of safetensors read layer by layer
+    (a streamed run's model, which is never whole in memory). None without windows."""
     import math
-
-    from .evaluation.perplexity import perplexity
 
     if windows is None:
         return None
-    value = perplexity(model, windows, plan.device, progress, desc=f"perplexity ({which})")
+    if isinstance(model, (str, Path)):
+        from .scale.streaming import streamed_perplexity
+
+        value = streamed_perplexity(model, windows, plan.device, plan.dtype, config.prune.batch_size,
+                                    config.offload_activations, progress, config.trust_remote_code)
+    else:
+        from .evaluation.perplexity import perplexity
+
+        value = perplexity(model, windows, plan.device, progress, desc=f"perplexity ({which})")
     if not math.isfinite(value):
         raise LLMPruneError(f"the {which} model's perplexity is {value}: its outputs overflow or are NaN "
                             f"(try --dtype float32, or a lower --sparsity)")
@@ -522,12 +540,13 @@ def _zero_shot(model, tokenizer, plan: Plan, config: RunConfig, progress: bool, 
         return None
     from .evaluation.zeroshot import evaluate_zero_shot
 
-    _say(progress, f"zero-shot ({which}): {', '.join(plan.tasks)}")
+    say(progress, f"zero-shot ({which}): {', '.join(plan.tasks)}")
     return evaluate_zero_shot(model, tokenizer, plan.tasks, limit=config.limit, num_fewshot=config.num_fewshot,
                               batch_size=config.eval_batch_size, seed=config.prune.seed)
 
 
-def _say(progress: bool, message: str) -> None:
+def say(progress: bool, message: str) -> None:
+    """One line of what the run is doing, on stderr (nothing with --quiet)."""
     if progress:
         print(f"llmprune: {message}", file=sys.stderr, flush=True)
 

@@ -16,6 +16,7 @@ from .errors import LLMPruneError
 from .output.atomic import write_text_atomically
 
 SCHEMA_VERSION = 2  # 1: the untyped dict of llmprune 0.1 (no schema_version, no per-linear layer index)
+STRUCTURE_VERSION = 1  # the `structure` record's own version (absent from the untyped records before it)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Perplexity:
     dense: float | None = None
     pruned: float | None = None
     recovered: float | None = None
+    description: str | None = None  # what `dataset` is (for `code`, which Python's standard library)
 
 
 @dataclass
@@ -49,6 +51,74 @@ class Calibration:
     nsamples: int
     seqlen: int
     seed: int
+    description: str | None = None  # what `source` is (for `code`, which Python's standard library)
+
+
+@dataclass
+class StructureLayer:
+    """One decoder layer of a channel or head prune: how many units it kept, and the indices of those it removed."""
+
+    index: int
+    kept: int
+    removed: list[int]
+
+
+@dataclass
+class StructureRecord:
+    """What a structured prune removed: report.json's `structure`. Counts are units of `unit` (channels, heads,
+    kv_groups, layers) per decoder layer, or decoder layers; a --schedule's record counts against the dense model
+    and keeps each stage's own record in `stages`. Fields that apply to one structure only are None otherwise."""
+
+    kind: str  # channels, heads or layers
+    method: str  # the importance (channels, heads) or the layer importance (layers)
+    sparsity: float  # asked, of the structure
+    unit: str
+    achieved_sparsity: float
+    units_before: int
+    units_kept: int
+    bias_compensation: bool = False
+    bias_compensation_note: str | None = None
+    layers: list[StructureLayer] = field(default_factory=list)  # channels and heads
+    round_to: int | None = None  # channels
+    heads_mode: str | None = None  # heads
+    heads_after: int | None = None
+    kv_heads_after: int | None = None
+    removed_layers: list[int] | None = None  # layers: dense indices
+    layer_scores: list[float] | None = None  # layers: the importance of each, lowest removed first
+    params_before: int = 0
+    params_after: int = 0
+    params_removed_fraction: float = 0.0
+    decoder_params_before: int = 0
+    decoder_params_after: int = 0
+    decoder_params_removed_fraction: float = 0.0
+    config_changes: dict = field(default_factory=dict)  # config key -> new value
+    seconds: dict[str, float] = field(default_factory=dict)
+    stages: list[StructureRecord] | None = None  # --schedule: each stage's own record
+    version: int = STRUCTURE_VERSION
+
+    def kept_layers(self) -> list[int] | None:
+        """The dense index of each decoder layer the prune left (None: it removed no layer)."""
+        removed = set(self.removed_layers or ())
+        return [i for i in range(self.units_before) if i not in removed] if removed else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StructureRecord:
+        """Reads every version, the untyped records before STRUCTURE_VERSION included (their keys are these)."""
+        data = dict(data)
+        version = data.get("version", 0)
+        if version > STRUCTURE_VERSION:
+            raise LLMPruneError(f"this report's structure record has version {version}, newer than this llmprune "
+                                f"reads ({STRUCTURE_VERSION}): upgrade llmprune")
+        data["version"] = STRUCTURE_VERSION
+        data["layers"] = [layer if isinstance(layer, StructureLayer) else StructureLayer(**layer)
+                          for layer in data.get("layers") or []]
+        if data.get("stages") is not None:
+            data["stages"] = [s if isinstance(s, StructureRecord) else cls.from_dict(s) for s in data["stages"]]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -74,7 +144,7 @@ class Report:
     zero_shot_dense: dict | None = None
     zero_shot: dict | None = None
     recovery: dict | None = None
-    structure: dict | None = None
+    structure: StructureRecord | None = None
     moe: dict | None = None  # {min_expert_tokens, rare_experts, blocks: {name: {layer, experts, tokens, rare}}, experts}
     coverage: dict | None = None  # {kinds: {kind: {pruned, zeros, dense, dense_by}}, unaccounted: [weight names]}
     scale: dict | None = None  # {stream, reason, ranks, checkpointed, resumed}
@@ -138,6 +208,8 @@ class Report:
         for name, kind in (("perplexity", Perplexity), ("calibration", Calibration)):
             if isinstance(data.get(name), dict):
                 data[name] = kind(**data[name])
+        if isinstance(data.get("structure"), dict):
+            data["structure"] = StructureRecord.from_dict(data["structure"])
         known = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls)
                    if f.name not in data and f.default is MISSING and f.default_factory is MISSING]

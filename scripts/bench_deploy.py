@@ -1,21 +1,23 @@
 """Deploy benchmark: llmprune outputs exported to GGUF and measured inside llama.cpp itself.
 
-    python scripts/bench_deploy.py [OUTPUT_DIR ...] [--outtype f16,q8_0] [--threads 2] [--rounds 5] [--out results]
+    python scripts/bench_deploy.py [OUTPUT_DIR ...] [--model llama] [--text wiki] [--outtype f16,q8_0] [--threads 2]
+                                   [--rounds 5] [--out results]
     python scripts/bench_deploy.py --quick        # a tiny random model, seconds (needs the llama.cpp build)
 
 llama.cpp comes from the `llama-cpp-python` package, built from source (its sdist vendors llama.cpp) into a
 venv of its own under --cache (default ~/.cache/llmprune/llama-cpp) on first use; the build time is recorded
 there and reported. Nothing of it is installed in the project's environment, and CI never builds it.
 
-Models: the dense embedded model (`load_model("llama")`, saved to a temporary Hugging Face directory) and
-each OUTPUT_DIR given (llmprune outputs: pruned, structured, recovered). For each, and each --outtype:
+Models: the dense --model (default the embedded one, `load_model("llama")`, saved to a temporary Hugging Face
+directory) and each OUTPUT_DIR given (llmprune outputs: pruned, structured, recovered). For each, and each --outtype:
 GGUF file size; llama.cpp prompt processing of 512 tokens and generation of 128 tokens (greedy, KV cache,
 batch 1) in tokens/s with --threads threads, like llama-bench's pp512/tg128, the models interleaved round by
 round so that the machine's drift does not decide the ratios (median over --rounds); held-out perplexity
-through llama.cpp on exactly the token windows llmprune scores (wiki eval, 40 x 512), beside ours in
-transformers (float32); and whether llama.cpp's tokenizer reproduces ours on the evaluation text.
+through llama.cpp on exactly the token windows llmprune scores (--text's held-out part, 40 x 512), beside ours
+in transformers (float32); and whether llama.cpp's tokenizer reproduces ours on the evaluation text.
 
-Writes <out>/deploy.json and <out>/deploy.md (a markdown table).
+Writes <out>/deploy.json and <out>/deploy.md (a markdown table); <out> is results/ for the embedded model on wiki
+text, results/MODEL/[TEXT/] for another (benchlib.results_folder).
 """
 
 from __future__ import annotations
@@ -181,6 +183,9 @@ def table(rows: list[dict], pp: int, tg: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help="llmprune output directories to measure beside the dense model")
+    parser.add_argument("--model", default="llama", help="the dense model: anything load_model accepts (llama, "
+                        "qwen-coder-0.5b, a local HF dir, a .gguf)")
+    parser.add_argument("--text", default="wiki", help="text source whose held-out part is scored (wiki, code...)")
     parser.add_argument("--outtype", default="f16,q8_0", help="comma-separated GGUF outtypes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="speed rounds, every model once per round (median)")
@@ -191,7 +196,8 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "llmprune" / "llama-cpp"))
     parser.add_argument("--no-build", action="store_true", help="fail instead of building llama-cpp-python")
     parser.add_argument("--quick", action="store_true", help="a tiny random model, small sizes: checks the script")
-    parser.add_argument("--out", default="results", help="folder for deploy.json and deploy.md")
+    parser.add_argument("--out", help="folder for deploy.json and deploy.md (default: results, or "
+                        "results/MODEL[/TEXT] for another model or text)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -203,9 +209,10 @@ def main() -> None:
     if args.quick:
         args.pp, args.tg, args.seqlen, args.eval_windows, args.rounds = 64, 16, 64, 2, 1
 
-    from llmprune.inputs.data import load_text
+    from llmprune.inputs.data import check_source, load_text, source_description
 
-    eval_text = load_text("wiki", "eval")
+    check_source(args.text, "eval", args.seqlen)
+    eval_text = load_text(args.text, "eval")
     with tempfile.TemporaryDirectory(prefix="bench_deploy.") as tmp:
         scratch = Path(tmp)
         dense_dir = scratch / "dense"
@@ -216,7 +223,7 @@ def main() -> None:
         else:
             from llmprune.inputs.models import load_model
 
-            model, tokenizer, _ = load_model("llama")
+            model, tokenizer, _ = load_model(args.model)
             model.save_pretrained(dense_dir)
             tokenizer.save_pretrained(dense_dir)
             del model
@@ -262,7 +269,11 @@ def main() -> None:
         r["tg_vs_dense"] = r["tg_tok_s"] / dense[r["outtype"]]["tg_tok_s"]
     report = {"llama_cpp": build, "threads": args.threads, "pp": args.pp, "tg": args.tg, "rounds": args.rounds,
               "seqlen": args.seqlen, "eval_windows": args.eval_windows, "quick": args.quick,
+              "model": "tiny random llama (--quick)" if args.quick else args.model,
+              "text": {"source": args.text, "description": source_description(args.text)},
               "machine": benchlib.machine_info(), "rows": rows}
+    if args.out is None:
+        args.out = benchlib.results_folder(args.model, args.text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "deploy_quick" if args.quick else "deploy"

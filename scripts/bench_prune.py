@@ -1,9 +1,10 @@
 """Benchmark llmprune on one model: held-out perplexity, achieved sparsity, wall time per phase and memory
 for every method x pattern x allocation, with each prune's time as a multiple of a bare-forward floor.
 
-    python scripts/bench_prune.py [--model llama] [--quick] [--out results] [--rows FILTER]
+    python scripts/bench_prune.py [--model llama] [--text wiki] [--quick] [--out results] [--rows FILTER]
 
-Writes <out>/bench.json (everything), <out>/bench.md (a table) and <out>/bench.png (ppl against sparsity).
+Writes <out>/bench.json (everything), <out>/bench.md (a table) and <out>/bench.png (ppl against sparsity);
+<out> is results/ for the embedded model on wiki text, results/MODEL/[TEXT/] for another (benchlib.results_folder()).
 The model is loaded once; its dense weights are restored before every row.
 """
 
@@ -22,8 +23,9 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 import benchlib
-from benchlib import SEED, TEXT
+from benchlib import SEED
 from llmprune import LLMPruneError, PruneConfig, prune
+from llmprune.inputs.data import check_source, source_description
 from llmprune.inputs.models import decoder_layers, load_model
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.output.atomic import write_atomically, write_json_atomically, write_text_atomically
@@ -150,8 +152,8 @@ def markdown(results: dict) -> str:
     floor, calib = results["floor"], results["calibration"]
     zero_shot = any("zero_shot_mean" in row for row in results["rows"])
     lines = [f"# llmprune benchmark: {results['model']}", "",
-             f"Calibration {calib['nsamples']} x {calib['seqlen']} tokens of `{TEXT}`; perplexity on "
-             f"{results['evaluation']['windows']} held-out windows. Floor (two bare passes): "
+             f"Calibration {calib['nsamples']} x {calib['seqlen']} tokens of `{calib['source']}`; perplexity on "
+             f"{results['evaluation']['windows']} held-out windows of it. Floor (two bare passes): "
              f"{floor['two_pass_s']:.2f} s. Peak RSS is the process high-water mark after the row.", "",
              "| method | pattern | allocation | ppl | achieved | prune s | x floor | peak RSS MiB |"
              + (" zero-shot mean |" if zero_shot else ""),
@@ -200,9 +202,13 @@ def write_json(out: Path, results: dict) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama", help="anything load_model accepts: an alias, a local HF dir, a .gguf")
+    p.add_argument("--model", default="llama", help="anything load_model accepts: an alias (llama, "
+                   "qwen-coder-0.5b), a local HF dir, a .gguf")
+    p.add_argument("--text", default="wiki", help="text source of the calibration and held-out perplexity windows "
+                   "(wiki, code: the running Python's standard library, file:PATH...)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration, 4 eval windows, 7 rows")
-    p.add_argument("--out", default="results", help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--out", help="folder for bench.json, bench.md, bench.png (default: results, or "
+                   "results/MODEL[/TEXT] for another model or text)")
     p.add_argument("--rows", metavar="REGEX", help="only rows whose method-pattern-allocation name matches, "
                    "e.g. wanda, 2:4, owl, sparsegpt-60%%")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 32; --quick 4)")
@@ -227,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
                                     for key in ("nsamples", "seqlen", "eval_windows"))
     device = resolve_device(args.device)
     rows = select_rows(matrix(mode, nsamples=nsamples, seqlen=seqlen, seed=SEED, device=args.device), args.rows)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else benchlib.results_folder(args.model, args.text)
     out.mkdir(parents=True, exist_ok=True)
+    check_source(args.text, "calib", nsamples * seqlen, "--nsamples or --seqlen")
 
     if args.tasks:  # an unknown task fails now, not after the floor and the dense evaluation
         from llmprune.evaluation.zeroshot import resolve_tasks
@@ -236,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         resolve_tasks(args.tasks)
     model, tokenizer, _ = load_model(args.model, resolve_dtype("auto", device))
     memory = {"rss_after_load_bytes": current_rss_bytes(), "peak_rss_after_load_bytes": peak_rss_bytes()}
-    calibration = benchlib.calibration(tokenizer, nsamples, seqlen)
-    windows = benchlib.held_out(tokenizer, seqlen, eval_count)
+    calibration = benchlib.calibration(tokenizer, nsamples, seqlen, source=args.text)
+    windows = benchlib.held_out(tokenizer, seqlen, eval_count, source=args.text)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     floor = time_floor(model, calibration, device)
     print(f"floor: one bare pass {floor['one_pass_s']:.2f} s (capture {floor['capture_s']:.2f} s + layers "
@@ -248,9 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
     memory["peak_rss_before_rows_bytes"] = peak_rss_bytes()
     results = {"complete": False, "model": benchlib.model_name(args.model), "architecture": type(model).__name__,
                "dtype": str(next(model.parameters()).dtype), "machine": benchlib.machine_info(device),
-               "calibration": {"source": TEXT, "part": "calib", "nsamples": nsamples, "seqlen": seqlen,
+               "calibration": {"source": args.text, "description": source_description(args.text), "part": "calib", "nsamples": nsamples, "seqlen": seqlen,
                                "seed": SEED, "batch_size": BATCH_SIZE},
-               "evaluation": {"source": TEXT, "part": "eval", "windows": len(windows), "seqlen": seqlen},
+               "evaluation": {"source": args.text, "part": "eval", "windows": len(windows), "seqlen": seqlen},
                "floor": floor, "dense_ppl": dense["ppl"], "memory": memory, "fields": FIELDS, "rows": [dense]}
     write_json(out, results)  # and after every row: an interrupted run keeps what it measured
     bar = tqdm(rows, desc="bench", unit="row")

@@ -35,12 +35,12 @@ PRUNES = {"wanda-50%": {"method": "wanda", "sparsity": 0.5},
           "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"}}
 
 
-def shrink(structure: str, sparsity: float, model, calibration) -> None:
+def shrink(structure: str, sparsity: float, model, calibration):
     from llmprune.pruning.structured.config import StructuredConfig
     from llmprune.pruning.structured.runner import prune_structured
 
     return prune_structured(model, calibration, StructuredConfig(structure=structure, sparsity=sparsity),
-                            progress=False)
+                            progress=False).structure
 
 
 STRUCTURED = {"channels-20%": functools.partial(shrink, "channels", 0.2),
@@ -130,9 +130,7 @@ def prune_job(args, mode: dict, name: str, folder: str) -> dict:
     calibration = benchlib.calibration(tokenizer, mode["nsamples"], mode["calib_seqlen"])
     kept_layers = None
     if name in STRUCTURED:
-        from llmprune.pruning.structured.runner import kept_layers as kept_of
-
-        kept_layers = kept_of(STRUCTURED[name](model, calibration))
+        kept_layers = STRUCTURED[name](model, calibration).kept_layers()
         masks = None
     else:
         report = prune(model, calibration, PruneConfig(**PRUNES[name], nsamples=mode["nsamples"],

@@ -2,11 +2,15 @@
 streamed output against the in-memory one, and the calibration passes' wall time with 1 and N ranks.
 
     python scripts/bench_scale.py [--config llama-1b] [--model-dir DIR] [--in-memory] [--ranks 1,2] [--quick]
+    python scripts/bench_scale.py --model qwen-coder-0.5b [--text code] [--model-dir DIR]   # a real model
 
 Each prune runs in a fresh process, so that its peak RSS (ru_maxrss) is its own. The random model is written
 once to --model-dir (llama-1b: 4.4 GB in float32; llama-7b: 27 GB, more than many machines' RAM). The
 calibration activations, nsamples x seqlen x hidden floats, are reported beside the RSS (the goal is stated
-as peak RSS <= 0.3 x model size plus them). Writes <out>/bench_scale.json and <out>/bench_scale.md.
+as peak RSS <= 0.3 x model size plus them). With --model, a real model is saved once as safetensors to
+--model-dir (float32) and calibrated on --text (tokenized here, so the tokenizer's memory is not the prune's).
+Writes <out>/bench_scale.json and <out>/bench_scale.md; <out> is results/scale, or results/MODEL/[TEXT/]scale
+with --model (benchlib.results_folder).
 """
 
 from __future__ import annotations
@@ -42,13 +46,15 @@ def child(job: dict) -> dict:
         from llmprune.scale.distributed import DataParallel
 
         parallel = DataParallel.from_environment(torch.device("cpu"))
-    if job["model"] == "llama":  # the embedded model, calibrated on Wikipedia text
+    if job["model"] == "llama":  # the embedded model, calibrated on --text
         from llmprune.inputs.data import calibration_windows, load_text, tokenize
         from llmprune.inputs.models import load_model
 
         model, tokenizer, _ = load_model("llama")
-        calibration = calibration_windows(tokenize(tokenizer, load_text("wiki", "calib")), config.nsamples,
+        calibration = calibration_windows(tokenize(tokenizer, load_text(job["text"], "calib")), config.nsamples,
                                           config.seqlen, config.seed)
+    elif job.get("calibration"):  # a real model's windows, tokenized by the parent
+        calibration = torch.load(job["calibration"])
     else:
         vocab = json.loads(Path(job["model"], "config.json").read_text())["vocab_size"]
         calibration = torch.randint(0, vocab, (config.nsamples, config.seqlen), generator=torch.Generator().manual_seed(0))
@@ -74,6 +80,29 @@ def child(job: dict) -> dict:
     return {"rank": parallel.rank if parallel else 0, "wall_s": time.perf_counter() - start,
             "calibration_passes_s": seconds["capture"] + seconds["statistics"] + seconds["propagate"],
             "phases": dict(seconds), "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline, "achieved_sparsity": report.achieved_sparsity}
+
+
+def real_model(spec: str, model_dir: Path, text: str, nsamples: int, seqlen: int, work: Path) -> str:
+    """Save `spec` (an alias, .gguf, HF dir) to `model_dir` as float32 safetensors once; write its calibration
+    windows of `text` to a file in `work`, for the children to read."""
+    from llmprune.inputs.data import calibration_windows, check_source, load_text, tokenize
+    from llmprune.inputs.models import load_model
+
+    check_source(text, "calib", nsamples * seqlen, "--nsamples or --seqlen")
+    if not (model_dir / "config.json").is_file():
+        print(f"saving {spec} to {model_dir}", file=sys.stderr)
+        model, tokenizer, _ = load_model(spec)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        del model
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = calibration_windows(tokenize(tokenizer, load_text(text, "calib")), nsamples, seqlen, 0)
+    path = work / "calibration.pt"
+    torch.save(windows, path)
+    return str(path)
 
 
 def spawn(job: dict, ranks: int = 1) -> list[dict]:
@@ -111,6 +140,9 @@ def tensor_hashes(directory) -> dict[str, str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="llama-1b", help="a shape of make_random_model.py")
+    parser.add_argument("--model", default=None, help="a real model instead of a random one: anything load_model "
+                        "accepts (qwen-coder-0.5b, a .gguf, a local HF dir)")
+    parser.add_argument("--text", default="wiki", help="calibration text of a real model (wiki, code...)")
     parser.add_argument("--layers", type=int, default=None, help="override the shape's decoder layer count")
     parser.add_argument("--model-dir", default=None, help="where the random model is (written if absent)")
     parser.add_argument("--methods", default="wanda,sparsegpt")
@@ -121,7 +153,8 @@ def main(argv=None) -> None:
     parser.add_argument("--in-memory", action="store_true", help="also prune in memory and compare outputs bit for bit")
     parser.add_argument("--ranks", default="", help="e.g. 1,2: calibration wall time with that many gloo ranks")
     parser.add_argument("--parallel-model", default="llama", help="model for --ranks (llama: the embedded one)")
-    parser.add_argument("--out", default="results/scale")
+    parser.add_argument("--out", default=None, help="default: results/scale, or results/MODEL[/TEXT]/scale with "
+                        "--model")
     parser.add_argument("--quick", action="store_true", help="a tiny model, seconds: checks that this script works")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -135,20 +168,28 @@ def main(argv=None) -> None:
 
     from llmprune.output.atomic import write_json_atomically, write_text_atomically
 
-    out = Path(args.out)  # the JSON and markdown only: pruned weights never go into the repository
+    # the JSON and markdown only: pruned weights never go into the repository
+    out = Path(args.out) if args.out else benchlib.results_folder(args.model or "llama", args.text, "scale")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="llmprune-bench-scale-"))
-    model_dir = Path(args.model_dir or f"/tmp/llmprune-random-{args.config}")
-    if not (model_dir / "model.safetensors.index.json").is_file():
-        print(f"writing a random {args.config} to {model_dir}", file=sys.stderr)
-        write_random_model(make_config(args.config, args.layers), model_dir)
+    calibration_file = None
+    if args.model:
+        model_dir = Path(args.model_dir or f"/tmp/llmprune-{Path(args.model.rstrip('/')).name}")
+        calibration_file = real_model(args.model, model_dir, args.text, args.nsamples, args.seqlen, work)
+        hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+        args.config = Path(args.model.rstrip("/")).name  # the name in the table
+    else:
+        model_dir = Path(args.model_dir or f"/tmp/llmprune-random-{args.config}")
+        if not (model_dir / "model.safetensors.index.json").is_file():
+            print(f"writing a random {args.config} to {model_dir}", file=sys.stderr)
+            write_random_model(make_config(args.config, args.layers), model_dir)
+        hidden = SHAPES[args.config][0]
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    hidden = SHAPES[args.config][0]
     activations = args.nsamples * args.seqlen * hidden * 4
     rows = []
     for method in [m for m in args.methods.split(",") if m]:  # --methods "": only the --ranks timings
         base = {"method": method, "model": str(model_dir), "nsamples": args.nsamples, "seqlen": args.seqlen,
-                "batch": args.batch}
+                "batch": args.batch, "text": args.text, "calibration": calibration_file}
         streamed = spawn(base | {"mode": "stream", "out": str(work / f"{method}-stream"),
                                  "offload": str(work / "activations") if args.offload else None})[0]
         row = {"method": method, "model_bytes": size, "activation_bytes": activations, "streamed": streamed,
@@ -163,18 +204,21 @@ def main(argv=None) -> None:
         print(json.dumps(row), file=sys.stderr)
         shutil.rmtree(work / f"{method}-stream", ignore_errors=True)  # a 7B-shaped output is 27 GB
         shutil.rmtree(work / f"{method}-memory", ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
     parallel = []
     for ranks in [int(r) for r in args.ranks.split(",") if r]:
         job = {"method": "sparsegpt", "model": args.parallel_model or str(model_dir), "nsamples": args.nsamples,
-               "seqlen": args.seqlen, "batch": args.batch, "mode": "ranks"}
+               "seqlen": args.seqlen, "batch": args.batch, "mode": "ranks", "text": args.text,
+               "calibration": None if args.parallel_model else calibration_file}
         result = spawn(job, ranks)
         parallel.append({"ranks": ranks, "calibration_passes_s": max(r["calibration_passes_s"] for r in result),
                          "wall_s": max(r["wall_s"] for r in result)})
-    result = {"config": args.config, "model_dir": str(model_dir), "rows": rows, "parallel": parallel,
+    shutil.rmtree(work, ignore_errors=True)  # after the ranks: they read the calibration file in it
+    result = {"config": args.config, "model": args.model, "text": args.text if args.model else None,
+              "model_dir": str(model_dir), "rows": rows, "parallel": parallel,
               "machine": benchlib.machine_info("cpu"), "quick": args.quick}
     write_json_atomically(out / "bench_scale.json", result)
-    lines = [f"# Scale benchmark: random {args.config}, {size / 2**30:.2f} GiB on disk, calibration activations "
+    lines = [f"# Scale benchmark: {args.config if args.model else 'random ' + args.config}, {size / 2**30:.2f} GiB "
+             f"on disk, calibration activations "
              f"{activations / 2**20:.0f} MiB", "", "| method | peak RSS (GiB) | RSS / model | (RSS - activations) / model | "
              "(RSS - interpreter) / model | wall (s) | streamed == in-memory |", "|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -1,7 +1,8 @@
 """Benchmark structured pruning: what removing MLP channels, attention heads or whole layers buys in size and
 speed, and costs in perplexity, against the dense model measured in the same run.
 
-    python scripts/bench_structured.py [--model llama] [--quick] [--out results] [--rows REGEX] [--tasks SUITE]
+    python scripts/bench_structured.py [--model llama] [--text wiki] [--quick] [--out results] [--rows REGEX]
+                                       [--tasks SUITE]
     python scripts/bench_structured.py --gpu-7b [--out results]      # on a CUDA machine only
 
 Rows: every structure x importance at 10/20/30% of the structure (channels and heads: magnitude, wanda, flap,
@@ -12,7 +13,9 @@ tokens/s (128 new tokens, KV cache, batch 1). Dense and pruned are timed alterna
 the speedup is the median of the per-pair ratios, so the machine's drift does not decide it.
 
 `--quick` runs on a tiny random Llama with random tokens in seconds (a smoke test of the script, not a
-measurement). `--gpu-7b` times a random-weight LLaMA-7B-shaped model, dense and with 20% of its MLP
+measurement; with another --model, on that model and --text). <out> is results/ for the embedded model on wiki
+text, results/MODEL/[TEXT/] for another (benchlib.results_folder).
+`--gpu-7b` times a random-weight LLaMA-7B-shaped model, dense and with 20% of its MLP
 channels removed, in bfloat16 on the GPU. Writes <out>/structured.json (or structured_gpu.json) and a PNG.
 """
 
@@ -33,6 +36,7 @@ import benchlib
 from benchlib import SEED
 from llmprune import LLMPruneError, PruneConfig, prune
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.inputs.data import source_description
 from llmprune.inputs.models import load_model
 from llmprune.output.atomic import write_atomically, write_json_atomically
 from llmprune.pruning.structured import StructuredConfig, prune_structured
@@ -134,7 +138,7 @@ def bench_row(name, kind, config, dense, calibration, windows, mode, device, voc
     try:
         if kind == "structured":
             config = dataclasses.replace(config, device=args.device)
-            record = prune_structured(model, calibration, config, progress=False)
+            record = prune_structured(model, calibration, config, progress=False).structure.to_dict()
         else:
             config = dataclasses.replace(config, seqlen=calibration.shape[1])
             record = prune(model, calibration, config, progress=False).to_dict()
@@ -152,7 +156,7 @@ def bench_row(name, kind, config, dense, calibration, windows, mode, device, voc
     model.to(device)
     row |= speed(dense, model, mode, device, vocab)
     row["structure"] = {k: v for k, v in record.items() if k not in ("layers",)} if kind == "structured" else None
-    if kind == "structured" and "layers" in record:
+    if kind == "structured" and record["layers"]:
         row["structure"]["kept_per_layer"] = [entry["kept"] for entry in record["layers"]]
     return row
 
@@ -210,21 +214,25 @@ def gpu_7b(args) -> dict:
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     record = prune_structured(model, None, StructuredConfig("channels", method="magnitude", sparsity=0.2,
-                                                            device=str(device)), progress=False)
+                                                            device=str(device)), progress=False).structure
     results = {"model": "random llama-7b shape, bfloat16", "machine": benchlib.machine_info(device) | {
         "gpu": torch.cuda.get_device_name(device)}, "prune_s": time.perf_counter() - start,
         "intermediate_size": model.config.intermediate_size,
-        "decoder_params_removed_fraction": record["decoder_params_removed_fraction"],
-        "params_removed_fraction": record["params_removed_fraction"],
+        "decoder_params_removed_fraction": record.decoder_params_removed_fraction,
+        "params_removed_fraction": record.params_removed_fraction,
         "speed": speed(dense, model, FULL | {"repeats": args.repeats or 10}, device, 32000)}
     return results
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama", help="anything load_model accepts (default: the embedded SmolLM2-135M)")
+    p.add_argument("--model", default="llama", help="anything load_model accepts (default: the embedded SmolLM2-135M; "
+                   "qwen-coder-0.5b: Qwen2.5-Coder-0.5B-Instruct)")
+    p.add_argument("--text", default="wiki", help="text source of the calibration and held-out perplexity windows "
+                   "(wiki, code: the running Python's standard library, file:PATH...)")
     p.add_argument("--quick", action="store_true", help="tiny random Llama and random tokens: a smoke run in seconds")
-    p.add_argument("--out", default="results", help="folder for structured.json and structured.png")
+    p.add_argument("--out", help="folder for structured.json and structured.png (default: results, or "
+                   "results/MODEL[/TEXT] for another model or text)")
     p.add_argument("--rows", metavar="REGEX", help="only rows whose name matches, e.g. 'channels-flap', 'layers'")
     p.add_argument("--repeats", type=int, help="dense/pruned timing pairs per row (default 5; --quick 2)")
     p.add_argument("--tasks", help="zero-shot suite per row, e.g. the offline suite name (slow; default none)")
@@ -239,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # save_pretrained's shard bar, once per row
+    if args.out is None:
+        args.out = benchlib.results_folder(args.model, args.text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.gpu_7b:
@@ -261,13 +271,15 @@ def main(argv: list[str] | None = None) -> dict:
         name = "tiny random llama (--quick)"
     else:
         dense, tokenizer, _ = load_model(args.model, "float32")
-        calibration = benchlib.calibration(tokenizer, mode["nsamples"], mode["seqlen"])
-        windows = benchlib.held_out(tokenizer, mode["seqlen"], mode["eval_windows"])
+        calibration = benchlib.calibration(tokenizer, mode["nsamples"], mode["seqlen"], source=args.text)
+        windows = benchlib.held_out(tokenizer, mode["seqlen"], mode["eval_windows"], source=args.text)
         name = benchlib.model_name(args.model)  # the real model (SmolLM2-135M-Instruct), not the alias
     dense.to(device)
     vocab = dense.config.vocab_size
     params, decoder = parameters(dense)
     results = {"complete": False, "model": name, "architecture": type(dense).__name__, "mode": mode,
+               "text": None if tokenizer is None else {"source": args.text,
+                                                       "description": source_description(args.text)},
                "machine": benchlib.machine_info(device), "fields": FIELDS,
                "dense": {"ppl": perplexity(dense, windows, device, progress=False), "params": params,
                          "decoder_params": decoder, "safetensors_bytes": safetensors_bytes(dense),

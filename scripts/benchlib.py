@@ -10,6 +10,7 @@ written with llmprune's own atomic writers (llmprune.output.atomic); tiny models
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import platform
 import re
 from typing import Callable, TypeVar
@@ -102,3 +103,10 @@ def zero_shot(model, tokenizer, tasks: str | None, limit: int, seed: int = SEED)
 def zero_shot_mean(model, tokenizer, tasks: str | None, limit: int) -> float | None:
     result = zero_shot(model, tokenizer, tasks, limit)
     return None if result is None else result["mean_acc"]
+
+
+def results_folder(model: str, text: str = "wiki", name: str = "") -> Path:
+    """Where a benchmark writes by default: results/NAME for the embedded model (`llama`) on `wiki` text; another
+    model's figures under results/MODEL/ (an alias, or a path's last part), another text's in a folder below."""
+    parts = [] if model == "llama" else [Path(model.rstrip("/")).name.removesuffix(".gguf")]
+    return Path("results", *parts, *([] if text == "wiki" else [text]), name)

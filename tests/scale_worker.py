@@ -3,7 +3,8 @@ torch.distributed group (env RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set b
 
     python tests/scale_worker.py JSON   with keys: mode (memory|stream), method (or a,b), src, out (may hold
                                         {method}), work, resume,
-                                        kill ("LAYER:load" or "LAYER:save"), die_at (a layer where rank 1 exits)
+                                        kill ("LAYER:load" or "LAYER:save"), die_at (a layer where rank 1 exits),
+                                        structure (channels|heads|layers: a structured prune, `method` its importance)
 """
 
 import json
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from llmprune import PruneConfig  # noqa: E402
 from llmprune.errors import LLMPruneError  # noqa: E402
 from llmprune.pruning import runner  # noqa: E402
+from llmprune.pruning.structured import StructuredConfig, prune_structured  # noqa: E402
 from llmprune.scale import checkpoint, streaming  # noqa: E402
 from llmprune.scale.distributed import DataParallel  # noqa: E402
 
@@ -55,8 +57,17 @@ def kill_at(spec: str) -> None:
     streaming.StreamedLayers.load = loading(streaming.StreamedLayers.load)
 
 
+def prune_config(job: dict):
+    """A PruneConfig, or with job["structure"] a StructuredConfig (its `method` the importance; layers: influence)."""
+    if not job.get("structure"):
+        return PruneConfig(method=job["method"], batch_size=4)
+    if job["structure"] == "layers":
+        return StructuredConfig("layers", sparsity=0.4, batch_size=4)
+    return StructuredConfig(job["structure"], method=job["method"], sparsity=0.5, round_to=8, batch_size=4)
+
+
 def run(job: dict):
-    config = PruneConfig(method=job["method"], batch_size=4)
+    config = prune_config(job)
     if job.get("kill"):
         kill_at(job["kill"])
     parallel = DataParallel.from_environment(torch.device("cpu"), timeout_s=60)
@@ -80,7 +91,8 @@ def run(job: dict):
             report = checkpoint.prune_resumable(model, calibration, config, job["work"], job["src"],
                                                 resume=job.get("resume", False), progress=False)
         else:
-            report = runner.prune(model, calibration, config, progress=False, parallel=parallel)
+            prune = prune_structured if job.get("structure") else runner.prune
+            report = prune(model, calibration, config, progress=False, parallel=parallel)
         if parallel is None or parallel.rank == 0:
             model.save_pretrained(job["out"])
     if parallel is None or parallel.rank == 0:

@@ -57,8 +57,8 @@ def test_unknown_method_is_one_line_pointing_at_help(capsys):
 def test_hub_id_and_hub_dataset_offline(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fails(capsys, ["--model", "someone/some-model"], "Offline, use the embedded model (--model llama)")
-    fails(capsys, ["--calib", "c4"], "Offline, use wiki or file:PATH")
-    fails(capsys, ["--eval", "wikitext2"], "Offline, use wiki or file:PATH")
+    fails(capsys, ["--calib", "c4"], "Offline, use code, wiki or file:PATH")
+    fails(capsys, ["--eval", "wikitext2"], "Offline, use code, wiki or file:PATH")
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def connection_guard(monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "someone/some-model"], "Offline, use the embedded model (--model llama)"),
-    (["--calib", "c4"], "Offline, use wiki or file:PATH"),
+    (["--calib", "c4"], "Offline, use code, wiki or file:PATH"),
 ])
 def test_offline_flag_never_contacts_the_hub(capsys, monkeypatch, tmp_path, connection_guard, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test: --offline sets both for the process

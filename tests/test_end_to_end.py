@@ -60,7 +60,8 @@ def test_cli_writes_a_model_that_loads_back(embedded, texts, tmp_path):
     for key in ("model", "method", "sparsity", "pattern", "calibration", "achieved_sparsity", "layers",
                 "perplexity", "seconds", "peak_rss_bytes", "versions"):
         assert key in report, key
-    assert report["calibration"] == {"source": "wiki", "nsamples": 8, "seqlen": 128, "seed": 0}
+    assert report["calibration"] == {"source": "wiki", "nsamples": 8, "seqlen": 128, "seed": 0, "description":
+                                     "English Wikipedia articles (gensim's test dump, CC BY-SA), markup stripped"}
     assert set(report["seconds"]) >= {"load", "calibrate", "prune", "evaluate", "total"}
     assert report["perplexity"]["dense"] < report["perplexity"]["pruned"] < 1e4
     assert json.loads((out / "llmprune_config.json").read_text())["prune"]["method"] == "wanda"

@@ -2,6 +2,7 @@
 reverses llama.cpp's q/k row order and reads llama.cpp's key names) and gives the saved model's logits."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,142 @@ def test_preflight_from_loaded_model(tiny_dir):
         check_gguf_export(model.config.to_dict(), sentencepiece_like, "f16")
     with pytest.raises(LLMPruneError, match="'gpt2' architecture"):
         check_gguf_export(tiny_model("gpt2").config.to_dict(), spec, "f16")
+
+
+# ---- Qwen2: its own architecture (no q/k reordering), q/k/v biases, an untied head, and its pre-tokenizer ----------
+
+CODE = ("def area(width, height):\n    return width * height  # 12 x 345 = 4140\n\n"
+        "class Point:\n    x: int = 2024\n    y: int = 31337\n\nprint(area(12, 345), 'café', \"naïve\")\n")
+
+
+def qwen2_style_tokenizer(path):
+    """A byte-level BPE built the way Qwen2's is (NFC, the Qwen2 split regex, byte-level without its own regex),
+    offline. Its merges are learned under Llama 3's split, so merges of digits exist: under Qwen2's split (each
+    digit alone) they never apply, under Llama 3's (up to three digits) they would."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmprune.output.export import LLAMA3_SPLIT, QWEN2_SPLIT
+
+    def split(regex):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = split(LLAMA3_SPLIT)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
+    bpe.train_from_iterator([CODE * 30, "123 123 456 456 2024 31337 " * 40], trainer)
+    bpe.pre_tokenizer = split(QWEN2_SPLIT)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def save_tiny_qwen2(path, tokenizer, vocab_size: int, **config):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, tie_word_embeddings=False, max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **config))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)  # biases large enough that dropping or misplacing one shows in the logits
+        model.lm_head.weight.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2")
+    tokenizer = qwen2_style_tokenizer(path)
+    save_tiny_qwen2(path, tokenizer, vocab_size=512)  # padded past the tokenizer, as Qwen2's 151,936 rows are
+    return path
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_qwen2_round_trip_logits(qwen2_dir, outtype):
+    path = export_gguf(qwen2_dir, qwen2_dir / f"q-{outtype}.gguf", outtype)
+    error, loaded = gguf_logits_match(qwen2_dir, path.name, outtype)
+    assert error <= TOLERANCE[outtype], f"{outtype}: relative logit error {error:.2e}"
+    assert type(loaded).__name__ == "Qwen2ForCausalLM" and not loaded.config.tie_word_embeddings
+
+
+def test_qwen2_file_holds_biases_untied_head_and_its_pre_tokenizer(qwen2_dir):
+    from gguf import GGUFReader, TokenType
+    from transformers import AutoTokenizer
+
+    path = export_gguf(qwen2_dir, qwen2_dir / "q.gguf", "f32")
+    reader = GGUFReader(path)
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "qwen2"
+    assert fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert fields["qwen2.rope.freq_base"].contents() == pytest.approx(1e6)  # Qwen2's theta, not the default
+    tensors = {t.name: t for t in reader.tensors}
+    saved = AutoModelForCausalLM_from(qwen2_dir)
+    for letter in "qkv":
+        stored = torch.from_numpy(tensors[f"blk.1.attn_{letter}.bias"].data.copy())
+        assert torch.equal(stored, getattr(saved.model.layers[1].self_attn, f"{letter}_proj").bias)  # not reordered
+    assert "output.weight" in tensors and "blk.0.attn_output.bias" not in tensors
+    saved_tokenizer = AutoTokenizer.from_pretrained(qwen2_dir)
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[len(saved_tokenizer):] == [int(TokenType.UNUSED)] * (512 - len(saved_tokenizer))
+    assert types[saved_tokenizer.convert_tokens_to_ids("<|im_end|>")] == int(TokenType.CONTROL)
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == saved_tokenizer.eos_token_id
+
+    # transformers builds the tokenizer from the file by its pre-tokenizer name (its own table of splits)
+    loaded = AutoTokenizer.from_pretrained(qwen2_dir, gguf_file=path.name)
+    text = CODE + "x = 123456\n"
+    assert loaded(text)["input_ids"] == saved_tokenizer(text)["input_ids"]
+    digits = saved_tokenizer.tokenize("x = 123456")
+    assert digits[-6:] == list("123456")  # one digit per token, though merges of digits exist in the vocabulary
+    assert any(token.isdigit() and len(token) > 1 for token in saved_tokenizer.get_vocab())
+
+
+def AutoModelForCausalLM_from(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_qwen2_sliding_window_is_refused(qwen2_dir, tmp_path):
+    config = AutoModelForCausalLM_from(qwen2_dir).config.to_dict() | {"use_sliding_window": True}
+    from llmprune.output.export import check_gguf_export
+
+    with pytest.raises(LLMPruneError, match="use_sliding_window .* qwen2 architecture"):
+        check_gguf_export(config, None, "f16")
+
+
+@pytest.mark.slow
+def test_real_qwen2_tokenizer_exports_as_llama_cpp_wrote_it(tmp_path):
+    """The real Qwen2.5-Coder tokenizer (read from the published GGUF, which llama.cpp's converter wrote) beside a
+    tiny random Qwen2 of the real vocabulary: our file's tokenizer keys equal the published file's, and the
+    tokenizer transformers builds from our file encodes code as the real one does."""
+    import importlib.util
+
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from llmprune.inputs.models import PARTED, resolve_model
+
+    if any(importlib.util.find_spec(module) is None for module in PARTED["qwen2.5-coder-0.5b"].parts):
+        pytest.skip(f"the part packages are not installed: {PARTED['qwen2.5-coder-0.5b'].install}")
+    source = resolve_model("qwen-coder-0.5b")
+    real = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    real.save_pretrained(tmp_path)
+    save_tiny_qwen2(tmp_path, real, vocab_size=151936, bos_token_id=151643)
+    path = export_gguf(tmp_path, tmp_path / "tiny.gguf", "f16")
+    ours, published = GGUFReader(path).fields, GGUFReader(f"{source.path}/{source.gguf_file}").fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
+        assert ours[key].contents() == published[key].contents(), key
+    text = (Path(__file__).read_text() + "\n12345 café naïve ½ 你好\n")[:20000]
+    assert AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)(text)["input_ids"] == real(text)["input_ids"]

@@ -39,9 +39,9 @@ def test_structured_channels_saves_a_smaller_ordinary_model(tiny_dir, text, tmp_
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # stock transformers, no llmprune code
     dense = AutoModelForCausalLM.from_pretrained(tiny_dir)
     assert saved.config.intermediate_size == 96 < dense.config.intermediate_size == 128
-    assert sum(p.numel() for p in saved.parameters()) == report.structure["params_after"]
-    assert report.structure["params_after"] < report.structure["params_before"]
-    assert Report.load(tmp_path / "out" / "report.json").structure["config_changes"]["intermediate_size"] == 96
+    assert sum(p.numel() for p in saved.parameters()) == report.structure.params_after
+    assert report.structure.params_after < report.structure.params_before
+    assert Report.load(tmp_path / "out" / "report.json").structure.config_changes["intermediate_size"] == 96
     assert "smaller" in (tmp_path / "out" / "README.md").read_text()
 
 

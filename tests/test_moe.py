@@ -408,7 +408,8 @@ def test_pipeline_removes_experts_and_writes_an_ordinary_smaller_model(tmp_path,
                                                                          seqlen=16),
                                     calib=f"file:{text}", eval=f"file:{text}", eval_windows=2, output=str(out)),
                           progress=False)
-    assert report.structure["units_kept"] == 2 and report.structure["config_changes"] == {"num_local_experts": 2}
+    assert report.structure.units_kept == 2 and report.structure.config_changes == {"num_local_experts": 2}
+    assert [len(layer.removed) for layer in report.structure.layers] == [2, 2]
     assert "removed 2 of 4 experts per layer" in format_summary(Report.load(out / "report.json"))
     smaller = AutoModelForCausalLM.from_pretrained(out)
     assert smaller.config.num_experts == 2 and smaller.model.layers[0].mlp.gate.weight.shape[0] == 2

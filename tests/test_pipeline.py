@@ -48,8 +48,8 @@ def test_layer_prune_distills_hidden_states_of_the_surviving_layers(tmp_path, ti
                                     recovery=RecoverConfig(params="full", steps=2, batch=1, seqlen=16, distill_topk=8,
                                                            distill_hidden=1.0, distill_hidden_layers=8)),
                           progress=False)
-    removed = report.structure["removed_layers"]
-    n_dense = report.structure["units_before"]
+    removed = report.structure.removed_layers
+    n_dense = report.structure.units_before
     kept = [index for index in range(n_dense) if index not in removed]
     hidden = report.recovery["hidden"]
     assert removed and hidden["dense_layers"] == kept  # every layer was kept by the teacher, the survivors matched
@@ -70,15 +70,15 @@ def test_structured_schedule_removes_a_share_per_stage_and_recovers_between(tmp_
                                                            distill_hidden=1.0, distill_hidden_layers=3)),
                           progress=False)
     s = report.structure
-    first, second = s["stages"]
-    assert first["removed_layers"] and second["removed_layers"] and len(first["removed_layers"]) == 1
-    survivors = [i for i in range(3) if i not in first["removed_layers"]]
-    assert s["removed_layers"] == sorted(first["removed_layers"] + [survivors[second["removed_layers"][0]]])
-    assert (s["units_before"], s["units_kept"], s["sparsity"]) == (3, 1, 0.67)
-    assert s["achieved_sparsity"] == pytest.approx(2 / 3)
-    assert s["params_before"] == first["params_before"] and s["params_after"] == second["params_after"]
-    assert s["config_changes"] == {"num_hidden_layers": 1}
-    kept = [i for i in range(3) if i not in s["removed_layers"]]
+    first, second = s.stages
+    assert first.removed_layers and second.removed_layers and len(first.removed_layers) == 1
+    survivors = [i for i in range(3) if i not in first.removed_layers]
+    assert s.removed_layers == sorted(first.removed_layers + [survivors[second.removed_layers[0]]])
+    assert (s.units_before, s.units_kept, s.sparsity) == (3, 1, 0.67)
+    assert s.achieved_sparsity == pytest.approx(2 / 3)
+    assert s.params_before == first.params_before and s.params_after == second.params_after
+    assert s.config_changes == {"num_hidden_layers": 1}
+    kept = [i for i in range(3) if i not in s.removed_layers]
     stages = report.recovery["schedule"]
     assert [stage["hidden"]["dense_layers"] for stage in stages] == [survivors, kept]
     assert [stage["hidden"]["student_layers"] for stage in stages] == [[0, 1], [0]]
@@ -95,6 +95,6 @@ def test_channel_schedule_reaches_the_dense_fraction(tmp_path, tiny_dir):
                                     recovery=RecoverConfig(params="full", steps=2, batch=1, seqlen=16)),
                           progress=False)
     s = report.structure
-    assert [stage["units_kept"] for stage in s["stages"]] == [96, 64] and s["units_kept"] == 64
-    assert s["achieved_sparsity"] == 0.5 and s["config_changes"]["intermediate_size"] == 64
+    assert [stage.units_kept for stage in s.stages] == [96, 64] and s.units_kept == 64
+    assert s.achieved_sparsity == 0.5 and s.config_changes["intermediate_size"] == 64
     assert len(report.recovery["schedule"]) == 2

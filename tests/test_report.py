@@ -115,3 +115,51 @@ def test_report_errors_name_the_bad_directory(runs, tmp_path):
     with pytest.raises(LLMPruneError, match="no run given"):
         write_report([], tmp_path / "report")
     assert not (tmp_path / "report").exists()
+
+
+# The structure record as report.json held it before it was typed (no "version"; keys of one structure only).
+UNTYPED_CHANNELS = {
+    "kind": "channels", "method": "flap", "sparsity": 0.5, "unit": "channels", "achieved_sparsity": 0.5,
+    "units_before": 128, "units_kept": 64, "layers": [{"index": 0, "kept": 64, "removed": [1, 3]}],
+    "bias_compensation": True, "bias_compensation_note": None, "round_to": 8, "params_before": 2_000_000,
+    "params_after": 1_500_000, "params_removed_fraction": 0.25, "decoder_params_before": 1_000_000,
+    "decoder_params_after": 500_000, "decoder_params_removed_fraction": 0.5,
+    "config_changes": {"intermediate_size": 64, "mlp_bias": True}, "seconds": {"prune": 1.0}}
+
+
+def test_structure_record_reads_untyped_reports_and_everything_shows_it(tmp_path):
+    from llmprune.output.publish import model_card
+    from llmprune.output.summary import format_summary
+    from llmprune.report import STRUCTURE_VERSION, StructureLayer, StructureRecord
+
+    run = tmp_path / "channels"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({
+        "schema_version": 2, "model": "llama", "model_name": "SmolLM2-135M-Instruct", "base_model": BASE_MODEL,
+        "architecture": "LlamaForCausalLM", "method": "flap", "sparsity": 0.5, "pattern": "structured",
+        "allocation": "uniform", "achieved_sparsity": 0.0, "layers": [], "structure": UNTYPED_CHANNELS,
+        "perplexity": {"dataset": "wiki", "seqlen": 512, "windows": 40, "dense": 18.5, "pruned": 30.25},
+        "seconds": {"prune": 1.0}}))
+    report = Report.load(run / "report.json")
+    record = report.structure
+    assert isinstance(record, StructureRecord) and record.version == STRUCTURE_VERSION
+    assert record.layers == [StructureLayer(0, 64, [1, 3])] and record.removed_layers is None
+    assert record.kept_layers() is None
+    summary = format_summary(report)
+    assert "removed 64 of 128 MLP channels per layer (50.0%; asked 50.0%, widths rounded to multiples of 8)" in summary
+    assert "parameters 2.00M -> 1.50M (25.0% fewer; decoder layers 50.0%)" in summary
+    assert "config: intermediate_size=64, mlp_bias=True" in summary
+    card = model_card(report)
+    assert "25% smaller (channels, flap)" in card and "64 of every 128 MLP channels removed" in card
+    assert "`mlp_bias=True`" in card and "with bias compensation" in card
+    saved = json.loads(report.to_json())["structure"]  # written back: the old keys, and the version
+    assert {k: saved[k] for k in UNTYPED_CHANNELS} == UNTYPED_CHANNELS and saved["version"] == STRUCTURE_VERSION
+    assert Report.from_dict(json.loads(report.to_json())) == report
+    table = write_report([run], tmp_path / "report").read_text(encoding="utf-8")  # `llmprune report`
+    assert "| channels | flap | channels (structured) | uniform | 50.0% | 50.00% | 18.50 → 30.25 |" in table
+
+    layers = StructureRecord.from_dict(UNTYPED_CHANNELS | {"kind": "layers", "unit": "layers", "units_before": 5,
+                                                           "units_kept": 3, "removed_layers": [1, 3], "layers": []})
+    assert layers.kept_layers() == [0, 2, 4]
+    with pytest.raises(LLMPruneError, match="structure record has version 9"):
+        StructureRecord.from_dict(UNTYPED_CHANNELS | {"version": 9})

@@ -58,7 +58,39 @@ def weights(directory) -> dict[str, torch.Tensor]:
 def report_of(directory) -> dict:
     report = json.loads(Path(directory, "report.json").read_text())
     report.pop("seconds")
+    if report.get("structure"):
+        report["structure"].pop("seconds")
     return report
+
+
+IMPORTANCE = {"channels": "flap", "heads": "wanda", "layers": ""}  # flap: bias compensation adds Llama's mlp_bias
+
+
+def structured_job(structure: str, mode: str, source, out, **extra) -> dict:
+    return {"mode": mode, "structure": structure, "method": IMPORTANCE[structure], "src": str(source),
+            "out": str(out), **extra}
+
+
+def check_shrunk(directory, structure: str) -> None:
+    """The saved config states smaller shapes than the source's (5 layers, 128 channels, 4 heads)."""
+    config = json.loads(Path(directory, "config.json").read_text())
+    shapes = (config["num_hidden_layers"], config["intermediate_size"], config["num_attention_heads"])
+    assert shapes == {"channels": (5, 64, 4), "heads": (5, 128, 2), "layers": (3, 128, 4)}[structure], shapes
+
+
+@pytest.fixture
+def most_layers_held(monkeypatch) -> list[int]:
+    """[the most decoder layers a streamed prune held in memory at once], counted at each StreamedLayers.load."""
+    load = streaming.StreamedLayers.load
+    most = [0]
+
+    def counting(self, i):
+        layer = load(self, i)
+        real = [l for l in self.streamed.layers if next(l.parameters()).device.type != "meta"]
+        most[0] = max(most[0], len(real))
+        return layer
+    monkeypatch.setattr(streaming.StreamedLayers, "load", counting)
+    return most
 
 
 def reference(source, method, out) -> Path:
@@ -78,21 +110,12 @@ def test_random_model_loads_and_is_sharded_by_layer(tied_source):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_streamed_equals_in_memory_bit_for_bit(source, tied_source, tmp_path, method, tied, monkeypatch):
+def test_streamed_equals_in_memory_bit_for_bit(source, tied_source, tmp_path, method, tied, most_layers_held):
     """Same tensors, same report; and no more than one decoder layer is ever materialized."""
     src = tied_source if tied else source
-    load = streaming.StreamedLayers.load
-    most = [0]
-
-    def counting(self, i):
-        layer = load(self, i)
-        real = [l for l in self.streamed.layers if next(l.parameters()).device.type != "meta"]
-        most[0] = max(most[0], len(real))
-        return layer
-    monkeypatch.setattr(streaming.StreamedLayers, "load", counting)
     reference(src, method, tmp_path / "memory")
     scale_worker.run({"mode": "stream", "method": method, "src": str(src), "out": str(tmp_path / "stream")})
-    assert most[0] == 1
+    assert most_layers_held[0] == 1
     assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
     memory, stream = weights(tmp_path / "memory"), weights(tmp_path / "stream")
     assert memory.keys() == stream.keys()
@@ -100,6 +123,27 @@ def test_streamed_equals_in_memory_bit_for_bit(source, tied_source, tmp_path, me
         assert torch.equal(memory[name], stream[name]), name
     assert report_of(tmp_path / "memory") == report_of(tmp_path / "stream")
     assert report_of(tmp_path / "stream")["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert not (tmp_path / ".stream.work").exists()
+
+
+@pytest.mark.parametrize("structure", ["channels", "heads", "layers"])
+def test_structured_streamed_equals_in_memory_bit_for_bit(source, tmp_path, structure, most_layers_held):
+    """The streamed structured prune writes the same tensors (of the smaller shapes, under a config that states
+    them, or from_pretrained would not load them) and the same structure record, one decoder layer at a time."""
+    scale_worker.run(structured_job(structure, "memory", source, tmp_path / "memory"))
+    scale_worker.run(structured_job(structure, "stream", source, tmp_path / "stream"))
+    assert most_layers_held[0] == 1
+    check_shrunk(tmp_path / "stream", structure)
+    memory, stream = weights(tmp_path / "memory"), weights(tmp_path / "stream")
+    assert memory.keys() == stream.keys()
+    for name in memory:
+        assert torch.equal(memory[name], stream[name]), name
+    if structure == "channels":  # compensation's bias on down_proj, and the zero biases mlp_bias adds to gate, up
+        assert stream["model.layers.0.mlp.down_proj.bias"].abs().sum() > 0
+        assert torch.equal(stream["model.layers.4.mlp.up_proj.bias"], torch.zeros(64))
+    record = report_of(tmp_path / "stream")["structure"]
+    assert record == report_of(tmp_path / "memory")["structure"]
+    assert record["kind"] == structure and record["units_kept"] < record["units_before"]
     assert not (tmp_path / ".stream.work").exists()
 
 
@@ -117,11 +161,10 @@ def test_offloaded_activations_live_in_a_file_and_change_nothing(source, tmp_pat
     assert torch.equal(kept.hidden, filed.hidden)
     config = PruneConfig(method="sparsegpt", batch_size=4)
     calibration = scale_worker.CALIBRATION
-    staged = []
-    plain = streaming.prune_streamed(source, tmp_path / "a", calibration, config, progress=False,
-                                     finish=lambda staging, report: staged.append(
-                                         streaming.streamed_perplexity(staging, ids, "cpu", progress=False)))
-    assert len(staged) == 1 and staged[0] > 1
+    with streaming.streamed_prune(source, tmp_path / "a", calibration, config, progress=False) as (plain, staging):
+        assert not (tmp_path / "a").exists()  # the output is in place only once the block ends
+        assert streaming.streamed_perplexity(staging, ids, "cpu", progress=False) > 1
+    assert (tmp_path / "a" / "model.safetensors.index.json").is_file()
     offloaded = streaming.prune_streamed(source, tmp_path / "b", calibration, config, progress=False,
                                          offload_activations=tmp_path / "act")
     assert plain.layers == offloaded.layers
@@ -176,6 +219,26 @@ def test_killed_run_resumes_bit_identical(source, tmp_path, method, mode):
     assert report_of(tmp_path / "out") == report_of(tmp_path / "uninterrupted")
 
 
+@pytest.mark.parametrize("structure,mode", [("channels", "memory"), ("channels", "stream"), ("heads", "stream"),
+                                            ("layers", "memory"), ("layers", "stream")])
+def test_killed_structured_run_resumes_bit_identical(source, tmp_path, structure, mode):
+    """Killed after some layers were cut (and written), resumed: the finished layers are cut again from the
+    record before their weights are read, and the output equals an uninterrupted run's."""
+    rng = random.Random(f"{structure}{mode}")
+    kill = f"{rng.randrange(1, 5)}:{rng.choice(['load', 'save'])}"
+    job = structured_job(structure, mode, source, tmp_path / "out", work=str(tmp_path / "work"))
+    child = subprocess.run([sys.executable, str(WORKER), json.dumps(job | {"kill": kill})], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, (kill, child.stderr[-2000:])
+    assert not (tmp_path / "out").exists()
+    assert json.loads((tmp_path / "work" / "state.json").read_text())["done"] == int(kill.split(":")[0]) - 1, kill
+    scale_worker.run(job | {"resume": True})
+    scale_worker.run(structured_job(structure, mode, source, tmp_path / "uninterrupted"))
+    check_shrunk(tmp_path / "out", structure)
+    assert tensor_hashes(tmp_path / "out") == tensor_hashes(tmp_path / "uninterrupted")
+    assert report_of(tmp_path / "out") == report_of(tmp_path / "uninterrupted")
+
+
 def test_resume_refuses_nothing_and_other_settings(source, tmp_path):
     job = {"mode": "stream", "method": "wanda", "src": str(source), "out": str(tmp_path / "out"),
            "work": str(tmp_path / "work")}
@@ -223,6 +286,24 @@ def test_two_gloo_ranks_equal_one_process(source, tmp_path, mode):
         assert report_of(out)["layers"] == report_of(tmp_path / f"{method}-single")["layers"]
 
 
+@pytest.mark.parametrize("structure,mode", [("channels", "memory"), ("channels", "stream"), ("layers", "memory")])
+def test_two_gloo_ranks_equal_one_process_structured(source, tmp_path, structure, mode):
+    """A structured prune on 2 ranks of 4 windows each: the statistics summed over the ranks choose the same units
+    (or layers) as one process on all 8, and the weights (the compensation bias from the summed mean) agree."""
+    results = launch(structured_job(structure, mode, source, tmp_path / "parallel"))
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    scale_worker.run(structured_job(structure, "memory", source, tmp_path / "single"))
+    single, parallel = weights(tmp_path / "single"), weights(tmp_path / "parallel")
+    assert single.keys() == parallel.keys()
+    for name in single:
+        torch.testing.assert_close(parallel[name], single[name], rtol=1e-5, atol=1e-6)
+    one, two = report_of(tmp_path / "single")["structure"], report_of(tmp_path / "parallel")["structure"]
+    assert one["layers"] == two["layers"] and one["removed_layers"] == two["removed_layers"]
+    if structure == "layers":
+        assert two["layer_scores"] == pytest.approx(one["layer_scores"], rel=1e-9)
+    check_shrunk(tmp_path / "parallel", structure)
+
+
 def test_a_dying_rank_fails_the_others_in_one_line(source, tmp_path):
     results = launch({"mode": "memory", "method": "wanda", "src": str(source), "out": str(tmp_path / "out"),
                       "die_at": 2}, timeout=200)
@@ -241,3 +322,36 @@ def test_more_ranks_than_windows_is_refused():
     parallel.world = 3
     shares = [DataParallel.share(type("P", (), {"rank": r, "world": 3})(), scale_worker.CALIBRATION) for r in range(3)]
     assert torch.equal(torch.cat(shares), scale_worker.CALIBRATION)
+
+
+def test_streamed_run_equals_the_in_memory_run(tiny_dir, tmp_path):
+    """pipeline.run with --stream (scale/pipeline.py) against the in-memory run, for a structured prune: the same
+    saved tensors and structure record, the same perplexities (measured layer by layer from the folders), and a
+    report.json that reads back as the report returned."""
+    from llmprune import pipeline
+    from llmprune.config import RunConfig
+    from llmprune.report import Report
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(6000)))
+
+    def run(name, stream):
+        return pipeline.run(RunConfig(model=str(tiny_dir), stream=stream, output=str(tmp_path / name),
+                                      prune=PruneConfig(structure="channels", method="flap", sparsity=0.5, round_to=8,
+                                                        nsamples=4, seqlen=16, batch_size=2),
+                                      calib=f"file:{text}", eval=f"file:{text}", eval_windows=3), progress=False)
+
+    memory, stream = run("memory", False), run("stream", True)
+    assert stream.scale["stream"] and not memory.scale["stream"]
+    without_seconds = lambda record: {k: v for k, v in record.to_dict().items() if k != "seconds"}
+    assert without_seconds(stream.structure) == without_seconds(memory.structure)
+    assert stream.structure.units_kept == 64 < stream.structure.units_before
+    assert stream.perplexity.dense == pytest.approx(memory.perplexity.dense, rel=1e-5)
+    assert stream.perplexity.pruned == pytest.approx(memory.perplexity.pruned, rel=1e-5)
+    assert stream.perplexity.pruned != pytest.approx(stream.perplexity.dense, rel=1e-3)
+    saved_memory, saved_stream = weights(tmp_path / "memory"), weights(tmp_path / "stream")
+    assert saved_memory.keys() == saved_stream.keys()
+    for name in saved_memory:
+        assert torch.equal(saved_memory[name], saved_stream[name]), name
+    assert Report.load(tmp_path / "stream" / "report.json").structure == stream.structure
+    assert "llmprune_config.json" in {f.name for f in (tmp_path / "stream").iterdir()}

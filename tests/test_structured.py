@@ -32,7 +32,7 @@ def pruned(family, structure, layers=3, **options):
     model = tiny_model(family, layers=layers)
     original = copy.deepcopy(model)
     report = prune_structured(model, calibration(), StructuredConfig(structure=structure, **options), progress=False)
-    return original, model, report
+    return original, model, report.structure
 
 
 def logits(model, ids=None):
@@ -46,12 +46,12 @@ def zeroed_reference(original, model, report, output_name):
     reference = copy.deepcopy(original)
     _, ref_layers = decoder_layers(reference)
     _, new_layers = decoder_layers(model)
-    for entry in report["layers"]:
-        ref_out = ref_layers[entry["index"]].get_submodule(output_name)
-        new_out = new_layers[entry["index"]].get_submodule(output_name)
-        width = weight_matrix(ref_out).shape[1] // report["units_before"]
+    for entry in report.layers:
+        ref_out = ref_layers[entry.index].get_submodule(output_name)
+        new_out = new_layers[entry.index].get_submodule(output_name)
+        width = weight_matrix(ref_out).shape[1] // report.units_before
         with torch.no_grad():
-            for unit in entry["removed"]:
+            for unit in entry.removed:
                 weight_matrix(ref_out)[:, unit * width:(unit + 1) * width] = 0
         old_bias = ref_out.bias.detach() if ref_out.bias is not None else 0
         extra = (new_out.bias.detach() - old_bias) if new_out.bias is not None else torch.zeros(())
@@ -62,14 +62,14 @@ def zeroed_reference(original, model, report, output_name):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_channels_equal_zeroed_original(family):
     original, model, report = pruned(family, "channels", sparsity=0.3, method="flap", round_to=8)
-    kept = {128: 88, 256: 176}[report["units_before"]]  # 70% of 128 is 89.6, of 256 (GPT-2) 179.2: multiples of 8
-    assert report["units_kept"] == kept
-    assert all(len(e["removed"]) == report["units_before"] - kept for e in report["layers"])
+    kept = {128: 88, 256: 176}[report.units_before]  # 70% of 128 is 89.6, of 256 (GPT-2) 179.2: multiples of 8
+    assert report.units_kept == kept
+    assert all(len(e.removed) == report.units_before - kept for e in report.layers)
     for layer in decoder_layers(model)[1]:
         assert weight_matrix(layer.get_submodule(MLP_OUTPUT[family])).shape[1] == kept
     reference = zeroed_reference(original, model, report, MLP_OUTPUT[family])
     torch.testing.assert_close(logits(model), logits(reference), atol=2e-5, rtol=1e-4)
-    assert report["params_after"] < report["params_before"]
+    assert report.params_after < report.params_before
 
 
 @pytest.mark.parametrize("family", GQA_FAMILIES)
@@ -79,7 +79,7 @@ def test_heads_equal_zeroed_original(family, mode):
     heads, kv = (2, 2) if mode == "query" else (2, 1)
     assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (heads, kv, 16)
     if mode == "query":  # one query head removed out of each KV group of two
-        assert all(sorted(h // 2 for h in e["removed"]) == [0, 1] for e in report["layers"])
+        assert all(sorted(h // 2 for h in e.removed) == [0, 1] for e in report.layers)
     reference = zeroed_reference(original, model, report, ATTENTION_OUTPUT)
     torch.testing.assert_close(logits(model), logits(reference), atol=2e-5, rtol=1e-4)
 
@@ -95,12 +95,12 @@ def skipping(model, removed):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_removal_equals_skipping(family):
     original, model, report = pruned(family, "layers", layers=4, sparsity=0.5)
-    assert len(report["removed_layers"]) == 2 and len(decoder_layers(model)[1]) == 2
+    assert len(report.removed_layers) == 2 and len(decoder_layers(model)[1]) == 2
     assert model.config.num_hidden_layers == 2
     if family == "gemma3":  # per-layer lists keep the remaining layers' own entries
-        kept = [i for i in range(4) if i not in report["removed_layers"]]
+        kept = [i for i in range(4) if i not in report.removed_layers]
         assert model.config.layer_types == [original.config.layer_types[i] for i in kept]
-    torch.testing.assert_close(logits(model), logits(skipping(original, report["removed_layers"])), atol=1e-5,
+    torch.testing.assert_close(logits(model), logits(skipping(original, report.removed_layers)), atol=1e-5,
                                rtol=1e-5)
 
 
@@ -111,7 +111,7 @@ def test_block_influence_scores_match_hidden_states():
     # hidden_states[i] is layer i's input; the last entry is after the final norm, so score layers 0..2 only
     for i in range(3):
         cos = torch.nn.functional.cosine_similarity(hidden[i].reshape(-1, 64), hidden[i + 1].reshape(-1, 64), dim=-1)
-        assert report["layer_scores"][i] == pytest.approx(float((1 - cos).mean()), abs=1e-5)
+        assert report.layer_scores[i] == pytest.approx(float((1 - cos).mean()), abs=1e-5)
 
 
 def test_skip_loss_scores_are_loss_increases():
@@ -120,8 +120,8 @@ def test_skip_loss_scores_are_loss_increases():
     with torch.no_grad():
         base = float(original(ids, labels=ids).loss)
         skipped = float(skipping(copy.deepcopy(original), [1])(ids, labels=ids).loss)
-    assert report["layer_scores"][1] == pytest.approx(skipped - base, abs=1e-5)
-    assert report["removed_layers"] == [min(range(3), key=lambda i: report["layer_scores"][i])]
+    assert report.layer_scores[1] == pytest.approx(skipped - base, abs=1e-5)
+    assert report.removed_layers == [min(range(3), key=lambda i: report.layer_scores[i])]
 
 
 @pytest.mark.parametrize("family,structure,options", [
@@ -137,11 +137,11 @@ def test_saved_model_loads_with_stock_transformers(tmp_path, family, structure, 
     _, model, report = pruned(family, structure, layers=4, sparsity=0.5, **options)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.num_parameters() == report["params_after"] < report["params_before"]
+    assert loaded.num_parameters() == report.params_after < report.params_before
     torch.testing.assert_close(logits(loaded), logits(model))
-    for key, value in report["config_changes"].items():
+    for key, value in report.config_changes.items():
         assert getattr(loaded.config, key) == value
-    if report.get("bias_compensation"):
+    if report.bias_compensation:
         assert loaded.config.mlp_bias if structure == "channels" else loaded.config.attention_bias
 
 
@@ -222,7 +222,7 @@ def test_channel_wanda_selection_matches_hand_scores():
     z_norms = captured_inputs(original, "mlp.down_proj").norm(dim=0)
     gate, up, down = (weight_matrix(layer.get_submodule(f"mlp.{n}")).double() for n in ("gate_proj", "up_proj", "down_proj"))
     scores = (gate.abs() * x_norms).sum(1) + (up.abs() * x_norms).sum(1) + (down.abs() * z_norms).sum(0)
-    assert report["layers"][0]["removed"] == sorted(scores.argsort()[:32].tolist())
+    assert report.layers[0].removed == sorted(scores.argsort()[:32].tolist())
 
 
 def test_head_flap_selection_matches_hand_scores():
@@ -231,7 +231,7 @@ def test_head_flap_selection_matches_hand_scores():
     variance = captured_inputs(original, "self_attn.o_proj").var(dim=0, unbiased=False)
     per_head = (o_proj.square().sum(0) * variance).reshape(HEADS, HEAD_DIM).sum(1)
     expected = [group * 2 + int(per_head[group * 2 + 1] < per_head[group * 2]) for group in range(KV_HEADS)]
-    assert report["layers"][0]["removed"] == expected  # the weaker query head of each KV group
+    assert report.layers[0].removed == expected  # the weaker query head of each KV group
 
 
 def test_taylor_gradients_match_one_full_batch_backward():
@@ -268,7 +268,7 @@ def test_bias_compensation_preserves_mean_output(family, structure, output):
 
     options = {"sparsity": 0.5, "method": "magnitude", "round_to": 1}
     original, model, report = pruned(family, structure, bias_compensation=True, **options)
-    assert report["bias_compensation"]
+    assert report.bias_compensation
     _, plain, _ = pruned(family, structure, bias_compensation=False, **options)
     dense = mean_output(original)
     shift_compensated = (mean_output(model) - dense).abs().max()
@@ -278,23 +278,23 @@ def test_bias_compensation_preserves_mean_output(family, structure, output):
 
 def test_flap_compensates_by_default_where_the_family_can_carry_it():
     _, llama, report = pruned("llama", "channels", sparsity=0.5, method="flap", round_to=1)
-    assert report["bias_compensation"] and llama.config.mlp_bias
+    assert report.bias_compensation and llama.config.mlp_bias
     assert all(layer.mlp.gate_proj.bias is not None for layer in llama.model.layers)  # mlp_bias governs all three
     _, _, report = pruned("mistral", "channels", sparsity=0.5, method="flap", round_to=1)
-    assert not report["bias_compensation"] and "no config flag" in report["bias_compensation_note"]
+    assert not report.bias_compensation and "no config flag" in report.bias_compensation_note
 
 
 def test_round_to_and_target_params():
     model = tiny_model("llama", intermediate=256)  # 20% of 256 leaves 205 channels: the nearest multiple is 192
     report = prune_structured(model, None, StructuredConfig("channels", method="magnitude", sparsity=0.2, round_to=64),
-                              progress=False)
-    assert report["units_kept"] == model.config.intermediate_size == 192 and report["round_to"] == 64
+                              progress=False).structure
+    assert report.units_kept == model.config.intermediate_size == 192 and report.round_to == 64
     model = tiny_model("llama", intermediate=256)
     config = StructuredConfig("channels", method="magnitude", round_to=1)
     config = replace(config, sparsity=sparsity_for_params(model, config, 0.3))
-    report = prune_structured(model, calibration(), config, progress=False)
-    per_channel = 3 * 64 * 3 / report["decoder_params_before"]  # gate row + up row + down column, 3 layers
-    assert abs(report["decoder_params_removed_fraction"] - 0.3) <= per_channel / 2 + 1e-9
+    report = prune_structured(model, calibration(), config, progress=False).structure
+    per_channel = 3 * 64 * 3 / report.decoder_params_before  # gate row + up row + down column, 3 layers
+    assert abs(report.decoder_params_removed_fraction - 0.3) <= per_channel / 2 + 1e-9
 
 
 def test_pruned_model_prunes_again_unstructured():
@@ -334,8 +334,9 @@ def test_head_count_the_family_rejects_names_the_counts_it_accepts():
                                          num_attention_heads=8, num_key_value_heads=8, vocab_size=VOCAB)).eval()
     with pytest.raises(LLMPruneError, match=r"num_attention_heads=6.*can express here: 0.5, 0.75, 0.875"):
         prune_structured(model, None, StructuredConfig("heads", method="magnitude", sparsity=0.25), progress=False)
-    report = prune_structured(model, None, StructuredConfig("heads", method="magnitude", sparsity=0.5), progress=False)
-    assert report["heads_mode"] == "groups" and model.config.num_attention_heads == 4  # MHA: a head is a group
+    report = prune_structured(model, None, StructuredConfig("heads", method="magnitude", sparsity=0.5),
+                              progress=False).structure
+    assert report.heads_mode == "groups" and model.config.num_attention_heads == 4  # MHA: a head is a group
 
 
 def test_bad_config_and_missing_calibration():
@@ -348,8 +349,8 @@ def test_bad_config_and_missing_calibration():
     with pytest.raises(LLMPruneError, match="needs calibration"):
         prune_structured(tiny_model("llama"), None, StructuredConfig("channels", round_to=1), progress=False)
     report = prune_structured(tiny_model("llama"), None, StructuredConfig("channels", method="magnitude", round_to=1),
-                              progress=False)  # weights alone: no data needed
-    assert report["units_kept"] == 102
+                              progress=False).structure  # weights alone: no data needed
+    assert report.units_kept == 102
 
 
 def test_bench_quick_writes_json_and_plot(tmp_path):
@@ -377,27 +378,28 @@ def test_chained_records_count_against_the_dense_model():
     """Two layer prunes in a row, by hand: 10 layers, [2, 5] removed, then [2, 6] of the 8 left, which are dense
     layers 3 and 8; a stage to 40% of the dense count removes 0.25 of those 8."""
     from llmprune.pruning.structured.runner import chain_records, stage_sparsity
+    from llmprune.report import StructureRecord
 
-    def record(removed, before, kept, params_before, params_after):
-        return {"kind": "layers", "method": "influence", "sparsity": len(removed) / before, "unit": "layers",
+    def record(removed, before, kept, params_before, params_after):  # the untyped form of report.json before it
+        return StructureRecord.from_dict({"kind": "layers", "method": "influence", "sparsity": len(removed) / before, "unit": "layers",
                 "units_before": before, "units_kept": kept, "removed_layers": removed, "layer_scores": [0.0] * before,
                 "achieved_sparsity": len(removed) / before, "params_before": params_before,
                 "params_after": params_after, "params_removed_fraction": 1 - params_after / params_before,
                 "decoder_params_before": params_before - 10, "decoder_params_after": params_after - 10,
                 "decoder_params_removed_fraction": 0.0, "config_changes": {"num_hidden_layers": kept},
-                "seconds": {"score": 1.0}}
+                "seconds": {"score": 1.0}})
 
     first = record([2, 5], 10, 8, 110, 90)
     assert stage_sparsity(first, 0.4) == pytest.approx(0.25)
     second = record([2, 6], 8, 6, 90, 70)
     joined = chain_records(first, second, 0.4)
-    assert joined["removed_layers"] == [2, 3, 5, 8]
-    assert (joined["units_before"], joined["units_kept"], joined["sparsity"]) == (10, 6, 0.4)
-    assert joined["achieved_sparsity"] == pytest.approx(0.4)
-    assert joined["params_removed_fraction"] == pytest.approx(40 / 110)
-    assert joined["decoder_params_removed_fraction"] == pytest.approx(40 / 100)
-    assert joined["config_changes"] == {"num_hidden_layers": 6} and joined["seconds"] == {"score": 2.0}
-    assert joined["stages"] == [first, second] and "layer_scores" not in joined
+    assert joined.removed_layers == [2, 3, 5, 8]
+    assert (joined.units_before, joined.units_kept, joined.sparsity) == (10, 6, 0.4)
+    assert joined.achieved_sparsity == pytest.approx(0.4)
+    assert joined.params_removed_fraction == pytest.approx(40 / 110)
+    assert joined.decoder_params_removed_fraction == pytest.approx(40 / 100)
+    assert joined.config_changes == {"num_hidden_layers": 6} and joined.seconds == {"score": 2.0}
+    assert joined.stages == [first, second] and joined.layer_scores is None
     third = record([0], 6, 5, 70, 60)
-    assert chain_records(joined, third, 0.5)["removed_layers"] == [0, 2, 3, 5, 8]
-    assert len(chain_records(joined, third, 0.5)["stages"]) == 3
+    assert chain_records(joined, third, 0.5).removed_layers == [0, 2, 3, 5, 8]
+    assert len(chain_records(joined, third, 0.5).stages) == 3

@@ -23,8 +23,8 @@ class EvalConfig:
 
     model: str = option(MISSING, "the model to evaluate (an llmprune output, an alias, a Hub id, a .gguf)")
     baseline: str | None = option(None, "a model to compare with, e.g. the dense one (llama)")
-    ppl: tuple[str, ...] | str = option(("wiki",), "comma list of perplexity sources (wiki, wikitext2, c4, "
-                                        "file:PATH), or none", metavar="SOURCES")
+    ppl: tuple[str, ...] | str = option(("wiki",), "comma list of perplexity sources (wiki, code, wikitext2, "
+                                        "c4, file:PATH), or none", metavar="SOURCES")
     tasks: str | None = same_as(RunConfig, "tasks")
     limit: int | None = same_as(RunConfig, "limit")
     num_fewshot: int = same_as(RunConfig, "num_fewshot")

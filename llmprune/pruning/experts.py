@@ -411,7 +411,7 @@ def collect_expert_statistics(layer, index, calls, blocks: list[ExpertBlock], ki
     """Pass 1 of an MoE layer, on its dense weights: {block name: (ExpertStatistics, finalized statistics)}.
     Experts routed fewer than `min_tokens` tokens take their statistics from all of the layer's tokens (a second
     pass, over those experts only) or are pruned by magnitude, as `rare_policy` says."""
-    from .runner import _StopForward, _run
+    from .runner import _StopForward, run_layer
 
     collected = {block.name: ExpertStatistics(block, kinds) for block in blocks}
     rare: dict[str, list[int]] = {}
@@ -426,7 +426,7 @@ def collect_expert_statistics(layer, index, calls, blocks: list[ExpertBlock], ki
         try:
             for batch in range(len(calls.batches)):
                 try:
-                    _run(layer, index, calls, batch)
+                    run_layer(layer, index, calls, batch)
                 except _StopForward:
                     pass
         finally:

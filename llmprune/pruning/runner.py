@@ -1,17 +1,19 @@
 """The layer-by-layer runner: the whole data flow of a prune, in the order it happens.
 
     capture the inputs of layer 0, and the keyword arguments the model gives each layer
-    for each decoder layer:
+    for each decoder layer (each_layer):
         move it to the device
         pass 1: stream the calibration batches through it, hooks accumulating input statistics
         prune its linears from those statistics (one solve per group of linears sharing an input)
         pass 2: stream the batches through the pruned layer: its outputs are the next layer's inputs
-        move it back
+        checkpoint it, move it back
 
-Only the current layer is on the device; the rest of the model stays where it was loaded. Three optional
+Only the current layer is on the device; the rest of the model stays where it was loaded. Structured pruning
+(structured/runner.py) walks the layers with the same each_layer, only its middle step differs. Three optional
 hooks take this loop to models larger than memory, crashes and several processes (llmprune/scale/):
     store:      where layers live: load(i) -> the layer on the device, done(i, layer) puts it back
-    checkpoint: restore(layers, calls, report) -> the first layer left to prune; save(i, layer, calls, report)
+    checkpoint: restore(layers, calls, report[, reshape]) -> the first layer left to prune; save(i, layer, calls,
+                report)
     parallel:   reduce(statistic) sums a statistic over ranks; rank 0 solves and broadcast(modules) shares it
 """
 
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config import PruneConfig
 from ..errors import LLMPruneError
+from ..report import StructureRecord
 from ..runtime import elapsed, resolve_device
 from .experts import ExpertPruning, kept_from_linears
 from .masks import pruned_count
@@ -66,12 +69,11 @@ class PruneReport:
     layers: list[dict] = field(default_factory=list)
     layer_sparsity: list[float] = field(default_factory=list)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    structure: dict | None = None  # what a structured prune removed (pruning/structured/runner.py)
+    structure: StructureRecord | None = None  # what a structured prune removed (pruning/structured/runner.py)
     moe: dict | None = None  # experts pruned, tokens routed to each (pruning/experts.py); None without experts
     coverage: dict | None = None  # per kind of weight: pruned and left dense, and any weight left unaccounted
     tally: dict = field(default_factory=dict)  # pruning/experts.py's running record (expert matrices, routing,
     # every weight's accounting row), kept by a checkpoint
-
 
     @property
     def achieved_sparsity(self) -> float:
@@ -84,8 +86,31 @@ class PruneReport:
             "allocation": self.allocation, "achieved_sparsity": self.achieved_sparsity,
             "layer_sparsity": self.layer_sparsity,
             "layers": [{k: v for k, v in layer.items() if k not in ("zeros", "numel")} for layer in self.layers],
-            "seconds": dict(self.seconds), "moe": self.moe, "coverage": self.coverage,
+            "seconds": dict(self.seconds),
+            "structure": self.structure.to_dict() if self.structure is not None else None,
+            "moe": self.moe, "coverage": self.coverage,
         }
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the report so far (JSON)."""
+        return {"layers": self.layers, "layer_sparsity": self.layer_sparsity, "seconds": self.seconds,
+                "structure": self.structure.to_dict() if self.structure is not None else None, "tally": self.tally}
+
+    def restore_state(self, saved: dict) -> None:
+        """Back to what `state()` returned, in place (the record and dicts others hold stay the same objects)."""
+        self.layers[:], self.layer_sparsity[:] = saved["layers"], saved["layer_sparsity"]
+        self.seconds.update(saved["seconds"])
+        for key, value in saved.get("tally", {}).items():  # in place: the runner's expert step holds these
+            held = self.tally[key]
+            if isinstance(held, dict):
+                held.clear()
+                held.update(value)
+            else:
+                held[:] = value
+        if saved.get("structure") is not None:
+            record = StructureRecord.from_dict(saved["structure"])
+            for name in vars(record):
+                setattr(self.structure, name, getattr(record, name))
 
 
 @torch.inference_mode()
@@ -125,9 +150,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
 
     last = max(i for i, layer_targets in enumerate(targets)  # no data flows past it
                if layer_targets or i in experts.layers_with_experts)
-    bar = tqdm(total=len(layers), initial=first, desc="pruning", unit="layer", disable=not progress)
-    for i in range(first, len(layers)):
-        layer = store.load(i)
+    propagate_to = last if calls is not None and kinds else -1  # a layer --skip keeps whole still feeds the next
+    for i, layer, bar in each_layer(store, len(layers), first, calls, propagate_to, checkpoint, report, device,
+                                    progress):
         statistics = {}
         if calls is not None and kinds and targets[i]:
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: statistics")
@@ -146,18 +171,29 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
         if parallel is not None:
             parallel.broadcast(list(targets[i].values()))
         report.seconds["solve"] += elapsed(start, device)
-        if calls is not None and kinds and i < last:  # a layer --skip keeps whole still feeds the next
-            bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: propagate")
+    report.moe, report.coverage = experts.summary(), experts.coverage()
+    return report
+
+
+def each_layer(store, count: int, first: int, calls, propagate_to: int, checkpoint, report, device, progress,
+               desc: str = "pruning"):
+    """The loop every prune shares: yields (i, layer on the device, progress bar) for layers first..count-1; once
+    the caller has worked on the layer, its outputs become the next layer's inputs (for layers before
+    `propagate_to`: no data flows further), it is checkpointed and given back to the store."""
+    bar = tqdm(total=count, initial=first, desc=desc, unit="layer", disable=not progress)
+    for i in range(first, count):
+        layer = store.load(i)
+        yield i, layer, bar
+        if calls is not None and i < propagate_to:
+            bar.set_postfix_str(f"layer {i + 1}/{count}: propagate")
             start = time.perf_counter()
             propagate(layer, i, calls)
-            report.seconds["propagate"] += elapsed(start, device)
+            report.seconds["propagate"] = report.seconds.get("propagate", 0.0) + elapsed(start, device)
         if checkpoint is not None:
             checkpoint.save(i, layer, calls, report)
         store.done(i, layer)
         bar.update()
     bar.close()
-    report.moe, report.coverage = experts.summary(), experts.coverage()
-    return report
 
 
 class ModelLayers:
@@ -277,7 +313,8 @@ def _to_device(value, device, moved):
     return value
 
 
-def _run(layer, index, calls, batch):
+def run_layer(layer, index, calls, batch) -> torch.Tensor:
+    """Layer `index`'s output hidden states for one batch of its captured inputs."""
     hidden = calls.hidden[calls.batches[batch]].to(calls.device)
     out = layer(hidden, *calls.args[batch][index], **calls.kwargs[batch][index])
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -312,7 +349,7 @@ def collect_statistics(layer, index, calls, targets, kinds, write_outputs=False,
     try:
         for batch in range(len(calls.batches)):
             try:
-                out = _run(layer, index, calls, batch)
+                out = run_layer(layer, index, calls, batch)
                 if write_outputs:
                     calls.hidden[calls.batches[batch]] = out
             except _StopForward:
@@ -385,7 +422,7 @@ def verify_mask(group, weight, keep, rows, method: Method, sparsity, config) -> 
 def propagate(layer, index, calls) -> None:
     """Pass 2: each batch's output replaces its input in place; it is the next layer's input."""
     for batch, rows in enumerate(calls.batches):
-        calls.hidden[rows] = _run(layer, index, calls, batch)
+        calls.hidden[rows] = run_layer(layer, index, calls, batch)
 
 
 def allocate_sparsity(store, targets, calls, config, device, report, progress, reduce=None) -> list[float]:

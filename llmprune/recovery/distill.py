@@ -132,14 +132,17 @@ def output_vocab_size(model) -> int:
 @torch.inference_mode()
 def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, progress: bool = True, *,
                  temperature: float = 1.0, spill_dir: str | Path | None = None,
-                 chunk_windows: int = 64, hidden_layers: tuple[int, ...] = ()) -> TeacherTargets:
+                 chunk_windows: int = 64, hidden_layers: tuple[int, ...] = (),
+                 logit_chunk: int = 128) -> TeacherTargets:
     """The dense ``model``'s top-``k`` log-probabilities at ``temperature`` on every position of ``windows``
     ([n, seqlen] LongTensor), and the log of the mass outside the top k. Call it before pruning.
 
     Kept in memory unless ``spill_dir`` is given: then written there as safetensors chunks of ``chunk_windows``
     windows (plus a manifest, so :meth:`TeacherTargets.load` reads them back). Memory per token: ``k * 6 + 4``
-    bytes (float16 log-probs, int32 ids, float32 bucket); one batch's logits are the only other cost.
-    ``hidden_layers``: decoder layer indices whose outputs are kept too (bfloat16, for the hidden-state loss).
+    bytes (float16 log-probs, int32 ids, float32 bucket); the only other cost is ``logit_chunk`` tokens' logits
+    (and their softmax) at a time where the model splits into decoder and head (recovery/chunked.py), else one
+    batch's. ``hidden_layers``: decoder layer indices whose outputs are kept too (bfloat16, for
+    :func:`~llmprune.recovery.losses.hidden_loss`).
     """
     if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[0] == 0:
         raise LLMPruneError(f"teacher windows must be a LongTensor [n_windows, seqlen], got {windows.dtype} "
@@ -167,6 +170,10 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
     model.eval()
     chunks = []
     hidden_size = 0
+    from llmprune.evaluation.perplexity import PROBE_TOKENS
+    from llmprune.recovery.chunked import split_head
+
+    split = split_head(model, windows[:1, :PROBE_TOKENS].to(device)) if logit_chunk else None
     try:
         with tqdm(total=len(windows), desc="teacher top-k", unit="window", disable=not progress) as bar, \
                 capture_layer_outputs(model, hidden_layers) as outputs:
@@ -175,8 +182,7 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
                 parts = {name: [] for name in (*FIELDS, *map(_hidden_field, hidden_layers))}
                 for start in range(chunk_start, chunk_stop, batch_size):
                     batch = windows[start : min(start + batch_size, chunk_stop)].to(device)
-                    logits = model(input_ids=batch, use_cache=False).logits
-                    logprobs, indices, rest = topk_with_bucket(logits, k, temperature)
+                    logprobs, indices, rest = _batch_topk(model, split, batch, k, temperature, logit_chunk)
                     parts["logprobs"].append(logprobs.to(torch.float16).cpu())
                     parts["indices"].append(indices.to(torch.int32).cpu())
                     parts["rest"].append(rest.squeeze(-1).cpu())
@@ -203,6 +209,17 @@ def teacher_topk(model, windows: torch.Tensor, k: int, batch_size: int = 4, prog
             "chunks": [path.name for path in chunks], "hidden_layers": list(hidden_layers),
             "hidden_size": hidden_size})
     return targets
+
+
+def _batch_topk(model, split, batch: torch.Tensor, k: int, temperature: float, chunk: int):
+    """topk_with_bucket over a batch [b, s]: through ``split`` (decoder, then head) ``chunk`` tokens at a time,
+    or over the model's logits whole."""
+    if split is None:
+        return topk_with_bucket(model(input_ids=batch, use_cache=False).logits, k, temperature)
+    hidden = split.decoder(input_ids=batch, use_cache=False).last_hidden_state.flatten(0, 1)
+    pieces = [topk_with_bucket(split.head(hidden[start : start + chunk]), k, temperature)
+              for start in range(0, len(hidden), chunk)]
+    return tuple(torch.cat(column).unflatten(0, batch.shape) for column in zip(*pieces))
 
 
 def _store_chunk(chunk: dict[str, torch.Tensor], spill_dir: Path | None, number: int):

@@ -67,24 +67,19 @@ class WorkFolder:
     def layer_file(self, i: int) -> Path:
         return self.path / shard_name(i, self.shard_count)
 
-    def restore(self, layers, calls, report) -> int:
-        """Put back what the interrupted run had finished; returns the first layer left to prune."""
+    def restore(self, layers, calls, report, reshape=None) -> int:
+        """Put back what the interrupted run had finished; returns the first layer left to prune. `reshape(i,
+        layer)`, given by a prune that changes shapes, makes layer i (in memory or on the meta device) take the
+        shapes it had when checkpointed, from the restored report; its weights are then read into it."""
         if self.state is None:
             return 0
         from safetensors.torch import load_file
 
         done = self.state["done"]
-        saved = self.state["report"]
-        report.layers[:], report.layer_sparsity[:] = saved["layers"], saved["layer_sparsity"]
-        report.seconds.update(saved["seconds"])
-        for key, value in saved.get("tally", {}).items():  # in place: the runner's expert step holds these
-            held = report.tally[key]
-            if isinstance(held, dict):
-                held.clear()
-                held.update(value)
-            else:
-                held[:] = value
+        report.restore_state(self.state["report"])
         for i in range(done + 1):
+            if reshape is not None:
+                reshape(i, layers[i])
             if next(layers[i].parameters()).device.type != "meta":  # held in memory: give it its pruned weights
                 prefix = f"{self.prefix}.{i}."
                 weights = {k[len(prefix):]: v for k, v in load_file(self.layer_file(i)).items()}
@@ -100,9 +95,7 @@ class WorkFolder:
         write_atomically(self.layer_file(i), lambda p: save_file(weights, p, metadata={"format": "pt"}))
         if calls is not None and i + 1 < self.layer_count:
             write_atomically(self.path / f"hidden-{i:05d}.pt", lambda p: torch.save(calls.hidden.to("cpu"), p))
-        state = {"settings": self.settings, "done": i, "report": {
-            "layers": report.layers, "layer_sparsity": report.layer_sparsity, "seconds": report.seconds,
-            "tally": report.tally}}
+        state = {"settings": self.settings, "done": i, "report": report.state()}
         write_atomically(self.path / STATE, lambda p: p.write_text(json.dumps(state, indent=1)))
         for old in self.path.glob("hidden-*.pt"):
             if old.name != f"hidden-{i:05d}.pt":
@@ -127,12 +120,15 @@ def check_resumable(work_dir: str | Path) -> None:
 def prune_resumable(model, calibration, config, work_dir, model_id: str, resume: bool = False, progress: bool = True,
                     **prune_options):
     """The in-memory runner with a checkpoint after every layer in `work_dir`; `resume` continues the last
-    complete layer. The caller removes work_dir once the output is written. Returns the PruneReport."""
+    complete layer. `config`: a PruneConfig, or a StructuredConfig for a structured prune. The caller removes
+    work_dir once the output is written. Returns the PruneReport."""
     from ..inputs.models import decoder_layers
     from ..pruning.runner import prune
+    from ..pruning.structured import StructuredConfig, prune_structured
 
     prefix, layers = decoder_layers(model)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     work = WorkFolder(work_dir, settings_of(config, model_id, calibration, dtype=dtype, stream=False), prefix,
                       len(layers), resume=resume)
-    return prune(model, calibration, config, progress, checkpoint=work, **prune_options)
+    run = prune_structured if isinstance(config, StructuredConfig) else prune
+    return run(model, calibration, config, progress, checkpoint=work, **prune_options)

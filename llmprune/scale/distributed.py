@@ -3,7 +3,8 @@
 Every rank holds the model (or streams it) and a contiguous share of the calibration windows. For each
 layer, every rank runs its share through it; each statistic's sums are added over the ranks with
 all_reduce (statistics.py: a statistic is nothing but sums), rank 0 solves, and the pruned weights are
-broadcast so that every rank propagates through the same layer. Only rank 0 writes the output.
+broadcast so that every rank propagates through the same layer. A structured prune broadcasts rank 0's choice of
+units instead, and every rank cuts them out alike (from the same summed statistics). Only rank 0 writes the output.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from ..pruning.statistics import reduce_statistic
 
 
 class DataParallel:
-    """The hooks the runner calls under torch.distributed: reduce(statistic), broadcast(modules)."""
+    """The hooks the runners call under torch.distributed: reduce(statistic), broadcast(modules); and for a
+    structured prune sum(tensor) and decide(tensor)."""
 
     def __init__(self):
         import torch.distributed as dist
@@ -55,6 +57,16 @@ class DataParallel:
 
     def reduce(self, statistic) -> None:
         reduce_statistic(statistic, lambda tensor: self._collective(self.dist.all_reduce, tensor))
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor summed over the ranks, in place."""
+        self._collective(self.dist.all_reduce, tensor)
+        return tensor
+
+    def decide(self, decision: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `decision` (e.g. the units a structured prune keeps) on every rank, in place."""
+        self._collective(lambda t: self.dist.broadcast(t, src=0), decision)
+        return decision
 
     def broadcast(self, modules) -> None:
         for module in modules:

@@ -4,7 +4,8 @@ only while it is worked on, pruned, and written to the output's shards as it goe
     skeleton        accelerate's init_empty_weights: every parameter on the meta device, costing nothing
     embeddings etc. the tensors outside the decoder layers (the output head only when evaluating)
     StreamedLayers  load(i): layer i's tensors, and only those, via safetensors.safe_open; done(i): freed
-    prune_streamed  the runner's loop with this store and a WorkFolder, whose layer files become the output
+    streamed_prune  the runner's loop (unstructured or structured) with this store and a WorkFolder, whose
+                    layer files become the output
 
 The output is a standard sharded safetensors directory (one shard per decoder layer, one per other
 tensor, model.safetensors.index.json) that from_pretrained loads. The dense model is never whole in memory.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -129,16 +131,20 @@ class StreamedLayers:
         release_free_memory()
 
 
-def prune_streamed(model_dir, out_dir, calibration, config, *, dtype: str = "float32", work_dir=None,
+@contextmanager
+def streamed_prune(model_dir, out_dir, calibration, config, *, dtype: str = "float32", work_dir=None,
                    resume: bool = False, offload_activations=None, overwrite: bool = False, parallel=None,
-                   progress: bool = True, trust_remote_code: bool = False, finish=None):
-    """Prune a safetensors model directory into `out_dir` without ever holding the dense model: returns the
-    PruneReport. `work_dir` (default: beside out_dir) holds the checkpoint; `resume` continues it. Under
-    `parallel` (a DataParallel) `calibration` is this rank's share and only rank 0 writes. `finish(staging,
-    report)`, called before the output is renamed into place, may evaluate the staged model
-    (streamed_perplexity(staging, ...)) and add files (report.json, model card) to it."""
+                   progress: bool = True, trust_remote_code: bool = False):
+    """Prune a safetensors model directory into `out_dir` without ever holding the dense model; `config` is a
+    PruneConfig, or a StructuredConfig for a structured prune (the layers written shrink, and the config written
+    states the new shapes). Yields (PruneReport, staging): the output folder, complete but not yet in place, where
+    the caller may evaluate the model (streamed_perplexity(staging, ...)) and add files (report, model card); it
+    becomes `out_dir` when the block ends without an error. `work_dir` (default: beside out_dir) holds the
+    checkpoint; `resume` continues it. Under `parallel` (a DataParallel) `calibration` is this rank's share and
+    only rank 0 writes: the other ranks get staging None."""
     from ..output.atomic import atomic_directory, check_output
     from ..pruning.runner import prune
+    from ..pruning.structured import StructuredConfig, prune_structured
 
     writer = parallel is None or parallel.rank == 0
     if writer:
@@ -155,40 +161,59 @@ def prune_streamed(model_dir, out_dir, calibration, config, *, dtype: str = "flo
                                dtype=dtype, stream=True)
         work = WorkFolder(work_dir or default_work_dir(out_dir), settings, streamed.prefix, layer_count, shard_count,
                           resume)
-    report = prune(streamed.model, calibration, config, progress, store=StreamedLayers(streamed, device),
-                   checkpoint=work, parallel=parallel, offload_activations=offload_activations)
+    run = prune_structured if isinstance(config, StructuredConfig) else prune
+    report = run(streamed.model, calibration, config, progress, store=StreamedLayers(streamed, device),
+                 checkpoint=work, parallel=parallel, offload_activations=offload_activations)
     if writer:
         with atomic_directory(out_dir, overwrite) as staging:
-            write_output(streamed, work, staging)
-            if finish is not None:
-                finish(staging, report)
+            write_output(streamed, work, staging, report.structure)
+            yield report, staging
         work.remove()
+    else:
+        yield report, None
     if parallel is not None:
         parallel.barrier()
-    return report
 
 
-def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path) -> None:
+def prune_streamed(model_dir, out_dir, calibration, config, **options):
+    """streamed_prune, its output put in place as it is: returns the PruneReport."""
+    with streamed_prune(model_dir, out_dir, calibration, config, **options) as (report, _):
+        return report
+
+
+def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, structure=None) -> None:
     """Move the pruned layers' shards in, write each other tensor as its own shard, the index and every
-    non-weight file of the source (config, tokenizer, generation config)."""
+    non-weight file of the source (config, tokenizer, generation config). After a structured prune (`structure`,
+    its record) the config is the pruned model's, and the shards of the layers it removed are left out, those
+    after them renumbered."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    removed = set(structure.removed_layers or ()) if structure is not None else set()
+    kept = [i for i in range(work.layer_count) if i not in removed]
+    shard_count = len(kept) + len(streamed.rest)
     mapping: dict[str, str] = {}
     total = 0
-    for i in range(len(streamed.layers)):
-        with safe_open(work.layer_file(i), "pt") as f:
+    for new, old in enumerate(kept):
+        shard = shard_name(new, shard_count)
+        if removed:  # names and shard numbers change: rewrite it
+            old_prefix, new_prefix = f"{streamed.prefix}.{old}.", f"{streamed.prefix}.{new}."
+            with safe_open(work.layer_file(old), "pt") as f:
+                tensors = {new_prefix + name[len(old_prefix):]: f.get_tensor(name) for name in f.keys()}
+            save_file(tensors, staging / shard, metadata={"format": "pt"})
+        else:
+            shutil.move(work.layer_file(old), staging / shard)
+        with safe_open(staging / shard, "pt") as f:
             for name in f.keys():
-                mapping[name] = work.layer_file(i).name
+                mapping[name] = shard
                 piece = f.get_slice(name)
                 total += _numel(piece.get_shape()) * _itemsize(piece.get_dtype())
-        shutil.move(work.layer_file(i), staging / work.layer_file(i).name)
     for j, name in enumerate(streamed.rest):
         with safe_open(streamed.files[name], "pt") as f:
             tensor = f.get_tensor(name)
         if tensor.is_floating_point():
             tensor = tensor.to(streamed.dtype)  # as from_pretrained(dtype=...) then save_pretrained would
-        shard = shard_name(len(streamed.layers) + j, work.shard_count)
+        shard = shard_name(len(kept) + j, shard_count)
         save_file({name: tensor.contiguous()}, staging / shard, metadata={"format": "pt"})
         mapping[name] = shard
         total += tensor.numel() * tensor.element_size()
@@ -198,6 +223,8 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path) -> No
     for source in streamed.dir.iterdir():
         if source.is_file() and source not in weights and not source.name.endswith((".bin", ".pt", ".pth")):
             shutil.copy2(source, staging / source.name)
+    if structure is not None:  # the shapes changed: the config is the pruned model's, as save_pretrained writes it
+        streamed.model.config.to_json_file(staging / "config.json")
     config = json.loads((staging / "config.json").read_text())
     config.pop("torch_dtype", None)
     config["dtype"] = str(streamed.dtype).removeprefix("torch.")  # what the shards now hold
@@ -223,10 +250,11 @@ def streamed_perplexity(model_dir, windows: torch.Tensor, device=None, dtype: st
     with the decoder layers replaced by the states they would have produced."""
     import math
 
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from ..evaluation.perplexity import PROBE_TOKENS, nll_sum
     from ..pruning.runner import capture_layer_calls, propagate
+    from ..recovery.chunked import split_head
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     streamed = StreamedModel(model_dir, dtype, trust_remote_code)
@@ -240,17 +268,28 @@ def streamed_perplexity(model_dir, windows: torch.Tensor, device=None, dtype: st
     streamed.load_tensors(streamed.rest, streamed.model, "", "cpu")  # embeddings (dropped), final norm, head
     model_device = next(p.device for p in streamed.model.parameters() if p.device.type != "meta")
     total, count = 0.0, 0
+    split = None
     for batch, rows in enumerate(calls.batches):
         final = calls.hidden[rows].to(model_device)
-        for j, layer in enumerate(streamed.layers):  # layer 0 yields the last layer's output; the rest pass it on
-            layer.forward = (lambda hidden_states, *a, final=final, **k: final) if j == 0 else \
-                (lambda hidden_states, *a, **k: hidden_states)
-        try:
-            ids = windows[rows].to(model_device)
-            logits = streamed.model(input_ids=ids, use_cache=False).logits
-        finally:
-            for layer in streamed.layers:
-                del layer.forward
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        ids = windows[rows].to(model_device)
+        if batch == 0:  # does decoder + head give the model's logits? (checked on a few tokens, as perplexity does)
+            with _replaced_layers(streamed.layers, final[:1, :PROBE_TOKENS]):
+                split = split_head(streamed.model, ids[:1, :PROBE_TOKENS])
+        with _replaced_layers(streamed.layers, final):
+            total += nll_sum(streamed.model, ids, split)
         count += ids[:, 1:].numel()
     return math.exp(total / count)
+
+
+@contextmanager
+def _replaced_layers(layers, final: torch.Tensor):
+    """The model's own forward with its decoder layers standing in: layer 0 yields the last layer's output
+    (``final``), the rest pass it on."""
+    for j, layer in enumerate(layers):
+        layer.forward = (lambda hidden_states, *a, **k: final) if j == 0 else \
+            (lambda hidden_states, *a, **k: hidden_states)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward

@@ -7,16 +7,20 @@ the model stays an ordinary Hugging Face model of smaller shapes.
     channels / heads:
         taylor only: the calibration loss's gradient of the structure's weights (one whole-model pass)
         capture the inputs of layer 0 and every layer's own arguments (the unstructured runner's code)
-        for each decoder layer, on the device:
+        for each decoder layer, on the device (the unstructured runner's each_layer):
             statistics of the inputs of its first input projection and of its output projection
             score the units, keep the best (the same number in every layer, and in every KV group)
             fold the removed units' mean contribution into the output projection's bias (compensation)
             slice the projections; set the attributes the module's forward reads
             propagate: the pruned layer's outputs are the next layer's inputs
     layers:
-        block influence, measured while the dense layers propagate, or the loss increase when skipped
+        block influence, measured while the dense layers propagate (each_layer), or the loss increase when skipped
         delete the least important layers; renumber the KV cache slots; shorten per-layer config lists
     write the config, and check the model's own class built from it has exactly the model's shapes
+
+The runner's hooks (store, checkpoint, parallel) work here as in an unstructured prune: a streamed model's
+layers shrink as they are written, a resumed run re-cuts the finished layers from the record before reading
+their weights, and under torchrun rank 0 chooses the units from the summed statistics and broadcasts them.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...errors import LLMPruneError
-from ...inputs.models import decoder_layers, weight_matrix
+from ...inputs.models import decoder_layers, is_linear, weight_matrix
+from ...report import StructureLayer, StructureRecord
 from ...runtime import elapsed, parameter_count, resolve_device
-from ..runner import _run, capture_layer_calls, collect_statistics, propagate
+from ..runner import ModelLayers, PruneReport, capture_layer_calls, collect_statistics, each_layer, run_layer
 from .compensation import removed_mean_contribution
 from .config import StructuredConfig
 from .discovery import (FUSED_QKV, HEAD_ATTRIBUTES, MLP_INPUTS, MLP_OUTPUTS, WIDTH_ATTRIBUTES, attention_shape,
@@ -72,6 +76,19 @@ class Plan:
     heads_mode: str | None = None
     compensate: bool = False
     compensation_note: str | None = None
+
+    @property
+    def unit(self) -> str:
+        if self.structure == "heads":
+            return "heads" if self.heads_mode == "query" else "kv_groups"
+        return self.structure
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(units before, units kept): per decoder layer, or decoder layers."""
+        if self.spec is not None:
+            return self.spec.units, self.spec.kept
+        return len(self.layers), len(self.layers) - self.remove_count
 
 
 def plan_structure(model: nn.Module, config: StructuredConfig) -> Plan:
@@ -250,38 +267,33 @@ def parameter_counts(model: nn.Module, layers: nn.ModuleList) -> tuple[int, int]
     return parameter_count(model.parameters()), parameter_count(layers.parameters())
 
 
-def kept_layers(record: dict) -> list[int] | None:
-    """The dense index of each decoder layer a structure record left (None: it removed no layer)."""
-    removed = set(record.get("removed_layers") or ())
-    return [i for i in range(record["units_before"]) if i not in removed] if removed else None
-
-
-def stage_sparsity(previous: dict, target: float) -> float:
+def stage_sparsity(previous: StructureRecord, target: float) -> float:
     """A --schedule stage's sparsity for `prune_structured`, which removes a fraction of what the model has now:
     the fraction that brings the structure to `target` of the dense count, given the record of the prunes so far."""
-    return 1 - previous["units_before"] * (1 - target) / previous["units_kept"]
+    return 1 - previous.units_before * (1 - target) / previous.units_kept
 
 
-def chain_records(previous: dict, stage: dict, target: float) -> dict:
+def chain_records(previous: StructureRecord, stage: StructureRecord, target: float) -> StructureRecord:
     """The record of a schedule so far: `stage` pruned the model that `previous` left, towards `target` of the
     dense structure. Counts are against the dense model, removed layers are named by their dense index, and every
-    stage's own record (its counts against the model it pruned) is kept under "stages"."""
-    stages = previous.get("stages") or [previous]
-    joined = {key: value for key, value in stage.items() if key not in ("layers", "layer_scores", "removed_layers")}
-    joined |= {"sparsity": target, "units_before": previous["units_before"],
-               "achieved_sparsity": 1 - stage["units_kept"] / previous["units_before"],
-               "params_before": previous["params_before"],
-               "params_removed_fraction": 1 - stage["params_after"] / previous["params_before"],
-               "decoder_params_before": previous["decoder_params_before"],
-               "decoder_params_removed_fraction": 1 - stage["decoder_params_after"] / previous["decoder_params_before"],
-               "config_changes": previous["config_changes"] | stage["config_changes"],
-               "seconds": {key: previous["seconds"].get(key, 0.0) + stage["seconds"].get(key, 0.0)
-                           for key in previous["seconds"].keys() | stage["seconds"].keys()},
-               "stages": [*stages, stage]}
-    if "removed_layers" in stage:
-        survivors = kept_layers(previous) or list(range(previous["units_before"]))
-        joined["removed_layers"] = sorted([*previous["removed_layers"], *(survivors[i] for i in stage["removed_layers"])])
-    return joined
+    stage's own record (its counts against the model it pruned) is kept in `stages`."""
+    from dataclasses import replace
+
+    removed = None
+    if stage.removed_layers is not None:
+        survivors = previous.kept_layers() or list(range(previous.units_before))
+        removed = sorted([*(previous.removed_layers or ()), *(survivors[i] for i in stage.removed_layers)])
+    seconds = {key: previous.seconds.get(key, 0.0) + stage.seconds.get(key, 0.0)
+               for key in previous.seconds.keys() | stage.seconds.keys()}
+    return replace(stage, sparsity=target, units_before=previous.units_before,
+                   achieved_sparsity=1 - stage.units_kept / previous.units_before,
+                   params_before=previous.params_before,
+                   params_removed_fraction=1 - stage.params_after / previous.params_before,
+                   decoder_params_before=previous.decoder_params_before,
+                   decoder_params_removed_fraction=1 - stage.decoder_params_after / previous.decoder_params_before,
+                   config_changes=previous.config_changes | stage.config_changes, seconds=seconds,
+                   layers=[], layer_scores=None, removed_layers=removed,
+                   stages=[*(previous.stages or [previous]), stage])
 
 
 def sparsity_for_params(model: nn.Module, config: StructuredConfig, fraction: float) -> float:
@@ -312,43 +324,68 @@ def sparsity_for_params(model: nn.Module, config: StructuredConfig, fraction: fl
     return sparsity
 
 
+def check_layer_by_layer(config: StructuredConfig, streamed: bool, parallel: bool) -> None:
+    """Taylor importance and skip-loss layer importance run the whole model over all calibration windows, which
+    neither a streamed model (never whole in memory) nor a rank's share of the windows allows."""
+    whole_model = config.layer_importance == "skip_loss" if config.structure == "layers" else \
+        get_importance(config.method).needs == "gradients"
+    if whole_model and (streamed or parallel):
+        raise LLMPruneError(f"{config.layer_importance if config.structure == 'layers' else config.method} runs the "
+                            f"whole model over all calibration windows: run it in one process, in memory (no "
+                            f"--stream, no torchrun), or choose another importance")
+
+
 @torch.no_grad()
 def prune_structured(model: nn.Module, calibration: torch.Tensor | None, config: StructuredConfig,
-                     progress: bool = True) -> dict:
-    """Prune `model` in place; return the report's `structure` record. `calibration`: (nsamples, seqlen)
-    token ids; only magnitude without bias compensation needs none."""
+                     progress: bool = True, store=None, checkpoint=None, parallel=None,
+                     offload_activations=None) -> PruneReport:
+    """Prune `model` in place; the returned PruneReport's `structure` is the report's record. `calibration`:
+    (nsamples, seqlen) token ids (this rank's share under `parallel`); only magnitude without bias compensation
+    needs none. `store`, `checkpoint`, `parallel`, `offload_activations`: as for the unstructured `prune`."""
     plan = plan_structure(model, config)
     importance = get_importance(config.method) if plan.spec else None
     needs_data = plan.structure == "layers" or importance.needs is not None or plan.compensate
     if needs_data and calibration is None:
         raise LLMPruneError(f"--structure {plan.structure} with {config.method or config.layer_importance}"
                             f"{' and bias compensation' if plan.compensate else ''} needs calibration data")
+    check_layer_by_layer(config, any(p.device.type == "meta" for p in model.parameters()), parallel is not None)
     device = resolve_device(config.device)
     params_before, decoder_before = parameter_counts(model, plan.layers)
-    seconds: dict[str, float] = {}
-    record = {"kind": plan.structure, "method": config.method if plan.spec else config.layer_importance,
-              "sparsity": config.sparsity}
+    before, kept = plan.counts
+    record = StructureRecord(plan.structure, config.method if plan.spec else config.layer_importance,
+                             config.sparsity, plan.unit, 1 - kept / before, before, kept, plan.compensate,
+                             plan.compensation_note)
+    if plan.structure == "channels":
+        record.round_to = config.round_to
+    elif plan.structure == "heads":
+        record.heads_mode = plan.heads_mode
+        record.heads_after = plan.spec.attributes["num_heads"]
+        record.kv_heads_after = plan.spec.attributes["num_key_value_heads"]
+    report = PruneReport(record.method, config.sparsity, "structured", "uniform", seconds={}, structure=record)
+    store = store or ModelLayers(plan.layers, device)
+    hooks = {"store": store, "checkpoint": checkpoint, "parallel": parallel, "offload": offload_activations}
     if plan.spec:
-        record |= _prune_units(model, calibration, config, plan, importance, device, seconds, progress)
+        _prune_units(model, calibration, config, plan, importance, report, device, progress, **hooks)
     else:
-        record |= _prune_layers(model, calibration, config, plan, device, seconds, progress)
+        _prune_layers(model, calibration, config, plan, report, device, progress, **hooks)
     for key, value in plan.changes.items():
         setattr(model.config, key, value)
     start = time.perf_counter()
     verify_against_config(model)
-    seconds["verify"] = time.perf_counter() - start
+    report.seconds["verify"] = time.perf_counter() - start
+    record.seconds = report.seconds  # one dict: the report's phases are the record's
     params_after, decoder_after = parameter_counts(model, plan.layers)
-    return record | {
-        "params_before": params_before, "params_after": params_after,
-        "params_removed_fraction": 1 - params_after / params_before,
-        "decoder_params_before": decoder_before, "decoder_params_after": decoder_after,
-        "decoder_params_removed_fraction": 1 - decoder_after / decoder_before,
-        "config_changes": dict(plan.changes), "seconds": seconds,
-    }
+    record.params_before, record.params_after = params_before, params_after
+    record.params_removed_fraction = 1 - params_after / params_before
+    record.decoder_params_before, record.decoder_params_after = decoder_before, decoder_after
+    record.decoder_params_removed_fraction = 1 - decoder_after / decoder_before
+    record.config_changes = dict(plan.changes)
+    return report
 
 
-def _prune_units(model, calibration, config, plan: Plan, importance, device, seconds, progress) -> dict:
-    spec, layers = plan.spec, plan.layers
+def _prune_units(model, calibration, config, plan: Plan, importance, report, device, progress, store, checkpoint,
+                 parallel, offload):
+    spec, layers, record, seconds = plan.spec, plan.layers, report.structure, report.seconds
     gradients = None
     if importance.needs == "gradients":
         start = time.perf_counter()
@@ -360,46 +397,56 @@ def _prune_units(model, calibration, config, plan: Plan, importance, device, sec
     calls = None
     if importance.needs == "statistics" or plan.compensate:
         start = time.perf_counter()
-        calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress)
+        calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress, offload)
         seconds["capture"] = elapsed(start, device)
+    planned = meta_model(model, planned_config(model, plan.changes))  # the shapes each layer is cut to
+    planned_layers = decoder_layers(planned)[1]
+
+    def recut(i, layer):  # a layer the interrupted run finished: its shapes again, from the record
+        removed = set(record.layers[i].removed)
+        keep = torch.tensor([u for u in range(spec.units) if u not in removed], device=weight_matrix(
+            layer.get_submodule(spec.cols[0])).device)
+        cut_units(layer, spec, keep, None, planned_layers[i])
+
+    first = checkpoint.restore(layers, calls, report, reshape=recut) if checkpoint is not None else 0
     for phase in ("statistics", "prune", "propagate"):
-        seconds[phase] = 0.0
-    per_layer = []
-    for i, layer in enumerate(tqdm(layers, desc=f"pruning {plan.structure}", unit="layer", disable=not progress)):
-        home = next(layer.parameters()).device
-        layer.to(device)
+        seconds.setdefault(phase, 0.0)
+    for i, layer, bar in each_layer(store, len(layers), first, calls, len(layers) - 1 if calls else -1, checkpoint,
+                                    report, device, progress, desc=f"pruning {plan.structure}"):
         start = time.perf_counter()
         statistics = {}
         if calls is not None:
+            bar.set_postfix_str(f"layer {i + 1}/{len(layers)}: statistics")
             watched = {name: layer.get_submodule(name) for name in (spec.rows[0], spec.cols[0])}
-            statistics = collect_statistics(layer, i, calls, watched, ("input_moments",))
+            statistics = collect_statistics(layer, i, calls, watched, ("input_moments",),
+                                            reduce=parallel.reduce if parallel is not None else None)
         seconds["statistics"] += elapsed(start, device)
         start = time.perf_counter()
-        layer_gradients = gradients and {name: gradients[f"{i}.{name}"].to(device) for name in spec.rows + spec.cols}
-        scores = importance.fn(unit_view(layer, spec, statistics, layer_gradients))
-        keep = select_units(scores, spec.blocks, spec.kept // spec.blocks)
+        if parallel is None or parallel.rank == 0:
+            layer_gradients = gradients and {name: gradients[f"{i}.{name}"].to(device) for name in spec.rows + spec.cols}
+            scores = importance.fn(unit_view(layer, spec, statistics, layer_gradients))
+            keep = select_units(scores, spec.blocks, spec.kept // spec.blocks)
+        else:
+            keep = torch.empty(spec.kept, dtype=torch.long, device=device)
+        if parallel is not None:
+            parallel.decide(keep)
         channel_mean = statistics[spec.cols[0]]["input_moments"]["mean"] if plan.compensate else None
-        remove_units(layer, spec, keep, channel_mean)
-        set_present_attributes(layer.get_submodule(spec.owner), spec.attributes)
+        cut_units(layer, spec, keep, channel_mean, planned_layers[i])
         seconds["prune"] += elapsed(start, device)
-        removed = sorted(set(range(spec.units)) - set(keep.tolist()))
-        per_layer.append({"index": i, "kept": spec.kept, "removed": removed})
-        if calls is not None and i + 1 < len(layers):
-            start = time.perf_counter()
-            propagate(layer, i, calls)
-            seconds["propagate"] += elapsed(start, device)
-        layer.to(home)
-    unit = {"channels": "channels", "heads": "heads" if plan.heads_mode == "query" else "kv_groups"}[plan.structure]
-    record = {"unit": unit, "achieved_sparsity": 1 - spec.kept / spec.units, "units_before": spec.units,
-              "units_kept": spec.kept, "layers": per_layer,
-              "bias_compensation": plan.compensate, "bias_compensation_note": plan.compensation_note}
-    if plan.structure == "channels":
-        record["round_to"] = config.round_to
-    else:
-        record["heads_mode"] = plan.heads_mode
-        record["heads_after"] = spec.attributes["num_heads"]
-        record["kv_heads_after"] = spec.attributes["num_key_value_heads"]
-    return record
+        record.layers.append(StructureLayer(i, spec.kept, sorted(set(range(spec.units)) - set(keep.tolist()))))
+
+
+def cut_units(layer: nn.Module, spec: UnitSpec, keep: torch.Tensor, channel_mean: torch.Tensor | None,
+              planned: nn.Module) -> None:
+    """Keep the units `keep` of one layer (remove_units), give its linears the zero biases the planned layer
+    (`planned`, the model's own class built from the new config) has where they have none, and set the
+    attributes its modules' forward reads: the layer is then final, ready to be written."""
+    remove_units(layer, spec, keep, channel_mean)
+    twins = dict(planned.named_modules())
+    for name, module in layer.named_modules():
+        if is_linear(module) and module.bias is None and getattr(twins.get(name), "bias", None) is not None:
+            add_to_bias(module, torch.zeros((), device=module.weight.device))
+    set_present_attributes(layer.get_submodule(spec.owner), spec.attributes)
 
 
 def unit_view(layer: nn.Module, spec: UnitSpec, statistics: dict, gradients: dict | None) -> UnitView:
@@ -454,28 +501,32 @@ def remove_units(layer: nn.Module, spec: UnitSpec, keep: torch.Tensor, channel_m
         keep_inputs(module, columns)
 
 
-def _prune_layers(model, calibration, config, plan: Plan, device, seconds, progress) -> dict:
-    layers = plan.layers
+def _prune_layers(model, calibration, config, plan: Plan, report, device, progress, store, checkpoint, parallel,
+                  offload):
+    layers, record = plan.layers, report.structure
     start = time.perf_counter()
     if config.layer_importance == "influence":
-        calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress)
-        scores = []
-        for i, layer in enumerate(tqdm(layers, desc="block influence", unit="layer", disable=not progress)):
-            home = next(layer.parameters()).device
-            layer.to(device)
-            total, tokens = 0.0, 0
+        calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress, offload)
+        first = checkpoint.restore(layers, calls, report) if checkpoint is not None else 0
+        record.layer_scores = record.layer_scores or []
+        for i, layer, _ in each_layer(store, len(layers), first, calls, -1, checkpoint, report, device, progress,
+                                      desc="block influence"):
+            total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum over tokens of 1 - cos, tokens)
             for batch, rows in enumerate(calls.batches):
-                out = _run(layer, i, calls, batch)
+                out = run_layer(layer, i, calls, batch)
                 terms = influence_terms(calls.hidden[rows], out)
-                total, tokens = total + float(terms.sum()), tokens + terms.numel()
-                calls.hidden[rows] = out
-            scores.append(total / tokens)
-            layer.to(home)
+                total += torch.tensor([float(terms.sum()), terms.numel()], dtype=torch.float64, device=device)
+                calls.hidden[rows] = out  # the dense layer's outputs feed the next
+            if parallel is not None:
+                parallel.sum(total)
+            record.layer_scores.append(float(total[0] / total[1]))
+        scores = record.layer_scores
     else:
         scores = skip_losses(model, layers, calibration, config.batch_size, progress)
-    seconds["score"] = elapsed(start, device)
-    removed = lowest(scores, plan.remove_count)
-    remove_layers(layers, removed, model.config, plan.layers_key)
-    return {"unit": "layers", "achieved_sparsity": len(removed) / len(scores), "units_before": len(scores),
-            "units_kept": len(layers), "removed_layers": removed, "layer_scores": scores,
-            "bias_compensation": False, "bias_compensation_note": None}
+        record.layer_scores = scores
+    report.seconds["score"] = report.seconds.get("score", 0.0) + elapsed(start, device)
+    removed = torch.tensor(lowest(scores, plan.remove_count), device=device)  # on the device: NCCL's collectives
+    if parallel is not None:
+        parallel.decide(removed)
+    record.removed_layers = removed.tolist()
+    remove_layers(layers, record.removed_layers, model.config, plan.layers_key)
