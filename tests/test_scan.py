@@ -37,7 +37,7 @@ def reference_scan(model, calibration, windows, config, sparsities, counts=None)
     prefix, layers = decoder_layers(model)
 
     def loss(m):
-        return math.log(perplexity(m, windows, progress=False))
+        return math.log(perplexity(m, windows, progress=False, chunk=0))
 
     handles = count_layer_passes(model, counts) if counts is not None else []
     dense = loss(model)

@@ -116,7 +116,7 @@ def _restore(modules, weights) -> None:
 def _scan_whole_prunes(model, layers, units, calibration, windows, config, device, bar):
     """Each cell an ordinary prune of the whole model by the runner, then the model's own loss."""
     def loss() -> float:
-        return math.log(perplexity(model, windows, device, progress=False))
+        return math.log(perplexity(model, windows, device, progress=False, chunk=0))
 
     dense_loss = loss()
     table = []
@@ -206,7 +206,9 @@ def loss_from_layer(model, layers, first: int, entering: torch.Tensor, windows: 
     for j in range(first):
         layers[j].forward = stub(j)
     try:
-        loss = math.log(perplexity(model, windows, device, progress=False))
+        # logits whole (chunk=0): the chunked path first probes the model on a short window, which the stubs
+        # would answer with a window's entering states
+        loss = math.log(perplexity(model, windows, device, progress=False, chunk=0))
     finally:
         for j in range(first):
             del layers[j].forward  # back to the class's forward
