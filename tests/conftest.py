@@ -15,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, hub_server
 # Set before any test module imports huggingface_hub, which reads them once; subprocesses inherit them.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Tests that push turn HF_HUB_OFFLINE off for the loopback Hub; huggingface_hub's first request in a process then
+# fetches a registry for its user-agent from its import-time endpoint (huggingface.co), unless telemetry is off.
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
 # ---------------------------------------------------------------- network guard
