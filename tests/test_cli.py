@@ -38,10 +38,20 @@ def fails(capsys, args, message, tmp_path=None):
     (["--model", "missing.gguf"], "no such GGUF file"),
     (["--calib", "file:/no/such.txt"], "no such text file"),
     (["--calib", "wikipedia"], "unknown text source 'wikipedia'"),
-    (["--device", "cuda"], "no CUDA GPU is available"),
     (["--device", "tpu9"], "is not a device"),
 ])
 def test_bad_input_fails_before_work(capsys, tmp_path, args, message):
+    fails(capsys, args + ["--output", str(tmp_path / "out")], message, tmp_path)
+
+
+def test_absent_cuda_device_fails_before_work(capsys, tmp_path):
+    """On a machine without CUDA, any CUDA device is absent; on one with GPUs, the one past the last."""
+    import torch
+
+    if torch.cuda.is_available():
+        args, message = ["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s) present"
+    else:
+        args, message = ["--device", "cuda"], "no CUDA GPU is available here; use --device cpu"
     fails(capsys, args + ["--output", str(tmp_path / "out")], message, tmp_path)
 
 

@@ -269,21 +269,23 @@ def test_not_an_output_directory(tmp_path):
 def test_unreachable_endpoint_fails_fast(output, monkeypatch, no_stored_login):
     """A refused connection is one attempt and an error at once: no retries, no back-off sleeps (a client
     default of retries with back-off would keep a user waiting for nothing)."""
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    attempts, sleeps = [], []
-    connect = socket.socket.connect
+    # A port held by a socket that is bound but never listens: a connection there is refused, and no other
+    # process can take the port while the test runs.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        attempts, sleeps = [], []
+        connect = socket.socket.connect
 
-    def counted_connect(self, address):
-        attempts.append(address)
-        return connect(self, address)
+        def counted_connect(self, address):
+            attempts.append(address)
+            return connect(self, address)
 
-    monkeypatch.setattr(socket.socket, "connect", counted_connect)
-    monkeypatch.setattr(time, "sleep", sleeps.append)
-    with pytest.raises(LLMPruneError, match=f"cannot reach the Hub at http://127.0.0.1:{port}"):
-        push(output[0], REPO_ID, token="hf_x")
+        monkeypatch.setattr(socket.socket, "connect", counted_connect)
+        monkeypatch.setattr(time, "sleep", sleeps.append)
+        with pytest.raises(LLMPruneError, match=f"cannot reach the Hub at http://127.0.0.1:{port}"):
+            push(output[0], REPO_ID, token="hf_x")
     assert attempts == [("127.0.0.1", port)] and sleeps == []
 
 

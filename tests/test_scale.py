@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -251,22 +250,23 @@ def test_resume_refuses_nothing_and_other_settings(source, tmp_path):
         scale_worker.run(job | {"resume": True, "method": "sparsegpt"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(job: dict, world: int = 2, timeout: int = 300):
-    """Start `world` ranks of scale_worker on gloo, as torchrun would set them up; returns (rc, stderr) each."""
-    port = _free_port()
+    """Start `world` ranks of scale_worker on gloo, as torchrun would set them up; returns (rc, stderr) each.
+    Like torchrun's agent, this process hosts the rendezvous store, bound to port 0 and held until the ranks end
+    (a port found free and then handed on could be taken in between); every rank joins it as a client."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ranks = []
     for rank in range(world):
         env = os.environ | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                            "TORCHELASTIC_USE_AGENT_STORE": "True"}
         ranks.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(job)], cwd=ROOT, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    return [(p.wait(timeout=timeout), p.stderr.read()) for p in ranks]
+    results = [(p.wait(timeout=timeout), p.stderr.read()) for p in ranks]
+    del store
+    return results
 
 
 @pytest.mark.parametrize("mode", ["memory", "stream"])
