@@ -279,7 +279,8 @@ def scan_command(argv: list[str]) -> int:
     groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "calibration")}
     add_fields(p, RunConfig, groups, only={"model", "dtype", "trust_remote_code", "offline", "calib"})
     add_fields(p, PruneConfig, groups, skip={"sparsity", "allocation", "structure", "remove_params", "round_to",
-                                             "bias_compensation", "heads_mode", "layer_importance"})
+                                             "bias_compensation", "heads_mode", "layer_importance",
+                                             "hidden_importance", "target_params"})
     for config_cls in knob_configs():  # every cell is pruned uniformly: no allocation's knobs
         if config_cls not in {entry.config for entry in ALLOCATIONS.values()}:
             add_fields(p, config_cls, groups)

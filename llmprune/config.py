@@ -56,14 +56,17 @@ class PruneConfig:
                                     "(default: 0.5, or 1-N/M for an N:M pattern); with --structure, the fraction "
                                     f"of that structure removed (default {DEFAULT_SPARSITY})", group="pruning")
     structure: str = option("none", "remove whole structures and save a smaller ordinary model: MLP channels, "
-                            "attention heads or decoder layers (none: zero single weights)", group="structured",
+                            "attention heads, decoder layers or hidden (embedding) channels (none: zero single "
+                            "weights)", group="structured",
                             choices=("none", *STRUCTURES))
     remove_params: float | None = option(None, "with --structure: remove about this fraction of the decoder "
                                          "layers' parameters (chooses --sparsity)", group="structured")
+    target_params: str | None = same_as(StructuredConfig, "target_params")
     round_to: int = same_as(StructuredConfig, "round_to")
     bias_compensation: str = same_as(StructuredConfig, "bias_compensation")
     heads_mode: str = same_as(StructuredConfig, "heads_mode")
     layer_importance: str = same_as(StructuredConfig, "layer_importance")
+    hidden_importance: str = same_as(StructuredConfig, "hidden_importance")
     pattern: str = option("unstructured", "unstructured, or N:M such as 2:4 or 4:8 (see patterns below)",
                           group="pruning")
     update: str = option("none", "re-fit the kept weights after the mask is chosen: none, or a registered "
@@ -86,11 +89,14 @@ class PruneConfig:
 
     def __post_init__(self):
         if self.structure != "none":
+            budgets = [flag for flag, value in (("--remove-params", self.remove_params),
+                                                ("--target-params", self.target_params),
+                                                ("--sparsity", self.sparsity)) if value is not None]
+            if len(budgets) > 1:
+                raise LLMPruneError(f"{' and '.join(budgets)} each set how much is removed: give one of them")
             if self.remove_params is not None:
                 check_finite(self.remove_params, "--remove-params", positive=True)
-                if self.sparsity is not None:
-                    raise LLMPruneError("--remove-params chooses --sparsity: give one of them")
-            elif self.sparsity is None:
+            elif self.sparsity is None and self.target_params is None:
                 settle(self, "sparsity", DEFAULT_SPARSITY)
             self.structured()  # validates the structured settings (and the method as an importance)
             if self.pattern != "unstructured" or self.update != "none" or self.allocation != "uniform":
@@ -101,8 +107,10 @@ class PruneConfig:
                                     "unstructured methods do not apply")
             check_at_least(self, ("nsamples", "seqlen"))
             return
-        if self.remove_params is not None:
-            raise LLMPruneError("--remove-params chooses how much of a structure to remove: give --structure too")
+        for name in ("remove_params", "target_params"):
+            if getattr(self, name) is not None:
+                raise LLMPruneError(f"{flag_of(self, name)} chooses how much of a structure to remove: give "
+                                    "--structure too")
         settle(self, "method", self.method or DEFAULT_METHOD)
         for role, entry in self.chosen().items():
             settle(self, f"{role}_config", _knob_config(role, getattr(self, role), entry,
@@ -151,12 +159,13 @@ class PruneConfig:
 
     def structured(self, sparsity: float | None = None) -> StructuredConfig:
         """The settings of a structured prune, validated (pruning/structured/config.py). `sparsity`: the one
-        chosen for --remove-params (until it is chosen, 0.5 stands in for the checks)."""
+        chosen for --remove-params or --target-params (until it is chosen, 0.5 stands in for the checks)."""
         if sparsity is None:
             sparsity = 0.5 if self.sparsity is None else self.sparsity
         return StructuredConfig(structure=self.structure, method=self.method, sparsity=sparsity,
                                 round_to=self.round_to, bias_compensation=self.bias_compensation,
                                 heads_mode=self.heads_mode, layer_importance=self.layer_importance,
+                                hidden_importance=self.hidden_importance, target_params=self.target_params,
                                 batch_size=self.batch_size, device=self.device)
 
 
@@ -366,9 +375,13 @@ class RunConfig:
             raise LLMPruneError("--push-to-hub uploads the --output directory: give --output DIR too")
         if self.push_to_hub and self.offline:
             raise LLMPruneError("--offline never contacts the Hub, so --push-to-hub cannot run: drop one of them")
-        if self.prune.remove_params is not None and self.schedule:
-            raise LLMPruneError("--remove-params chooses one sparsity; a --schedule names each stage's: give "
-                                "--schedule with sparsities (e.g. 0.1,0.2) and drop --remove-params")
+        for name in ("remove_params", "target_params"):
+            if getattr(self.prune, name) is not None and self.schedule:
+                flag = flag_of(PruneConfig, name)
+                raise LLMPruneError(f"{flag} chooses one sparsity; a --schedule names each stage's: give "
+                                    f"--schedule with sparsities (e.g. 0.1,0.2) and drop {flag}")
+        if self.prune.structure == "hidden" and self.schedule:
+            raise LLMPruneError("--structure hidden shrinks the hidden size once: drop --schedule")
         if self.schedule is not None:
             self.schedule_sparsities()
         if (self.resume or self.checkpoint) and not (self.output or self.work_dir):

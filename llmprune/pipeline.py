@@ -44,7 +44,8 @@ class Plan:
     stream_reason: str | None = None
     parallel: object = None  # a DataParallel under torchrun, else None
     work_dir: Path | None = None  # where per-layer checkpoints go (--checkpoint, --resume, streaming)
-    sparsity: float | None = None  # the run's; --remove-params chooses it once the model is loaded
+    sparsity: float | None = None  # the run's; --remove-params or --target-params chooses it once the model is loaded
+    target_params: int | None = None  # --target-params (--remove-params) as a parameter count of the loaded model
 
     @property
     def writer(self) -> bool:
@@ -168,7 +169,7 @@ def preflight(config: RunConfig) -> Plan:
     if pc.structure != "none":
         from .pruning.structured.runner import check_layer_by_layer
 
-        check_layer_by_layer(pc.structured(), stream, parallel is not None)
+        check_layer_by_layer(pc.structured(), stream, parallel is not None, bool(config.resume or config.checkpoint))
     if needs_calibration:
         check_source(config.calib, "calib", pc.nsamples * pc.seqlen, "--nsamples or --seqlen")
     if config.recover:
@@ -198,15 +199,17 @@ def _should_stream(config: RunConfig, source) -> tuple[bool, str | None]:
                                 "--schedule need: prune first, then recover or evaluate the (smaller) output")
         if not config.output:
             raise LLMPruneError(f"streaming ({reason}) writes the model as it goes: give --output DIR")
-        if config.prune.remove_params is not None:
-            raise LLMPruneError(f"streaming ({reason}) takes the structure's own --sparsity: give it instead of "
-                                "--remove-params")
+        for flag, value in (("--remove-params", config.prune.remove_params),
+                            ("--target-params", config.prune.target_params)):
+            if value is not None:
+                raise LLMPruneError(f"streaming ({reason}) takes the structure's own --sparsity: give it instead "
+                                    f"of {flag}")
     return stream, reason
 
 
 def load(config: RunConfig, plan: Plan, progress: bool):
     """The model on the CPU in eval mode, checked once (finite weights, prunable shapes), and room to save it;
-    --remove-params's sparsity, chosen from the model, goes into the plan."""
+    the sparsity --remove-params or --target-params chooses from the model goes into the plan."""
     from .inputs.models import load_model
     from .output.atomic import check_free_space
     from .pruning.runner import check_model
@@ -221,11 +224,16 @@ def load(config: RunConfig, plan: Plan, progress: bool):
     if pc.structure == "none":
         check_model(model, pc)
     else:
-        from .pruning.structured.runner import plan_structure, sparsity_for_params
+        from .pruning.structured.runner import plan_structure, remove_params_target, sparsity_for_target, target_count
 
-        if pc.remove_params is not None:
-            plan.sparsity = sparsity_for_params(model, pc.structured(), pc.remove_params)
-            say(progress, f"--remove-params {pc.remove_params:g}: removing {plan.sparsity:.4f} of the {pc.structure}")
+        if pc.remove_params is not None or pc.target_params is not None:
+            asked = (f"--remove-params {pc.remove_params:g}" if pc.remove_params is not None else
+                     f"--target-params {pc.target_params}")
+            plan.target_params = (remove_params_target(model, pc.remove_params) if pc.remove_params is not None
+                                  else target_count(model, pc.target_params))
+            plan.sparsity, count = sparsity_for_target(model, pc.structured(), plan.target_params, asked)
+            say(progress, f"{asked}: removing {plan.sparsity:.4f} of the {pc.structure}, {count:,} parameters "
+                          f"left (target {plan.target_params:,})")
         plan_structure(model, pc.structured(plan.sparsity))  # shapes the family cannot express fail now, before any work
     if config.save_format == "gguf":  # an architecture or tokenizer the exporter does not know fails now
         from .output.export import check_gguf_export
@@ -321,7 +329,7 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
     structured = config.prune.structure != "none"
     if structured:  # a stage removes what brings the structure to `sparsity` of the dense model's count
         stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
-        pc = config.prune.structured(stage)
+        pc = replace(config.prune.structured(stage), target_params=None)  # the plan's sparsity meets it
     else:
         pc = replace(config.prune, sparsity=sparsity)
     pc = replace(pc, device=str(plan.device))  # this rank's device under torchrun; the config stays as given
@@ -338,6 +346,7 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
         pruned = (prune_structured if structured else prune)(model, calibration, pc, progress, **options)
     if structured:
         pruned.sparsity = sparsity  # the target of the structure (the stage's own is in its record)
+        pruned.structure.target_params = plan.target_params
         if previous is not None:
             pruned.structure = chain_records(previous.structure, pruned.structure, sparsity)
             pruned.seconds = pruned.structure.seconds

@@ -65,8 +65,11 @@ def _front_matter(report: Report) -> str:
 
 def _structured_intro(report: Report, base: str) -> str:
     s = report.structure
-    what = {"channels": "MLP channels", "heads": "attention heads", "layers": "decoder layers"}[s.kind]
+    what = {"channels": "MLP channels", "heads": "attention heads", "layers": "decoder layers",
+            "hidden": "hidden (embedding) channels"}[s.kind]
     removed = (f"decoder layers {', '.join(map(str, s.removed_layers))} removed" if s.kind == "layers" else
+               f"{s.units_before - s.units_kept} of its {s.units_before} {what} removed everywhere"
+               if s.kind == "hidden" else
                f"{s.units_before - s.units_kept} of every {s.units_before} {what} removed in each layer")
     base_link = f"[{base}](https://huggingface.co/{base})" if "/" in base else f"`{base}`"
     return (f"# {base.rsplit('/', 1)[-1]}, {_pct(s.params_removed_fraction, 0)} smaller ({s.kind}, "
