@@ -204,3 +204,81 @@ def test_chosen_shape_is_the_brute_force_nearest(structure, options):
         allowed = {s: c for s, c in real.items() if c <= 1.02 * target}
         nearest = min(allowed, key=lambda s: (abs(allowed[s] - target), -s))
         assert sparsity_for_target(model, config, target) == (nearest, real[nearest])
+
+
+# ---- several axes: exact counts and the search ---------------------------------------------------------------
+
+def search_model():
+    return tiny_model("llama", layers=4, intermediate=128, heads=8)
+
+
+SEARCH_BASE = StructuredConfig("channels", method="magnitude", round_to=8, hidden_importance="magnitude")
+
+
+def test_every_candidate_count_is_the_pruned_models_count():
+    """Composed one-layer counts against each shape pruned for real."""
+    import copy
+
+    from llmprune.pruning.structured.search import candidate_shapes, prune_shape
+
+    model = search_model()
+    dense = parameter_count(model.parameters())
+    found = candidate_shapes(model, SEARCH_BASE, ["layers", "heads", "channels", "hidden"], 0.7 * dense)
+    assert len(found) > 3 and any(len(c.shape) >= 3 for c in found)  # shapes over several axes
+    for candidate in found:
+        pruned = copy.deepcopy(model)
+        prune_shape(pruned, calibration(), SEARCH_BASE, candidate.shape)
+        assert parameter_count(pruned.parameters()) == candidate.params, candidate.shape
+        assert abs(candidate.params - 0.7 * dense) <= 0.02 * 0.7 * dense
+
+
+def test_search_ranks_by_kl_to_the_dense_model():
+    import copy
+
+    from llmprune.pruning.structured.search import prune_shape, search_shapes
+
+    model = search_model()
+    dense_params = parameter_count(model.parameters())
+    validation = calibration(2, 12)
+    found = search_shapes(model, calibration(), validation, SEARCH_BASE, ["channels", "hidden", "layers"],
+                          0.75 * dense_params, limit=4)
+    assert parameter_count(model.parameters()) == dense_params  # the model stays dense
+    scored = [c for c in found if c.kl is not None]
+    assert len(scored) == min(4, len(found)) and [c.kl for c in scored] == sorted(c.kl for c in scored)
+    best = scored[0]
+    pruned = copy.deepcopy(model)
+    prune_shape(pruned, calibration(), SEARCH_BASE, best.shape)
+    with torch.no_grad():  # float64 KL(dense || pruned), token by token
+        p = torch.log_softmax(model(input_ids=validation).logits.double(), -1)
+        q = torch.log_softmax(pruned(input_ids=validation).logits.double(), -1)
+    assert best.kl == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=2e-3)  # search: float32
+
+
+def test_structure_lists_are_checked():
+    from llmprune.pruning.structured.search import parse_structures
+
+    assert parse_structures("hidden, layers,channels") == ["layers", "channels", "hidden"]
+    for bad in ("", "hidden,hidden", "width"):
+        with pytest.raises(LLMPruneError, match="comma list of distinct structures"):
+            parse_structures(bad)
+
+
+def test_search_command_writes_candidates(tmp_path, tiny_dir, text):
+    out = tmp_path / "search"
+    dense = parameter_count(AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    assert main(["search", "--model", str(tiny_dir), "--calib", f"file:{text}", "--structure", "hidden,channels",
+                 "--target-params", "0.8", "--round-to", "4", "--method", "magnitude", "--hidden-importance",
+                 "magnitude", "--nsamples", "2", "--seqlen", "16", "--val-windows", "2", "--search-limit", "3",
+                 "--output", str(out), "--quiet"]) == 0
+    table = json.loads((out / "candidates.json").read_text())
+    assert table["target_params"] == round(0.8 * dense) and table["dense_params"] == dense
+    scored = [c for c in table["candidates"] if c["kl"] is not None]
+    assert 1 <= len(scored) <= 3 and scored == table["candidates"][:len(scored)]
+    assert all(abs(c["params"] - 0.8 * dense) <= 0.02 * 0.8 * dense for c in table["candidates"])
+    assert "| 1 |" in (out / "candidates.md").read_text()
+
+
+def test_search_refusals_are_one_line(tmp_path, tiny_dir, text, capsys):
+    base = ["search", "--model", str(tiny_dir), "--calib", f"file:{text}", "--output", str(tmp_path / "s")]
+    fails(capsys, [*base, "--structure", "hidden,width", "--target-params", "0.8"], "comma list of distinct")
+    fails(capsys, [*base, "--structure", "hidden"], "needs --target-params")
