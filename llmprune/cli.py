@@ -280,7 +280,8 @@ def scan_command(argv: list[str]) -> int:
     add_fields(p, RunConfig, groups, only={"model", "dtype", "trust_remote_code", "offline", "calib"})
     add_fields(p, PruneConfig, groups, skip={"sparsity", "allocation", "structure", "remove_params", "round_to",
                                              "bias_compensation", "heads_mode", "layer_importance",
-                                             "hidden_importance", "target_params"})
+                                             "hidden_importance", "target_params", "search_limit",
+                                             "search_windows"})
     for config_cls in knob_configs():  # every cell is pruned uniformly: no allocation's knobs
         if config_cls not in {entry.config for entry in ALLOCATIONS.values()}:
             add_fields(p, config_cls, groups)
@@ -307,7 +308,7 @@ def scan_command(argv: list[str]) -> int:
 def search_command(argv: list[str]) -> int:
     from .config import PruneConfig, RunConfig
     from .pruning.structured.config import StructuredConfig
-    from .pruning.structured.search import parse_structures
+    from .pruning.structured.config import parse_structures
 
     p = Parser(prog="python -m llmprune search", description="Several structures at once to a parameter budget: "
                "every shape over the listed structures within 2% of --target-params (counted exactly), the "
@@ -316,10 +317,6 @@ def search_command(argv: list[str]) -> int:
                "(docs/structured.md).", formatter_class=HelpFormatter)
     p.add_argument("--structure", required=True, metavar="A,B,..", help="comma list of channels, heads, layers, "
                    "hidden (any subset; each also left whole in some candidates)")
-    p.add_argument("--val-windows", type=int, default=8, metavar="N", help="validation windows of --seqlen "
-                   "(default: 8)")
-    p.add_argument("--search-limit", type=int, default=8, metavar="N", help="candidates pruned and scored, "
-                   "evenly spread over the list ordered by shape (default: 8)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for candidates.json, candidates.md")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "structured", "calibration")}
@@ -342,8 +339,7 @@ def search_command(argv: list[str]) -> int:
     from .pruning.structured.search import run_search
 
     path = run_search(run, base, axes, args["target_params"], prune.nsamples, prune.seqlen, prune.seed,
-                      args["val_windows"], args["search_limit"], args["output"], args.get("overwrite", False),
-                      progress=not args.get("quiet"))
+                      args["output"], args.get("overwrite", False), progress=not args.get("quiet"))
     print(f"wrote {path}")
     return 0
 

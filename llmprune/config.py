@@ -19,7 +19,7 @@ from .errors import LLMPruneError
 from .options import check_at_least, check_finite, flag_of, option, same_as, settle
 from .pruning import registry
 from .pruning.registry import KnobConfig
-from .pruning.structured.config import DEFAULT_SPARSITY, STRUCTURES, StructuredConfig
+from .pruning.structured.config import DEFAULT_SPARSITY, STRUCTURES, StructuredConfig, axis_config, parse_structures
 
 __all__ = ["PruneConfig", "RecoverConfig", "RunConfig", "option", "load_config_file", "parse_pattern"]
 
@@ -57,8 +57,9 @@ class PruneConfig:
                                     f"of that structure removed (default {DEFAULT_SPARSITY})", group="pruning")
     structure: str = option("none", "remove whole structures and save a smaller ordinary model: MLP channels, "
                             "attention heads, decoder layers or hidden (embedding) channels (none: zero single "
-                            "weights)", group="structured",
-                            choices=("none", *STRUCTURES))
+                            "weights); a comma list of them with --target-params prunes the shape a search over "
+                            "them picks (see `llmprune search`)", group="structured",
+                            metavar="none|" + "|".join(STRUCTURES) + "|A,B,..")
     remove_params: float | None = option(None, "with --structure: remove about this fraction of the decoder "
                                          "layers' parameters (chooses --sparsity)", group="structured")
     target_params: str | None = same_as(StructuredConfig, "target_params")
@@ -67,6 +68,8 @@ class PruneConfig:
     heads_mode: str = same_as(StructuredConfig, "heads_mode")
     layer_importance: str = same_as(StructuredConfig, "layer_importance")
     hidden_importance: str = same_as(StructuredConfig, "hidden_importance")
+    search_limit: int = same_as(StructuredConfig, "search_limit")
+    search_windows: int = same_as(StructuredConfig, "search_windows")
     pattern: str = option("unstructured", "unstructured, or N:M such as 2:4 or 4:8 (see patterns below)",
                           group="pruning")
     update: str = option("none", "re-fit the kept weights after the mask is chosen: none, or a registered "
@@ -89,6 +92,10 @@ class PruneConfig:
 
     def __post_init__(self):
         if self.structure != "none":
+            settle(self, "structure", ",".join(parse_structures(self.structure)))
+            if self.several and self.target_params is None:
+                raise LLMPruneError(f"--structure {self.structure}: several structures are pruned to a budget, "
+                                    "whose shape a search picks: give --target-params")
             budgets = [flag for flag, value in (("--remove-params", self.remove_params),
                                                 ("--target-params", self.target_params),
                                                 ("--sparsity", self.sparsity)) if value is not None]
@@ -99,6 +106,9 @@ class PruneConfig:
             elif self.sparsity is None and self.target_params is None:
                 settle(self, "sparsity", DEFAULT_SPARSITY)
             self.structured()  # validates the structured settings (and the method as an importance)
+            if self.several and self.method is not None and not {"channels", "heads"} & set(self.axes):
+                raise LLMPruneError(f"--method scores channels and heads; --structure {self.structure} has "
+                                    "neither: drop --method")
             if self.pattern != "unstructured" or self.update != "none" or self.allocation != "uniform":
                 raise LLMPruneError(f"--structure {self.structure} removes whole structures: --pattern, --update and "
                                     "--allocation apply to unstructured pruning (prune the output again for that)")
@@ -148,6 +158,15 @@ class PruneConfig:
                 raise LLMPruneError(f"--skip is not a valid regular expression: {err}") from None
 
     @property
+    def axes(self) -> list[str]:
+        """The structures pruned, in the order a shape over several is pruned ([] for none)."""
+        return [] if self.structure == "none" else self.structure.split(",")
+
+    @property
+    def several(self) -> bool:
+        return len(self.axes) > 1
+
+    @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
 
@@ -157,15 +176,23 @@ class PruneConfig:
                 "update": registry.get_update(self.update) if self.update != "none" else None,
                 "allocation": registry.get_allocation(self.allocation)}
 
+    def search_base(self, sparsity: float = 0.5) -> StructuredConfig:
+        """The settings a shape's axes share, for search.py (its `axis_config` gives each axis its own)."""
+        return replace(self, structure="channels", target_params=None, sparsity=sparsity).structured(sparsity)
+
     def structured(self, sparsity: float | None = None) -> StructuredConfig:
         """The settings of a structured prune, validated (pruning/structured/config.py). `sparsity`: the one
         chosen for --remove-params or --target-params (until it is chosen, 0.5 stands in for the checks)."""
         if sparsity is None:
             sparsity = 0.5 if self.sparsity is None else self.sparsity
+        if self.several:  # the first axis's config (each axis's settings validate)
+            configs = [axis_config(self.search_base(sparsity), axis, sparsity) for axis in self.axes]
+            return configs[0]
         return StructuredConfig(structure=self.structure, method=self.method, sparsity=sparsity,
                                 round_to=self.round_to, bias_compensation=self.bias_compensation,
                                 heads_mode=self.heads_mode, layer_importance=self.layer_importance,
                                 hidden_importance=self.hidden_importance, target_params=self.target_params,
+                                search_limit=self.search_limit, search_windows=self.search_windows,
                                 batch_size=self.batch_size, device=self.device)
 
 

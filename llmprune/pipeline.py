@@ -46,6 +46,7 @@ class Plan:
     work_dir: Path | None = None  # where per-layer checkpoints go (--checkpoint, --resume, streaming)
     sparsity: float | None = None  # the run's; --remove-params or --target-params chooses it once the model is loaded
     target_params: int | None = None  # --target-params (--remove-params) as a parameter count of the loaded model
+    shape: dict | None = None  # several structures: the searched shape, axis -> sparsity (structured/search.py)
 
     @property
     def writer(self) -> bool:
@@ -148,7 +149,7 @@ def preflight(config: RunConfig) -> Plan:
 
             ScanTable.load(pc.allocation.removeprefix("scan:"))  # a broken table fails now
     else:
-        needs_calibration = pc.structured().needs_calibration
+        needs_calibration = pc.several or pc.structured().needs_calibration
     stream, reason = _should_stream(config, source)
     work_dir = None
     if config.resume or config.checkpoint or stream:
@@ -166,12 +167,18 @@ def preflight(config: RunConfig) -> Plan:
                                 "single process (python -m llmprune ...)")
         device = resolve_device(DataParallel.device(pc.device))  # this rank's: the plan's, the config stays
         parallel = DataParallel.from_environment(device)
+    if pc.several and (stream or parallel is not None or config.resume or config.checkpoint or
+                       (config.recover and config.recovery.distill_hidden and "layers" in pc.axes)):
+        raise LLMPruneError(f"--structure {pc.structure} prunes a searched shape in one process, in memory: no "
+                            "--stream, --checkpoint, --resume, torchrun, nor --distill-hidden with layers")
     if pc.structure != "none":
         from .pruning.structured.runner import check_layer_by_layer
 
         check_layer_by_layer(pc.structured(), stream, parallel is not None, bool(config.resume or config.checkpoint))
     if needs_calibration:
-        check_source(config.calib, "calib", pc.nsamples * pc.seqlen, "--nsamples or --seqlen")
+        windows = pc.nsamples + (pc.search_windows if pc.several else 0)
+        check_source(config.calib, "calib", windows * pc.seqlen,
+                     "--nsamples, --seqlen or --search-windows" if pc.several else "--nsamples or --seqlen")
     if config.recover:
         check_source(config.recovery.data or config.calib, "calib", config.recovery.text_tokens,
                      "--recover-steps, --recover-batch or --recover-seqlen")
@@ -226,7 +233,9 @@ def load(config: RunConfig, plan: Plan, progress: bool):
     else:
         from .pruning.structured.runner import plan_structure, remove_params_target, sparsity_for_target, target_count
 
-        if pc.remove_params is not None or pc.target_params is not None:
+        if pc.several:
+            search_shape(model, tokenizer, config, plan, progress)
+        elif pc.remove_params is not None or pc.target_params is not None:
             asked = (f"--remove-params {pc.remove_params:g}" if pc.remove_params is not None else
                      f"--target-params {pc.target_params}")
             plan.target_params = (remove_params_target(model, pc.remove_params) if pc.remove_params is not None
@@ -234,7 +243,8 @@ def load(config: RunConfig, plan: Plan, progress: bool):
             plan.sparsity, count = sparsity_for_target(model, pc.structured(), plan.target_params, asked)
             say(progress, f"{asked}: removing {plan.sparsity:.4f} of the {pc.structure}, {count:,} parameters "
                           f"left (target {plan.target_params:,})")
-        plan_structure(model, pc.structured(plan.sparsity))  # shapes the family cannot express fail now, before any work
+        if not pc.several:
+            plan_structure(model, pc.structured(plan.sparsity))  # shapes the family cannot express fail now
     if config.save_format == "gguf":  # an architecture or tokenizer the exporter does not know fails now
         from .output.export import check_gguf_export
 
@@ -244,6 +254,26 @@ def load(config: RunConfig, plan: Plan, progress: bool):
     if config.output:
         check_free_space(config.output, sum(p.numel() * p.element_size() for p in model.parameters()))
     return model, tokenizer, source
+
+
+def search_shape(model, tokenizer, config: RunConfig, plan: Plan, progress: bool) -> None:
+    """Several structures: the search's best shape for --target-params goes into the plan (structured/search.py)."""
+    from .inputs.data import load_text, tokenize
+    from .pruning.structured.runner import target_count
+    from .pruning.structured.search import search_shapes, search_windows
+    from .runtime import parameter_count
+
+    pc = config.prune
+    plan.target_params = target_count(model, pc.target_params)
+    calibration, validation = search_windows(tokenize(tokenizer, load_text(config.calib, "calib")), pc.nsamples,
+                                             pc.seqlen, pc.seed, pc.search_windows)
+    best = search_shapes(model, calibration, validation, pc.search_base(), pc.axes, plan.target_params,
+                         pc.search_limit, progress)[0]
+    plan.shape = best.shape
+    plan.sparsity = 1 - best.params / parameter_count(model.parameters())
+    say(progress, f"--target-params {pc.target_params}: shape " + ", ".join(f"{axis} {value:.3g}" for axis, value
+                                                                           in best.shape.items())
+        + f", {best.params:,} parameters, KL {best.kl:.4g} to the dense model")
 
 
 def calibration_data(tokenizer, config: RunConfig, plan: Plan, progress: bool):
@@ -327,6 +357,12 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
     from .pruning.structured.runner import chain_records, prune_structured, stage_sparsity
 
     structured = config.prune.structure != "none"
+    if plan.shape is not None:  # several structures, pruned axis by axis to the searched shape
+        from .pruning.structured.search import combined_report, prune_shape
+
+        return combined_report(prune_shape(model, calibration, replace(config.prune.search_base(),
+                                                                       device=str(plan.device)), plan.shape,
+                                           progress), plan.target_params)
     if structured:  # a stage removes what brings the structure to `sparsity` of the dense model's count
         stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
         pc = replace(config.prune.structured(stage), target_params=None)  # the plan's sparsity meets it

@@ -65,7 +65,11 @@ def test_hidden_run_saves_a_smaller_model_that_reloads(tmp_path, tiny_dir, text,
     assert record["config_changes"]["hidden_size"] == 48
     assert "hidden (embedding) channels removed everywhere" in (out / "README.md").read_text()
 
-    # The held-out windows as the run cut them, scored by the reloaded model's own forward.
+    assert report["perplexity"]["pruned"] == pytest.approx(reloaded_perplexity(out, model, text), rel=1e-5)
+
+
+def reloaded_perplexity(out, model, text) -> float:
+    """The held-out windows as the run cut them, scored by the reloaded model's own forward."""
     from llmprune.inputs.data import eval_windows, load_text, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -73,7 +77,7 @@ def test_hidden_run_saves_a_smaller_model_that_reloads(tmp_path, tiny_dir, text,
     with torch.no_grad():
         logits = model(input_ids=windows).logits.double()
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-    assert report["perplexity"]["pruned"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    return math.exp(nll.item())
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -255,7 +259,7 @@ def test_search_ranks_by_kl_to_the_dense_model():
 
 
 def test_structure_lists_are_checked():
-    from llmprune.pruning.structured.search import parse_structures
+    from llmprune.pruning.structured.config import parse_structures
 
     assert parse_structures("hidden, layers,channels") == ["layers", "channels", "hidden"]
     for bad in ("", "hidden,hidden", "width"):
@@ -268,7 +272,7 @@ def test_search_command_writes_candidates(tmp_path, tiny_dir, text):
     dense = parameter_count(AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
     assert main(["search", "--model", str(tiny_dir), "--calib", f"file:{text}", "--structure", "hidden,channels",
                  "--target-params", "0.8", "--round-to", "4", "--method", "magnitude", "--hidden-importance",
-                 "magnitude", "--nsamples", "2", "--seqlen", "16", "--val-windows", "2", "--search-limit", "3",
+                 "magnitude", "--nsamples", "2", "--seqlen", "16", "--search-windows", "2", "--search-limit", "3",
                  "--output", str(out), "--quiet"]) == 0
     table = json.loads((out / "candidates.json").read_text())
     assert table["target_params"] == round(0.8 * dense) and table["dense_params"] == dense
@@ -282,3 +286,29 @@ def test_search_refusals_are_one_line(tmp_path, tiny_dir, text, capsys):
     base = ["search", "--model", str(tiny_dir), "--calib", f"file:{text}", "--output", str(tmp_path / "s")]
     fails(capsys, [*base, "--structure", "hidden,width", "--target-params", "0.8"], "comma list of distinct")
     fails(capsys, [*base, "--structure", "hidden"], "needs --target-params")
+
+
+def test_several_structures_run_prunes_the_searched_shape(tmp_path, tiny_dir, text, capsys):
+    out = tmp_path / "out"
+    dense = parameter_count(AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    assert main(run_args(tiny_dir, text, out, "--structure", "hidden,channels,layers", "--target-params", "0.7",
+                         "--round-to", "4", "--method", "magnitude", "--hidden-importance", "magnitude",
+                         "--search-limit", "2", "--search-windows", "2")) == 0
+    assert "parameters" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    achieved = parameter_count(model.parameters())
+    assert abs(achieved - 0.7 * dense) <= 0.02 * 0.7 * dense
+    report = json.loads((out / "report.json").read_text())
+    record = report["structure"]
+    assert record["unit"] == "parameters" and record["params_after"] == achieved == record["units_kept"]
+    assert record["target_params"] == round(0.7 * dense)
+    assert [stage["kind"] for stage in record["stages"]] == [k for k in ("layers", "channels", "hidden")
+                                                            if k in record["kind"].split(",")]
+    assert report["perplexity"]["pruned"] == pytest.approx(reloaded_perplexity(out, model, text), rel=1e-5)
+
+
+def test_several_structures_need_a_target_and_one_process(tmp_path, tiny_dir, text, capsys):
+    base = run_args(tiny_dir, text, tmp_path / "out", "--structure", "hidden,layers")
+    fails(capsys, base, "give --target-params")
+    fails(capsys, [*base, "--target-params", "0.7", "--checkpoint"], "in one process, in memory")
+    fails(capsys, [*base, "--target-params", "0.7", "--method", "flap"], "has neither: drop --method")

@@ -33,7 +33,10 @@ def structure_lines(report: Report) -> list[str]:
     what = {"channels": "MLP channels", "heads": "attention heads", "layers": "decoder layers",
             "hidden": "hidden (embedding) channels"}.get(s.kind, s.kind)
     lines = [f"{report.model_name} ({report.architecture}): --structure {s.kind}, scored by {s.method}"]
-    if s.kind == "layers":
+    if s.stages and s.unit == "parameters":  # several structures: each axis's own record
+        lines += [f"  {stage.kind}: {stage.units_before} -> {stage.units_kept} {stage.unit}"
+                  + (" per layer" if stage.kind in ("channels", "heads") else "") for stage in s.stages]
+    elif s.kind == "layers":
         lines.append(f"removed {len(s.removed_layers)} of {s.units_before} {what}: {s.removed_layers}")
     else:
         lines.append(f"removed {s.units_before - s.units_kept} of {s.units_before} {what}"

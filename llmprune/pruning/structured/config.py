@@ -19,6 +19,7 @@ HEADS_MODES = ("query", "groups")
 LAYER_IMPORTANCES = ("influence", "skip_loss")
 BIAS_COMPENSATIONS = ("auto", "on", "off")
 HIDDEN_IMPORTANCES = ("activation", "magnitude")  # hidden.py's IMPORTANCES (kept torch-free here)
+AXES = ("layers", "heads", "channels", "hidden")  # the order a shape over several structures is pruned in
 UNSCORED = ("layers", "hidden")  # structures --method does not score (their own importance fields do)
 COUNT_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9}
 DEFAULT_METHOD = "flap"  # channels and heads; layers are scored by `layer_importance`
@@ -55,6 +56,10 @@ class StructuredConfig:
                                        "model, embeddings included: a count (90M, 1.2B, 90000000) or a fraction "
                                        "(0.67); chooses --sparsity (or the hidden width) whose exact count is "
                                        "nearest, at most 2 percent over", group="structured", metavar="N")
+    search_limit: int = option(8, "several structures: candidate shapes pruned on a copy and scored by KL to "
+                               "the dense model, evenly spread over the list ordered by shape", group="structured")
+    search_windows: int = option(8, "several structures: validation windows of --seqlen cut from the end of the "
+                                 "calibration text, which score the candidates", group="structured")
     batch_size: int = option(8, "windows per layer forward; lower it if memory runs out", group="calibration")
     device: str | None = None
 
@@ -81,7 +86,7 @@ class StructuredConfig:
         check_finite(self.sparsity, "--sparsity")
         if not 0 < self.sparsity < 1:
             raise LLMPruneError(f"--sparsity of a structure must be in (0, 1) (got {self.sparsity:g})")
-        check_at_least(self, ("round_to", "batch_size"))
+        check_at_least(self, ("round_to", "batch_size", "search_limit", "search_windows"))
 
     @property
     def compensate(self) -> bool:
@@ -118,3 +123,23 @@ def parse_param_target(value) -> tuple[str, float]:
     if scale == 1 and number == 1:
         raise LLMPruneError("--target-params 1 keeps the whole model: give a fraction below 1 or a count")
     return "count", number * scale
+
+
+def parse_structures(text: str) -> list[str]:
+    """--structure a,b,... as axes in AXES order; each at most once, all known."""
+    names = [name.strip() for name in str(text).split(",") if name.strip()]
+    unknown = [name for name in names if name not in STRUCTURES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise LLMPruneError(f"--structure takes none, or a comma list of distinct structures from "
+                            f"{', '.join(STRUCTURES)} (got '{text}')")
+    return [axis for axis in AXES if axis in names]
+
+
+def axis_config(base: StructuredConfig, axis: str, sparsity: float) -> StructuredConfig:
+    """The one-axis config of a shape's `axis` (--method and --bias-compensation apply to channels and heads)."""
+    from dataclasses import replace
+
+    scored = axis in ("channels", "heads")
+    return replace(base, structure=axis, sparsity=sparsity, target_params=None,
+                   method=base.method if scored else None,
+                   bias_compensation=base.bias_compensation if scored else "auto")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,9 @@ from torch import nn
 from ...errors import LLMPruneError
 from ...inputs.models import decoder_layers
 from ...runtime import parameter_count
-from .config import STRUCTURES, StructuredConfig
+from .config import AXES, StructuredConfig, axis_config
 from .discovery import CONFIG_KEYS, PER_LAYER_LISTS, config_key, meta_model, planned_config
 
-AXES = ("layers", "heads", "channels", "hidden")  # the order a shape is pruned in
 SLACK = 0.02  # a candidate's count is within this fraction of the target
 
 
@@ -45,23 +44,6 @@ class Candidate:
     params: int
     kl: float | None = None  # to the dense model, on the validation windows (None: not scored)
     config_changes: dict = field(default_factory=dict)
-
-
-def parse_structures(text: str) -> list[str]:
-    """--structure a,b,... as axes in AXES order; each at most once, all known."""
-    names = [name.strip() for name in str(text).split(",") if name.strip()]
-    unknown = [name for name in names if name not in STRUCTURES]
-    if not names or unknown or len(set(names)) != len(names):
-        raise LLMPruneError(f"--structure takes a comma list of distinct structures from {', '.join(STRUCTURES)} "
-                            f"(got '{text}')")
-    return [axis for axis in AXES if axis in names]
-
-
-def axis_config(base: StructuredConfig, axis: str, sparsity: float) -> StructuredConfig:
-    """The one-axis config of a shape's `axis` (--method scores channels and heads only)."""
-    return replace(base, structure=axis, sparsity=sparsity, target_params=None,
-                   method=base.method if axis in ("channels", "heads") else None,
-                   bias_compensation=base.bias_compensation if axis in ("channels", "heads") else "auto")
 
 
 class ShapeCounter:
@@ -229,36 +211,69 @@ def candidates_json(candidates: list[Candidate], target: float, dense_params: in
             "candidates": [asdict(c) for c in candidates]}
 
 
+def search_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, val_windows: int):
+    """(calibration, validation) windows: validation from the END of the calibration text, calibration from
+    the rest (never the held-out text)."""
+    from ...inputs.data import calibration_windows
+
+    split = tokens.numel() - val_windows * seqlen
+    if split < seqlen:
+        raise LLMPruneError(f"the calibration text holds {tokens.numel()} tokens, too few for {val_windows} "
+                            f"validation windows of {seqlen} and calibration: lower --search-windows or --seqlen")
+    return calibration_windows(tokens[:split], nsamples, seqlen, seed), tokens[split:].view(val_windows, seqlen)
+
+
 def run_search(run, base: StructuredConfig, axes: list[str], target, nsamples: int, seqlen: int, seed: int,
-               val_windows: int, limit: int, output, overwrite: bool = False, progress: bool = True):
+               output, overwrite: bool = False, progress: bool = True):
     """The `search` command: load, cut validation windows from the END of the calibration text and calibration
     windows from the rest, search, and write candidates.json and candidates.md into `output` atomically.
     Returns the path of candidates.json."""
     import json
     from pathlib import Path
 
-    from ...inputs.data import calibration_windows, check_source, load_text, tokenize
+    from ...inputs.data import check_source, load_text, tokenize
     from ...inputs.models import load_model, resolve_model
     from ...output.atomic import atomic_directory, check_output
     from ...runtime import resolve_device, resolve_dtype
     from .runner import target_count
 
-    if val_windows < 1 or limit < 1:
-        raise LLMPruneError("--val-windows and --search-limit must be at least 1")
+    val_windows = base.search_windows
     check_output(output, overwrite)
     resolve_model(run.model)
-    check_source(run.calib, "calib", (nsamples + val_windows) * seqlen, "--nsamples, --seqlen or --val-windows")
+    check_source(run.calib, "calib", (nsamples + val_windows) * seqlen, "--nsamples, --seqlen or --search-windows")
     model, tokenizer, _ = load_model(run.model, resolve_dtype(run.dtype, resolve_device(base.device)),
                                      run.trust_remote_code)
     count = target_count(model, target)
-    tokens = tokenize(tokenizer, load_text(run.calib, "calib"))
-    split = tokens.numel() - val_windows * seqlen
-    validation = tokens[split:].view(val_windows, seqlen)
-    calibration = calibration_windows(tokens[:split], nsamples, seqlen, seed)
-    found = search_shapes(model, calibration, validation, base, axes, count, limit, progress)
+    calibration, validation = search_windows(tokenize(tokenizer, load_text(run.calib, "calib")), nsamples, seqlen,
+                                             seed, val_windows)
+    found = search_shapes(model, calibration, validation, base, axes, count, base.search_limit, progress)
     dense = parameter_count(model.parameters())
     with atomic_directory(output, overwrite) as staging:
         (staging / "candidates.json").write_text(json.dumps(candidates_json(found, count, dense, axes), indent=2)
                                                  + "\n")
         (staging / "candidates.md").write_text(candidates_markdown(found, count, dense))
     return Path(output) / "candidates.json"
+
+
+def combined_report(records: list, target: int | None):
+    """One PruneReport for a shape pruned axis by axis: its record counts parameters (unit "parameters"),
+    and each axis's own record is in `stages`."""
+    from ...report import StructureRecord
+    from ..runner import PruneReport
+
+    first, last = records[0], records[-1]
+    seconds = {}
+    changes = {}
+    for record in records:
+        changes |= record.config_changes
+        for key, value in record.seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + value
+    removed = 1 - last.params_after / first.params_before
+    record = StructureRecord(",".join(r.kind for r in records), ",".join(r.method for r in records), removed,
+                             "parameters", removed, first.params_before, last.params_after,
+                             params_before=first.params_before, params_after=last.params_after,
+                             params_removed_fraction=removed, decoder_params_before=first.decoder_params_before,
+                             decoder_params_after=last.decoder_params_after,
+                             decoder_params_removed_fraction=1 - last.decoder_params_after / first.decoder_params_before,
+                             config_changes=changes, seconds=seconds, stages=list(records), target_params=target)
+    return PruneReport(record.method, removed, "structured", "uniform", seconds=seconds, structure=record)
