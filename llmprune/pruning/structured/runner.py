@@ -399,9 +399,10 @@ def sparsity_for_target(model: nn.Module, config: StructuredConfig, target: floa
     if not allowed:
         known = [c for c in counts.values() if c is not None]
         smallest = f"; the smallest shape it allows has {min(known):,}" if known and low >= len(candidates) else ""
-        raise LLMPruneError(f"{asked}: no --structure {config.structure} shape (--round-to {config.round_to}) of "
+        rounded = f" (--round-to {config.round_to})" if config.structure in ("channels", "hidden") else ""
+        raise LLMPruneError(f"{asked}: no --structure {config.structure} shape{rounded} of "
                             f"{type(model).__name__} has at most {target * 1.02:,.0f} parameters{smallest}: "
-                            "give a larger target, another structure or a lower --round-to")
+                            "give a larger target or another structure" + (" or a lower --round-to" if rounded else ""))
     _, negative, found = min(allowed)
     return -negative, found
 

@@ -9,7 +9,9 @@ one-layer builds on the meta device, exact for a decoder whose layers are alike:
     params = (embeddings, final norm, head at hidden width h) + layers_kept * per_layer(h, channels, heads)
     per_layer(h, c, q) = per_layer(h, c, 0) + per_layer(h, 0, q) - per_layer(h, 0, 0)
 
-(no tensor of a layer depends on both the MLP width and the head count). A shape is pruned one-shot in the
+(no tensor of a layer depends on both the MLP width and the head count), and per_layer(h, c, 0) is affine in
+the kept MLP width (rows of gate/up, columns of down, their biases), so two pruned widths per hidden size are
+built and the others interpolated (the tests prune every candidate for real against its count). A shape is pruned one-shot in the
 order of AXES: layers first (ranked on the dense model), then heads and channels within the layers that stay,
 the hidden size last, each axis by its own importance.
 
@@ -56,6 +58,7 @@ class ShapeCounter:
         self.layers = len(decoder_layers(model)[1])
         self.layers_key = config_key(model.config, "layers")
         self._changes, self._built = {}, {}
+        self.channel_options: list[float] = []  # the pruned channel sparsities, for the interpolation
 
     def changes(self, axis: str, sparsity: float) -> dict:
         if (axis, sparsity) not in self._changes:
@@ -86,10 +89,19 @@ class ShapeCounter:
     def params(self, shape: dict[str, float]) -> int:
         hidden, channels, heads = (shape.get(axis, 0.0) for axis in ("hidden", "channels", "heads"))
         rest, base = self._one_layer(hidden, 0.0, 0.0)
-        with_channels = self._one_layer(hidden, channels, 0.0)[1] if channels else base
+        with_channels = self._with_channels(hidden, channels) if channels else base
         with_heads = self._one_layer(hidden, 0.0, heads)[1] if heads else base
         kept_layers = self.layers - round(self.layers * shape.get("layers", 0.0))
         return rest + kept_layers * (with_channels + with_heads - base)
+
+    def _with_channels(self, hidden: float, channels: float) -> int:
+        """One layer's count with the MLP at `channels`: built at the two smallest pruned widths, interpolated
+        between them elsewhere (exact: affine in the kept width; a bias flag compensation adds is in both)."""
+        references = self.channel_options[:2]
+        if len(references) < 2 or channels in references:
+            return self._one_layer(hidden, channels, 0.0)[1]
+        (a, b), (ya, yb) = references, (self._one_layer(hidden, r, 0.0)[1] for r in references)
+        return round(ya + (yb - ya) * (channels - a) / (b - a))
 
     def config_changes(self, shape: dict[str, float]) -> dict:
         changes = {}
@@ -117,6 +129,8 @@ def candidate_shapes(model: nn.Module, base: StructuredConfig, axes: list[str], 
                 continue
             allowed.append(sparsity)
         options.append([0.0, *allowed])
+        if axis == "channels":
+            counter.channel_options = allowed
     found = []
     for values in product(*options):
         shape = {axis: value for axis, value in zip(axes, values) if value}
