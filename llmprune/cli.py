@@ -279,7 +279,9 @@ def scan_command(argv: list[str]) -> int:
     groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "calibration")}
     add_fields(p, RunConfig, groups, only={"model", "dtype", "trust_remote_code", "offline", "calib"})
     add_fields(p, PruneConfig, groups, skip={"sparsity", "allocation", "structure", "remove_params", "round_to",
-                                             "bias_compensation", "heads_mode", "layer_importance"})
+                                             "bias_compensation", "heads_mode", "layer_importance",
+                                             "hidden_importance", "target_params", "search_limit",
+                                             "search_windows"})
     for config_cls in knob_configs():  # every cell is pruned uniformly: no allocation's knobs
         if config_cls not in {entry.config for entry in ALLOCATIONS.values()}:
             add_fields(p, config_cls, groups)
@@ -303,6 +305,45 @@ def scan_command(argv: list[str]) -> int:
     return 0
 
 
+def search_command(argv: list[str]) -> int:
+    from .config import PruneConfig, RunConfig
+    from .pruning.structured.config import StructuredConfig
+    from .pruning.structured.config import parse_structures
+
+    p = Parser(prog="python -m llmprune search", description="Several structures at once to a parameter budget: "
+               "every shape over the listed structures within 2% of --target-params (counted exactly), the "
+               "best ones pruned one-shot on a copy and scored by KL to the dense model on validation windows "
+               "cut from the end of the calibration text. Writes candidates.json and candidates.md, best first "
+               "(docs/structured.md).", formatter_class=HelpFormatter)
+    p.add_argument("--structure", required=True, metavar="A,B,..", help="comma list of channels, heads, layers, "
+                   "hidden (any subset; each also left whole in some candidates)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for candidates.json, candidates.md")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "structured", "calibration")}
+    add_fields(p, RunConfig, groups, only={"model", "dtype", "trust_remote_code", "offline", "calib"})
+    add_fields(p, PruneConfig, groups, only={"method", "nsamples", "seqlen", "seed", "device"})
+    add_fields(p, StructuredConfig, groups)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = vars(p.parse_args(argv))
+    go_offline(args.get("offline"))
+    axes = parse_structures(args["structure"])
+    if args.get("target_params") is None:
+        raise LLMPruneError("llmprune search needs --target-params (a count such as 90M, or a fraction such as 0.67)")
+    given = {k: v for k, v in given_fields(StructuredConfig, args).items()
+             if k not in ("structure", "sparsity", "target_params")}
+    base = StructuredConfig(structure="channels", sparsity=0.5, **given)  # each axis's own: search.axis_config
+    prune = build_config(PruneConfig, {k: v for k, v in args.items() if k in ("nsamples", "seqlen", "seed")})
+    run = build_config(RunConfig, {k: v for k, v in args.items() if k in ("model", "dtype", "trust_remote_code",
+                                                                             "offline", "calib")})
+    from .pruning.structured.search import run_search
+
+    path = run_search(run, base, axes, args["target_params"], prune.nsamples, prune.seqlen, prune.seed,
+                      args["output"], args.get("overwrite", False), progress=not args.get("quiet"))
+    print(f"wrote {path}")
+    return 0
+
+
 def export_command(argv: list[str]) -> int:
     from .output.export import ExportConfig
 
@@ -323,7 +364,7 @@ def export_command(argv: list[str]) -> int:
 
 
 COMMANDS = {"prune": prune_command, "eval": eval_command, "report": report_command, "push": push_command,
-            "export": export_command, "scan": scan_command}
+            "export": export_command, "scan": scan_command, "search": search_command}
 
 
 class Terminated(BaseException):

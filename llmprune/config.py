@@ -19,7 +19,7 @@ from .errors import LLMPruneError
 from .options import check_at_least, check_finite, flag_of, option, same_as, settle
 from .pruning import registry
 from .pruning.registry import KnobConfig
-from .pruning.structured.config import DEFAULT_SPARSITY, STRUCTURES, StructuredConfig
+from .pruning.structured.config import DEFAULT_SPARSITY, STRUCTURES, StructuredConfig, axis_config, parse_structures
 
 __all__ = ["PruneConfig", "RecoverConfig", "RunConfig", "option", "load_config_file", "parse_pattern"]
 
@@ -56,18 +56,24 @@ class PruneConfig:
                                     "(default: 0.5, or 1-N/M for an N:M pattern); with --structure, the fraction "
                                     f"of that structure removed (default {DEFAULT_SPARSITY})", group="pruning")
     structure: str = option("none", "remove whole structures and save a smaller ordinary model: MLP channels, "
-                            "attention heads, decoder layers or routed experts of a mixture of experts (none: zero "
-                            "single weights)", group="structured", choices=("none", *STRUCTURES, "experts"))
+                            "attention heads, decoder layers, hidden (embedding) channels, or the routed experts of a "
+                            "mixture of experts (none: zero single weights); a comma list of the first four with "
+                            "--target-params prunes the shape a search over them picks (see `llmprune search`)",
+                            group="structured", metavar="none|" + "|".join(STRUCTURES) + "|experts|A,B,..")
     expert_importance: str = option("reap", "how --structure experts ranks each MoE layer's experts: reap = mean "
                                     "over its routed tokens of routing weight x output norm (Cerebras 2025); "
                                     "frequency = tokens routed to it", group="structured",
                                     choices=("reap", "frequency"))
     remove_params: float | None = option(None, "with --structure: remove about this fraction of the decoder "
                                          "layers' parameters (chooses --sparsity)", group="structured")
+    target_params: str | None = same_as(StructuredConfig, "target_params")
     round_to: int = same_as(StructuredConfig, "round_to")
     bias_compensation: str = same_as(StructuredConfig, "bias_compensation")
     heads_mode: str = same_as(StructuredConfig, "heads_mode")
     layer_importance: str = same_as(StructuredConfig, "layer_importance")
+    hidden_importance: str = same_as(StructuredConfig, "hidden_importance")
+    search_limit: int = same_as(StructuredConfig, "search_limit")
+    search_windows: int = same_as(StructuredConfig, "search_windows")
     pattern: str = option("unstructured", "unstructured, or N:M such as 2:4 or 4:8 (see patterns below)",
                           group="pruning")
     update: str = option("none", "re-fit the kept weights after the mask is chosen: none, or a registered "
@@ -96,11 +102,19 @@ class PruneConfig:
 
     def __post_init__(self):
         if self.structure != "none":
+            if self.structure != "experts":
+                settle(self, "structure", ",".join(parse_structures(self.structure)))
+            if self.several and self.target_params is None:
+                raise LLMPruneError(f"--structure {self.structure}: several structures are pruned to a budget, "
+                                    "whose shape a search picks: give --target-params")
+            budgets = [flag for flag, value in (("--remove-params", self.remove_params),
+                                                ("--target-params", self.target_params),
+                                                ("--sparsity", self.sparsity)) if value is not None]
+            if len(budgets) > 1:
+                raise LLMPruneError(f"{' and '.join(budgets)} each set how much is removed: give one of them")
             if self.remove_params is not None:
                 check_finite(self.remove_params, "--remove-params", positive=True)
-                if self.sparsity is not None:
-                    raise LLMPruneError("--remove-params chooses --sparsity: give one of them")
-            elif self.sparsity is None:
+            elif self.sparsity is None and self.target_params is None:
                 settle(self, "sparsity", DEFAULT_SPARSITY)
             if self.structure == "experts":  # whole routed experts: pruning/expert_removal.py
                 from .pruning.expert_removal import check_expert_removal
@@ -108,6 +122,9 @@ class PruneConfig:
                 check_expert_removal(self)
             else:
                 self.structured()  # validates the structured settings (and the method as an importance)
+            if self.several and self.method is not None and not {"channels", "heads"} & set(self.axes):
+                raise LLMPruneError(f"--method scores channels and heads; --structure {self.structure} has "
+                                    "neither: drop --method")
             if self.pattern != "unstructured" or self.update != "none" or self.allocation != "uniform":
                 raise LLMPruneError(f"--structure {self.structure} removes whole structures: --pattern, --update and "
                                     "--allocation apply to unstructured pruning (prune the output again for that)")
@@ -116,8 +133,10 @@ class PruneConfig:
                                     "unstructured methods do not apply")
             check_at_least(self, ("nsamples", "seqlen"))
             return
-        if self.remove_params is not None:
-            raise LLMPruneError("--remove-params chooses how much of a structure to remove: give --structure too")
+        for name in ("remove_params", "target_params"):
+            if getattr(self, name) is not None:
+                raise LLMPruneError(f"{flag_of(self, name)} chooses how much of a structure to remove: give "
+                                    "--structure too")
         settle(self, "method", self.method or DEFAULT_METHOD)
         for role, entry in self.chosen().items():
             settle(self, f"{role}_config", _knob_config(role, getattr(self, role), entry,
@@ -157,6 +176,15 @@ class PruneConfig:
                 raise LLMPruneError(f"--skip is not a valid regular expression: {err}") from None
 
     @property
+    def axes(self) -> list[str]:
+        """The structures pruned, in the order a shape over several is pruned ([] for none)."""
+        return [] if self.structure == "none" else self.structure.split(",")
+
+    @property
+    def several(self) -> bool:
+        return len(self.axes) > 1
+
+    @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
 
@@ -166,14 +194,23 @@ class PruneConfig:
                 "update": registry.get_update(self.update) if self.update != "none" else None,
                 "allocation": registry.get_allocation(self.allocation)}
 
+    def search_base(self, sparsity: float = 0.5) -> StructuredConfig:
+        """The settings a shape's axes share, for search.py (its `axis_config` gives each axis its own)."""
+        return replace(self, structure="channels", target_params=None, sparsity=sparsity).structured(sparsity)
+
     def structured(self, sparsity: float | None = None) -> StructuredConfig:
         """The settings of a structured prune, validated (pruning/structured/config.py). `sparsity`: the one
-        chosen for --remove-params (until it is chosen, 0.5 stands in for the checks)."""
+        chosen for --remove-params or --target-params (until it is chosen, 0.5 stands in for the checks)."""
         if sparsity is None:
             sparsity = 0.5 if self.sparsity is None else self.sparsity
+        if self.several:  # the first axis's config (each axis's settings validate)
+            configs = [axis_config(self.search_base(sparsity), axis, sparsity) for axis in self.axes]
+            return configs[0]
         return StructuredConfig(structure=self.structure, method=self.method, sparsity=sparsity,
                                 round_to=self.round_to, bias_compensation=self.bias_compensation,
                                 heads_mode=self.heads_mode, layer_importance=self.layer_importance,
+                                hidden_importance=self.hidden_importance, target_params=self.target_params,
+                                search_limit=self.search_limit, search_windows=self.search_windows,
                                 batch_size=self.batch_size, device=self.device)
 
 
@@ -383,9 +420,13 @@ class RunConfig:
             raise LLMPruneError("--push-to-hub uploads the --output directory: give --output DIR too")
         if self.push_to_hub and self.offline:
             raise LLMPruneError("--offline never contacts the Hub, so --push-to-hub cannot run: drop one of them")
-        if self.prune.remove_params is not None and self.schedule:
-            raise LLMPruneError("--remove-params chooses one sparsity; a --schedule names each stage's: give "
-                                "--schedule with sparsities (e.g. 0.1,0.2) and drop --remove-params")
+        for name in ("remove_params", "target_params"):
+            if getattr(self.prune, name) is not None and self.schedule:
+                flag = flag_of(PruneConfig, name)
+                raise LLMPruneError(f"{flag} chooses one sparsity; a --schedule names each stage's: give "
+                                    f"--schedule with sparsities (e.g. 0.1,0.2) and drop {flag}")
+        if self.prune.structure == "hidden" and self.schedule:
+            raise LLMPruneError("--structure hidden shrinks the hidden size once: drop --schedule")
         if self.schedule is not None:
             self.schedule_sparsities()
         if (self.resume or self.checkpoint) and not (self.output or self.work_dir):

@@ -44,7 +44,9 @@ class Plan:
     stream_reason: str | None = None
     parallel: object = None  # a DataParallel under torchrun, else None
     work_dir: Path | None = None  # where per-layer checkpoints go (--checkpoint, --resume, streaming)
-    sparsity: float | None = None  # the run's; --remove-params chooses it once the model is loaded
+    sparsity: float | None = None  # the run's; --remove-params or --target-params chooses it once the model is loaded
+    target_params: int | None = None  # --target-params (--remove-params) as a parameter count of the loaded model
+    shape: dict | None = None  # several structures: the searched shape, axis -> sparsity (structured/search.py)
 
     @property
     def writer(self) -> bool:
@@ -147,7 +149,7 @@ def preflight(config: RunConfig) -> Plan:
 
             ScanTable.load(pc.allocation.removeprefix("scan:"))  # a broken table fails now
     else:
-        needs_calibration = pc.structure == "experts" or pc.structured().needs_calibration  # experts: routed tokens
+        needs_calibration = pc.structure == "experts" or pc.several or pc.structured().needs_calibration  # experts: routed tokens
     stream, reason = _should_stream(config, source)
     work_dir = None
     if config.resume or config.checkpoint or stream:
@@ -168,12 +170,18 @@ def preflight(config: RunConfig) -> Plan:
     if pc.structure == "experts" and (stream or parallel is not None):
         raise LLMPruneError("--structure experts scores the experts in one process with the model in memory: drop "
                             "--stream and torchrun")
+    if pc.several and (stream or parallel is not None or config.resume or config.checkpoint or
+                       (config.recover and config.recovery.distill_hidden and "layers" in pc.axes)):
+        raise LLMPruneError(f"--structure {pc.structure} prunes a searched shape in one process, in memory: no "
+                            "--stream, --checkpoint, --resume, torchrun, nor --distill-hidden with layers")
     if pc.structure not in ("none", "experts"):
         from .pruning.structured.runner import check_layer_by_layer
 
-        check_layer_by_layer(pc.structured(), stream, parallel is not None)
+        check_layer_by_layer(pc.structured(), stream, parallel is not None, bool(config.resume or config.checkpoint))
     if needs_calibration:
-        check_source(config.calib, "calib", pc.nsamples * pc.seqlen, "--nsamples or --seqlen")
+        windows = pc.nsamples + (pc.search_windows if pc.several else 0)
+        check_source(config.calib, "calib", windows * pc.seqlen,
+                     "--nsamples, --seqlen or --search-windows" if pc.several else "--nsamples or --seqlen")
     if config.recover:
         check_source(config.recovery.data or config.calib, "calib", config.recovery.text_tokens,
                      "--recover-steps, --recover-batch or --recover-seqlen")
@@ -201,15 +209,17 @@ def _should_stream(config: RunConfig, source) -> tuple[bool, str | None]:
                                 "--schedule need: prune first, then recover or evaluate the (smaller) output")
         if not config.output:
             raise LLMPruneError(f"streaming ({reason}) writes the model as it goes: give --output DIR")
-        if config.prune.remove_params is not None:
-            raise LLMPruneError(f"streaming ({reason}) takes the structure's own --sparsity: give it instead of "
-                                "--remove-params")
+        for flag, value in (("--remove-params", config.prune.remove_params),
+                            ("--target-params", config.prune.target_params)):
+            if value is not None:
+                raise LLMPruneError(f"streaming ({reason}) takes the structure's own --sparsity: give it instead "
+                                    f"of {flag}")
     return stream, reason
 
 
 def load(config: RunConfig, plan: Plan, progress: bool):
     """The model on the CPU in eval mode, checked once (finite weights, prunable shapes), and room to save it;
-    --remove-params's sparsity, chosen from the model, goes into the plan."""
+    the sparsity --remove-params or --target-params chooses from the model goes into the plan."""
     from .inputs.models import load_model
     from .output.atomic import check_free_space
     from .pruning.runner import check_model
@@ -228,12 +238,20 @@ def load(config: RunConfig, plan: Plan, progress: bool):
 
         expert_blocks(model)  # a model without fused experts fails now, before any work
     else:
-        from .pruning.structured.runner import plan_structure, sparsity_for_params
+        from .pruning.structured.runner import plan_structure, remove_params_target, sparsity_for_target, target_count
 
-        if pc.remove_params is not None:
-            plan.sparsity = sparsity_for_params(model, pc.structured(), pc.remove_params)
-            say(progress, f"--remove-params {pc.remove_params:g}: removing {plan.sparsity:.4f} of the {pc.structure}")
-        plan_structure(model, pc.structured(plan.sparsity))  # shapes the family cannot express fail now, before any work
+        if pc.several:
+            search_shape(model, tokenizer, config, plan, progress)
+        elif pc.remove_params is not None or pc.target_params is not None:
+            asked = (f"--remove-params {pc.remove_params:g}" if pc.remove_params is not None else
+                     f"--target-params {pc.target_params}")
+            plan.target_params = (remove_params_target(model, pc.remove_params) if pc.remove_params is not None
+                                  else target_count(model, pc.target_params))
+            plan.sparsity, count = sparsity_for_target(model, pc.structured(), plan.target_params, asked)
+            say(progress, f"{asked}: removing {plan.sparsity:.4f} of the {pc.structure}, {count:,} parameters "
+                          f"left (target {plan.target_params:,})")
+        if not pc.several:
+            plan_structure(model, pc.structured(plan.sparsity))  # shapes the family cannot express fail now
     if config.save_format == "gguf":  # an architecture or tokenizer the exporter does not know fails now
         from .output.export import check_gguf_export
 
@@ -243,6 +261,26 @@ def load(config: RunConfig, plan: Plan, progress: bool):
     if config.output:
         check_free_space(config.output, sum(p.numel() * p.element_size() for p in model.parameters()))
     return model, tokenizer, source
+
+
+def search_shape(model, tokenizer, config: RunConfig, plan: Plan, progress: bool) -> None:
+    """Several structures: the search's best shape for --target-params goes into the plan (structured/search.py)."""
+    from .inputs.data import load_text, tokenize
+    from .pruning.structured.runner import target_count
+    from .pruning.structured.search import search_shapes, search_windows
+    from .runtime import parameter_count
+
+    pc = config.prune
+    plan.target_params = target_count(model, pc.target_params)
+    calibration, validation = search_windows(tokenize(tokenizer, load_text(config.calib, "calib")), pc.nsamples,
+                                             pc.seqlen, pc.seed, pc.search_windows)
+    best = search_shapes(model, calibration, validation, pc.search_base(), pc.axes, plan.target_params,
+                         pc.search_limit, progress)[0]
+    plan.shape = best.shape
+    plan.sparsity = 1 - best.params / parameter_count(model.parameters())
+    say(progress, f"--target-params {pc.target_params}: shape " + ", ".join(f"{axis} {value:.3g}" for axis, value
+                                                                           in best.shape.items())
+        + f", {best.params:,} parameters, KL {best.kl:.4g} to the dense model")
 
 
 def calibration_data(tokenizer, config: RunConfig, plan: Plan, progress: bool):
@@ -332,9 +370,15 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
             raise LLMPruneError("--schedule with --structure experts: remove the experts in one step")
         return expert_removal_report(model, calibration, replace(config.prune, sparsity=sparsity), progress)
     structured = config.prune.structure != "none"
+    if plan.shape is not None:  # several structures, pruned axis by axis to the searched shape
+        from .pruning.structured.search import combined_report, prune_shape
+
+        return combined_report(prune_shape(model, calibration, replace(config.prune.search_base(),
+                                                                       device=str(plan.device)), plan.shape,
+                                           progress), plan.target_params)
     if structured:  # a stage removes what brings the structure to `sparsity` of the dense model's count
         stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
-        pc = config.prune.structured(stage)
+        pc = replace(config.prune.structured(stage), target_params=None)  # the plan's sparsity meets it
     else:
         pc = replace(config.prune, sparsity=sparsity)
     pc = replace(pc, device=str(plan.device))  # this rank's device under torchrun; the config stays as given
@@ -351,6 +395,7 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
         pruned = (prune_structured if structured else prune)(model, calibration, pc, progress, **options)
     if structured:
         pruned.sparsity = sparsity  # the target of the structure (the stage's own is in its record)
+        pruned.structure.target_params = plan.target_params
         if previous is not None:
             pruned.structure = chain_records(previous.structure, pruned.structure, sparsity)
             pruned.seconds = pruned.structure.seconds

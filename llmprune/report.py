@@ -69,8 +69,8 @@ class StructureRecord:
     kv_groups, layers) per decoder layer, or decoder layers; a --schedule's record counts against the dense model
     and keeps each stage's own record in `stages`. Fields that apply to one structure only are None otherwise."""
 
-    kind: str  # channels, heads or layers
-    method: str  # the importance (channels, heads) or the layer importance (layers)
+    kind: str  # channels, heads, layers or hidden
+    method: str  # the importance (channels, heads), the layer importance (layers) or hidden importance (hidden)
     sparsity: float  # asked, of the structure
     unit: str
     achieved_sparsity: float
@@ -85,6 +85,7 @@ class StructureRecord:
     kv_heads_after: int | None = None
     removed_layers: list[int] | None = None  # layers: dense indices
     layer_scores: list[float] | None = None  # layers: the importance of each, lowest removed first
+    target_params: int | None = None  # --target-params (or --remove-params) as a count of all parameters
     params_before: int = 0
     params_after: int = 0
     params_removed_fraction: float = 0.0

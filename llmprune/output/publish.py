@@ -66,8 +66,12 @@ def _front_matter(report: Report) -> str:
 def _structured_intro(report: Report, base: str) -> str:
     s = report.structure
     what = {"channels": "MLP channels", "heads": "attention heads", "layers": "decoder layers",
-            "experts": "routed experts"}[s.kind]
-    removed = (f"decoder layers {', '.join(map(str, s.removed_layers))} removed" if s.kind == "layers" else
+            "hidden": "hidden (embedding) channels", "experts": "routed experts"}.get(s.kind)
+    removed = ("; ".join(f"{st.kind} {st.units_before} → {st.units_kept}" for st in s.stages)
+               if s.unit == "parameters" else
+               f"decoder layers {', '.join(map(str, s.removed_layers))} removed" if s.kind == "layers" else
+               f"{s.units_before - s.units_kept} of its {s.units_before} {what} removed everywhere"
+               if s.kind == "hidden" else
                f"{s.units_before - s.units_kept} of every {s.units_before} {what} removed in each layer")
     if s.kind == "experts":  # which ones, by their index in the dense model
         removed += " (" + "; ".join(f"layer {layer.index}: {layer.removed}" for layer in s.layers) + ")"

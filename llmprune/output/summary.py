@@ -59,18 +59,24 @@ def coverage_lines(report: Report) -> list[str]:
 def structure_lines(report: Report) -> list[str]:
     """What a structured prune removed, and what it saved."""
     s = report.structure
-    what = {"channels": "MLP channels", "heads": "attention heads", "layers": "decoder layers"}.get(s.kind, s.kind)
+    what = {"channels": "MLP channels", "heads": "attention heads", "layers": "decoder layers",
+            "hidden": "hidden (embedding) channels"}.get(s.kind, s.kind)
     lines = [f"{report.model_name} ({report.architecture}): --structure {s.kind}, scored by {s.method}"]
-    if s.kind == "layers":
+    if s.stages and s.unit == "parameters":  # several structures: each axis's own record
+        lines += [f"  {stage.kind}: {stage.units_before} -> {stage.units_kept} {stage.unit}"
+                  + (" per layer" if stage.kind in ("channels", "heads") else "") for stage in s.stages]
+    elif s.kind == "layers":
         lines.append(f"removed {len(s.removed_layers)} of {s.units_before} {what}: {s.removed_layers}")
     else:
-        lines.append(f"removed {s.units_before - s.units_kept} of {s.units_before} {what} per layer "
+        lines.append(f"removed {s.units_before - s.units_kept} of {s.units_before} {what}"
+                     f"{'' if s.kind == 'hidden' else ' per layer'} "
                      f"({s.achieved_sparsity:.1%}; asked {s.sparsity:.1%}"
                      + (f", widths rounded to multiples of {s.round_to}" if (s.round_to or 1) > 1 else "") + ")")
         if s.bias_compensation:
             lines.append("their mean output is folded into the next linear's bias (bias compensation)")
     lines.append(f"parameters {s.params_before / 1e6:.2f}M -> {s.params_after / 1e6:.2f}M "
-                 f"({s.params_removed_fraction:.1%} fewer; decoder layers {s.decoder_params_removed_fraction:.1%})")
+                 f"({s.params_removed_fraction:.1%} fewer; decoder layers {s.decoder_params_removed_fraction:.1%})"
+                 + (f"; target {s.target_params / 1e6:.2f}M" if s.target_params else ""))
     lines.append("config: " + ", ".join(f"{k}={v}" for k, v in s.config_changes.items()))
     return lines
 

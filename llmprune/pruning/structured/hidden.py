@@ -31,6 +31,7 @@ from torch import nn
 
 from ...errors import LLMPruneError
 from ...inputs.models import is_linear
+from .config import HIDDEN_IMPORTANCES
 from .discovery import CONFIG_KEYS, meta_model, planned_config
 from .surgery import verify_against_config
 
@@ -42,7 +43,7 @@ HIDDEN_ATTRIBUTES = ("hidden_size", "embed_dim", "embedding_dim", "d_model", "no
 SQRT_HIDDEN_ATTRIBUTES = ("embed_scale", "scalar_embed_scale")
 GAIN, OFFSET = "weight", "bias"  # a norm's parameters
 HEAD_SIZE_ATTRIBUTE = "head_dim"  # attention modules' width per head, which must not change
-IMPORTANCES = ("activation", "magnitude")
+IMPORTANCES = HIDDEN_IMPORTANCES
 
 
 class _StopForward(Exception):
@@ -254,6 +255,15 @@ def norm_activation_importance(model: nn.Module, plan: HiddenPlan, calibration: 
     return activation_importance(sumsq)
 
 
+def hidden_scores(model: nn.Module, plan: HiddenPlan, calibration: torch.Tensor | None, importance: str,
+                  batch_size: int = 8) -> torch.Tensor:
+    """(hidden,): each hidden channel's importance, "activation" (over `calibration`) or "magnitude"."""
+    if importance == "activation":
+        return norm_activation_importance(model, plan, calibration, batch_size)
+    tensors = dict(model.named_parameters())
+    return magnitude_importance([(tensors[n], d) for n, d in plan.dims.items() if n in tensors], plan.hidden)
+
+
 # ---- surgery -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -340,11 +350,6 @@ def prune_hidden(model: nn.Module, calibration: torch.Tensor | None, keep_fracti
         raise LLMPruneError("activation importance needs calibration windows; or use magnitude")
     width = choose_width(model, keep_fraction, width, round_to)
     plan = plan_hidden(model, width)
-    if importance == "activation":
-        scores = norm_activation_importance(model, plan, calibration, batch_size)
-    else:
-        tensors = dict(model.named_parameters())
-        scores = magnitude_importance([(tensors[n], d) for n, d in plan.dims.items() if n in tensors], plan.hidden)
-    keep = kept_channels(scores, width)
+    keep = kept_channels(hidden_scores(model, plan, calibration, importance, batch_size), width)
     remove_hidden_channels(model, plan, keep, rescale_norms)
     return {"structure": "hidden", "hidden": plan.hidden, "width": width, "kept": keep.tolist()}

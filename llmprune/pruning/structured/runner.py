@@ -16,6 +16,9 @@ the model stays an ordinary Hugging Face model of smaller shapes.
     layers:
         block influence, measured while the dense layers propagate (each_layer), or the loss increase when skipped
         delete the least important layers; renumber the KV cache slots; shorten per-layer config lists
+    hidden (hidden.py, the whole model in memory):
+        the norms' activations over the calibration tokens (one model pass), or the weights' magnitude
+        keep the best hidden channels in every tensor that holds them; rescale the norms' gains
     write the config, and check the model's own class built from it has exactly the model's shapes
 
 The runner's hooks (store, checkpoint, parallel) work here as in an unstructured prune: a streamed model's
@@ -26,18 +29,19 @@ their weights, and under torchrun rank 0 chooses the units from the summed stati
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from ...errors import LLMPruneError
+from ...options import check_finite
 from ...inputs.models import decoder_layers, is_linear, weight_matrix
 from ...report import StructureLayer, StructureRecord
 from ...runtime import elapsed, parameter_count, resolve_device
 from ..runner import ModelLayers, PruneReport, capture_layer_calls, collect_statistics, each_layer, run_layer
 from .compensation import removed_mean_contribution
-from .config import StructuredConfig
+from .config import StructuredConfig, parse_param_target
 from .discovery import (FUSED_QKV, HEAD_ATTRIBUTES, MLP_INPUTS, MLP_OUTPUTS, WIDTH_ATTRIBUTES, attention_shape,
                         bias_flag_for, config_key, find_parts, meta_model, planned_config)
 from .importance import UnitView, get_importance
@@ -76,9 +80,12 @@ class Plan:
     heads_mode: str | None = None
     compensate: bool = False
     compensation_note: str | None = None
+    hidden: object = None  # hidden: where its channels are (hidden.HiddenPlan)
 
     @property
     def unit(self) -> str:
+        if self.structure == "hidden":
+            return "hidden_channels"
         if self.structure == "heads":
             return "heads" if self.heads_mode == "query" else "kv_groups"
         return self.structure
@@ -88,6 +95,8 @@ class Plan:
         """(units before, units kept): per decoder layer, or decoder layers."""
         if self.spec is not None:
             return self.spec.units, self.spec.kept
+        if self.hidden is not None:
+            return self.hidden.hidden, self.hidden.width
         return len(self.layers), len(self.layers) - self.remove_count
 
 
@@ -107,6 +116,11 @@ def plan_structure(model: nn.Module, config: StructuredConfig) -> Plan:
         if count >= len(layers):
             raise LLMPruneError(f"--sparsity {config.sparsity:g} removes all {len(layers)} layers: lower it")
         return Plan("layers", prefix, layers, {key: len(layers) - count}, remove_count=count, layers_key=key)
+    if config.structure == "hidden":
+        from .hidden import choose_width, plan_hidden
+
+        hidden = plan_hidden(model, choose_width(model, keep_fraction=1 - config.sparsity, round_to=config.round_to))
+        return Plan("hidden", prefix, layers, dict(hidden.config_changes), hidden=hidden)
 
     parts = [find_parts(layer) for layer in layers]
     first = layers[0]
@@ -297,36 +311,111 @@ def chain_records(previous: StructureRecord, stage: StructureRecord, target: flo
 
 
 def sparsity_for_params(model: nn.Module, config: StructuredConfig, fraction: float) -> float:
-    """The structure's sparsity that removes about `fraction` of the decoder layers' parameters (before
-    --round-to rounding: the report states what was achieved)."""
-    prefix, layers = decoder_layers(model)
-    _, decoder = parameter_counts(model, layers)
+    """--remove-params: the structure's sparsity that removes about `fraction` of the decoder layers'
+    parameters, as a parameter target (`sparsity_for_target`): all parameters less that share."""
+    return sparsity_for_target(model, config, remove_params_target(model, fraction), f"--remove-params {fraction:g}")[0]
+
+
+def remove_params_target(model: nn.Module, fraction: float) -> int:
+    """--remove-params as a parameter target: all of `model`'s parameters less `fraction` of its decoder layers'."""
+    check_finite(fraction, "--remove-params", positive=True)
+    params, decoder = parameter_counts(model, decoder_layers(model)[1])
+    if not fraction < 1:
+        raise LLMPruneError(f"--remove-params {fraction:g} removes every decoder parameter: give a fraction below 1")
+    return round(params - fraction * decoder)
+
+
+def target_count(model: nn.Module, target) -> int:
+    """--target-params as a parameter count of `model` (a fraction is of all its parameters, embeddings
+    included), checked to remove something and keep something."""
+    kind, value = parse_param_target(target)
+    params = parameter_count(model.parameters())
+    count = round(value * params) if kind == "fraction" else round(value)
+    if not 0 < count < params:
+        raise LLMPruneError(f"--target-params {target} is {count:,} parameters, but {type(model).__name__} has "
+                            f"{params:,}: give a smaller count, or a fraction in (0, 1)")
+    return count
+
+
+def candidate_sparsities(model: nn.Module, config: StructuredConfig) -> list[float]:
+    """Every sparsity of the structure that gives a distinct shape: each kept width (a multiple of --round-to),
+    number of heads or KV groups, or of decoder layers, as the exact fraction removed."""
+    layers = decoder_layers(model)[1]
+    if config.structure == "hidden":
+        from .hidden import hidden_size, hidden_widths
+
+        hidden = hidden_size(model)
+        return [1 - width / hidden for width in hidden_widths(model, config.round_to)]
     if config.structure == "layers":
-        per_unit, units = decoder / len(layers), len(layers)
+        return [removed / len(layers) for removed in range(1, len(layers))]
+    probe = plan_structure(model, replace(config, sparsity=0.5, round_to=1, bias_compensation="off")).spec
+    if config.structure == "channels":
+        step = config.round_to
+        return [(probe.units - kept) / probe.units for kept in range(step, probe.units, step)]
+    per = probe.units // probe.blocks  # query heads per KV group, or KV groups
+    return [removed / per for removed in range(1, per)]
+
+
+def params_at_sparsity(model: nn.Module, config: StructuredConfig) -> int:
+    """The exact parameter count (tied tensors once) after a prune at config.sparsity: the model's own class built
+    on the meta device from the planned config (layers: less the removed layers' own parameters, all alike)."""
+    plan = plan_structure(model, config)
+    if plan.structure == "layers":
+        return parameter_count(model.parameters()) - plan.remove_count * parameter_count(plan.layers[0].parameters())
+    return parameter_count(meta_model(model, planned_config(model, plan.changes)).parameters())
+
+
+def sparsity_for_target(model: nn.Module, config: StructuredConfig, target: float,
+                        asked: str | None = None) -> tuple[float, int]:
+    """(sparsity, parameters after): of the structure's shapes (`candidate_sparsities`) whose exact count is at
+    most 2% over `target` parameters, the one nearest to it (the smaller on a tie). Counts fall as the sparsity
+    rises, so a bisection finds where they cross the target and only a few shapes are built; a shape the family
+    refuses is no candidate. `asked`: the flag and value to name in an error."""
+    asked = asked or f"--target-params {target:,.0f}"
+    candidates = sorted(candidate_sparsities(model, config))
+    counts = {}
+
+    def count(index: int) -> int | None:  # None: the family refuses this shape
+        if index not in counts:
+            try:
+                counts[index] = params_at_sparsity(model, replace(config, sparsity=candidates[index]))
+            except LLMPruneError:
+                counts[index] = None
+        return counts[index]
+
+    low, high = 0, len(candidates)  # the first index whose count is at most the target
+    while low < high:
+        middle = (low + high) // 2
+        if count(middle) is None:  # refused shapes break the order: count them all
+            for index in range(len(candidates)):
+                count(index)
+            break
+        low, high = (low, middle) if count(middle) <= target else (middle + 1, high)
     else:
-        probe = StructuredConfig(**{**config.__dict__, "sparsity": 0.5, "round_to": 1, "bias_compensation": False})
-        spec = plan_structure(model, probe).spec
-        layer = layers[0]
-        per_unit = 0
-        for name in spec.rows:
-            module = layer.get_submodule(name)
-            rows, inputs = weight_matrix(module).shape
-            per_unit += rows // spec.units * (inputs + (module.bias is not None))
-        for name in spec.cols:
-            outputs, cols = weight_matrix(layer.get_submodule(name)).shape
-            per_unit += cols // spec.units * outputs
-        per_unit, units = per_unit * len(layers), spec.units
-    sparsity = fraction * decoder / (per_unit * units)
-    if not 0 < sparsity < 1:
-        raise LLMPruneError(f"removing {fraction:g} of the decoder parameters with --structure {config.structure} "
-                            f"would need a sparsity of {sparsity:.3g} of that structure: choose a smaller fraction "
-                            f"or another structure")
-    return sparsity
+        for index in (low - 1, low):
+            if 0 <= index < len(candidates):
+                count(index)
+    allowed = [(abs(c - target), -candidates[i], c) for i, c in counts.items() if c is not None and c <= target * 1.02]
+    if not allowed:
+        known = [c for c in counts.values() if c is not None]
+        smallest = f"; the smallest shape it allows has {min(known):,}" if known and low >= len(candidates) else ""
+        rounded = f" (--round-to {config.round_to})" if config.structure in ("channels", "hidden") else ""
+        raise LLMPruneError(f"{asked}: no --structure {config.structure} shape{rounded} of "
+                            f"{type(model).__name__} has at most {target * 1.02:,.0f} parameters{smallest}: "
+                            "give a larger target or another structure" + (" or a lower --round-to" if rounded else ""))
+    _, negative, found = min(allowed)
+    return -negative, found
 
 
-def check_layer_by_layer(config: StructuredConfig, streamed: bool, parallel: bool) -> None:
+def check_layer_by_layer(config: StructuredConfig, streamed: bool, parallel: bool, checkpointed: bool = False) -> None:
     """Taylor importance and skip-loss layer importance run the whole model over all calibration windows, which
-    neither a streamed model (never whole in memory) nor a rank's share of the windows allows."""
+    neither a streamed model (never whole in memory) nor a rank's share of the windows allows; --structure
+    hidden changes every tensor of the model at once, so it has no layers to stream, share or checkpoint."""
+    if config.structure == "hidden" and (streamed or parallel or checkpointed):
+        raise LLMPruneError("--structure hidden changes every tensor of the model at once: run it in one process, "
+                            "in memory (no --stream, --checkpoint, --resume or torchrun)")
+    if config.structure == "hidden":
+        return
     whole_model = config.layer_importance == "skip_loss" if config.structure == "layers" else \
         get_importance(config.method).needs == "gradients"
     if whole_model and (streamed or parallel):
@@ -341,14 +430,25 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None, config:
                      offload_activations=None) -> PruneReport:
     """Prune `model` in place; the returned PruneReport's `structure` is the report's record. `calibration`:
     (nsamples, seqlen) token ids (this rank's share under `parallel`); only magnitude without bias compensation
-    needs none. `store`, `checkpoint`, `parallel`, `offload_activations`: as for the unstructured `prune`."""
+    needs none. With config.target_params, the sparsity is the one `sparsity_for_target` chooses for it.
+    `store`, `checkpoint`, `parallel`, `offload_activations`: as for the unstructured `prune`."""
+    target = None
+    if config.target_params is not None:
+        target = target_count(model, config.target_params)
+        config = replace(config, sparsity=sparsity_for_target(model, config, target,
+                                                              f"--target-params {config.target_params}")[0])
     plan = plan_structure(model, config)
+    check_layer_by_layer(config, any(p.device.type == "meta" for p in model.parameters()), parallel is not None,
+                         checkpoint is not None)
+    if plan.hidden is not None:
+        report = _prune_hidden(model, calibration, config, plan)
+        report.structure.target_params = target
+        return report
     importance = get_importance(config.method) if plan.spec else None
     needs_data = plan.structure == "layers" or importance.needs is not None or plan.compensate
     if needs_data and calibration is None:
         raise LLMPruneError(f"--structure {plan.structure} with {config.method or config.layer_importance}"
                             f"{' and bias compensation' if plan.compensate else ''} needs calibration data")
-    check_layer_by_layer(config, any(p.device.type == "meta" for p in model.parameters()), parallel is not None)
     device = resolve_device(config.device)
     params_before, decoder_before = parameter_counts(model, plan.layers)
     before, kept = plan.counts
@@ -374,12 +474,39 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None, config:
     verify_against_config(model)
     report.seconds["verify"] = time.perf_counter() - start
     record.seconds = report.seconds  # one dict: the report's phases are the record's
+    record.target_params = target
+    _count_after(model, plan, record, params_before, decoder_before)
+    return report
+
+
+def _count_after(model, plan: Plan, record: StructureRecord, params_before: int, decoder_before: int) -> None:
     params_after, decoder_after = parameter_counts(model, plan.layers)
     record.params_before, record.params_after = params_before, params_after
     record.params_removed_fraction = 1 - params_after / params_before
     record.decoder_params_before, record.decoder_params_after = decoder_before, decoder_after
     record.decoder_params_removed_fraction = 1 - decoder_after / decoder_before
     record.config_changes = dict(plan.changes)
+
+
+def _prune_hidden(model, calibration, config: StructuredConfig, plan: Plan) -> PruneReport:
+    """--structure hidden (hidden.py) where the model is; its record counts hidden sizes."""
+    from .hidden import hidden_scores, kept_channels, remove_hidden_channels
+
+    if config.hidden_importance == "activation" and calibration is None:
+        raise LLMPruneError("--structure hidden with --hidden-importance activation needs calibration data")
+    hidden = plan.hidden
+    params_before, decoder_before = parameter_counts(model, plan.layers)
+    record = StructureRecord("hidden", config.hidden_importance, config.sparsity, plan.unit,
+                             1 - hidden.width / hidden.hidden, hidden.hidden, hidden.width, round_to=config.round_to)
+    report = PruneReport(record.method, config.sparsity, "structured", "uniform", seconds={}, structure=record)
+    start = time.perf_counter()
+    scores = hidden_scores(model, hidden, calibration, config.hidden_importance, config.batch_size)
+    report.seconds["score"] = time.perf_counter() - start
+    start = time.perf_counter()
+    remove_hidden_channels(model, hidden, kept_channels(scores, hidden.width))  # checks the config's shapes too
+    report.seconds["prune"] = time.perf_counter() - start
+    record.seconds = report.seconds
+    _count_after(model, plan, record, params_before, decoder_before)
     return report
 
 

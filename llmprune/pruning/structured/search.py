@@ -1,0 +1,293 @@
+"""Several structures at once to a parameter budget: enumerate the shapes, count them exactly, score, prune.
+
+A shape is a sparsity per axis (layers, heads, channels, hidden; an axis absent is left whole). The candidates
+are every combination of each listed axis's own shapes (`candidate_sparsities`: widths in steps of --round-to,
+head counts, layer counts, hidden widths), whole included, whose exact parameter count lies within 2% of the
+target. Counting every combination by building the model would be slow, so a count is composed from
+one-layer builds on the meta device, exact for a decoder whose layers are alike:
+
+    params = (embeddings, final norm, head at hidden width h) + layers_kept * per_layer(h, channels, heads)
+    per_layer(h, c, q) = per_layer(h, c, 0) + per_layer(h, 0, q) - per_layer(h, 0, 0)
+
+(no tensor of a layer depends on both the MLP width and the head count), and per_layer(h, c, 0) is affine in
+the kept MLP width (rows of gate/up, columns of down, their biases), so two pruned widths per hidden size are
+built and the others interpolated (the tests prune every candidate for real against its count). A shape is pruned one-shot in the
+order of AXES: layers first (ranked on the dense model), then heads and channels within the layers that stay,
+the hidden size last, each axis by its own importance.
+
+Rule that picks the best candidate: the smallest KL divergence from the dense model's next-token distribution,
+averaged over every token of validation windows cut from the end of the calibration text (never the held-out
+text), each candidate pruned on a deep copy of the dense model. With more candidates than `limit`, `limit`
+of them evenly spread over the list ordered by shape are scored (the others are listed, unscored).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import LLMPruneError
+from ...inputs.models import decoder_layers
+from ...runtime import parameter_count
+from .config import AXES, StructuredConfig, axis_config
+from .discovery import CONFIG_KEYS, PER_LAYER_LISTS, config_key, meta_model, planned_config
+
+SLACK = 0.02  # a candidate's count is within this fraction of the target
+
+
+@dataclass
+class Candidate:
+    shape: dict[str, float]  # axis -> sparsity of that axis (absent: left whole)
+    params: int
+    kl: float | None = None  # to the dense model, on the validation windows (None: not scored)
+    config_changes: dict = field(default_factory=dict)
+
+
+class ShapeCounter:
+    """Exact parameter counts of shapes of one dense model, from memoized one-layer meta builds."""
+
+    def __init__(self, model: nn.Module, base: StructuredConfig):
+        from .runner import plan_structure
+
+        self.model, self.base, self._plan = model, base, plan_structure
+        self.layers = len(decoder_layers(model)[1])
+        self.layers_key = config_key(model.config, "layers")
+        self._changes, self._built = {}, {}
+        self.channel_options: list[float] = []  # the pruned channel sparsities, for the interpolation
+
+    def changes(self, axis: str, sparsity: float) -> dict:
+        if (axis, sparsity) not in self._changes:
+            self._changes[axis, sparsity] = dict(self._plan(self.model, axis_config(self.base, axis, sparsity)).changes)
+        return self._changes[axis, sparsity]
+
+    def _one_layer(self, hidden: float, channels: float, heads: float) -> tuple[int, int]:
+        """(parameters outside the layers, one layer's) at this hidden/channel/head shape."""
+        key = (hidden, channels, heads)
+        if key not in self._built:
+            changes = {}
+            for axis, sparsity in (("hidden", hidden), ("channels", channels), ("heads", heads)):
+                if sparsity:
+                    changes |= self.changes(axis, sparsity)
+            changes[self.layers_key] = 1
+            present = self.model.config.to_dict()
+            for name in PER_LAYER_LISTS:
+                if isinstance(present.get(name), list) and len(present[name]) == self.layers:
+                    changes[name] = present[name][:1]
+            try:
+                built = meta_model(self.model, planned_config(self.model, changes))
+            except Exception as err:  # the family's own validation: e.g. a hidden size its head count refuses
+                raise LLMPruneError(f"{type(self.model.config).__name__} refuses this shape: {err}") from None
+            layer = parameter_count(decoder_layers(built)[1][0].parameters())
+            self._built[key] = (parameter_count(built.parameters()) - layer, layer)
+        return self._built[key]
+
+    def params(self, shape: dict[str, float]) -> int:
+        hidden, channels, heads = (shape.get(axis, 0.0) for axis in ("hidden", "channels", "heads"))
+        rest, base = self._one_layer(hidden, 0.0, 0.0)
+        with_channels = self._with_channels(hidden, channels) if channels else base
+        with_heads = self._one_layer(hidden, 0.0, heads)[1] if heads else base
+        kept_layers = self.layers - round(self.layers * shape.get("layers", 0.0))
+        return rest + kept_layers * (with_channels + with_heads - base)
+
+    def _with_channels(self, hidden: float, channels: float) -> int:
+        """One layer's count with the MLP at `channels`: built at the two smallest pruned widths, interpolated
+        between them elsewhere (exact: affine in the kept width; a bias flag compensation adds is in both)."""
+        references = self.channel_options[:2]
+        if len(references) < 2 or channels in references:
+            return self._one_layer(hidden, channels, 0.0)[1]
+        (a, b), (ya, yb) = references, (self._one_layer(hidden, r, 0.0)[1] for r in references)
+        return round(ya + (yb - ya) * (channels - a) / (b - a))
+
+    def config_changes(self, shape: dict[str, float]) -> dict:
+        changes = {}
+        for axis in AXES:
+            if shape.get(axis):
+                changes |= self.changes(axis, shape[axis])
+        return changes
+
+
+def candidate_shapes(model: nn.Module, base: StructuredConfig, axes: list[str], target: float) -> list[Candidate]:
+    """Every shape over `axes` (each axis whole or at one of its own sparsities, at least one pruned) whose
+    exact count is within 2% of `target`, ordered by shape."""
+    from itertools import product
+
+    from .runner import candidate_sparsities
+
+    counter = ShapeCounter(model, base)
+    options = []
+    for axis in axes:
+        allowed = []
+        for sparsity in candidate_sparsities(model, axis_config(base, axis, 0.5)):
+            try:
+                counter.changes(axis, sparsity)
+            except LLMPruneError:  # a shape this family cannot express
+                continue
+            allowed.append(sparsity)
+        options.append([0.0, *allowed])
+        if axis == "channels":
+            counter.channel_options = allowed
+    found = []
+    for values in product(*options):
+        shape = {axis: value for axis, value in zip(axes, values) if value}
+        if not shape:
+            continue
+        try:
+            params = counter.params(shape)
+        except LLMPruneError:
+            continue
+        if abs(params - target) <= SLACK * target:
+            found.append(Candidate(shape, params, config_changes=counter.config_changes(shape)))
+    if not found:
+        raise LLMPruneError(f"no shape over --structure {','.join(axes)} (--round-to {base.round_to}) has "
+                            f"{target:,.0f} parameters within {SLACK:.0%}: change the target, add a structure or "
+                            "lower --round-to")
+    return found
+
+
+@torch.no_grad()
+def prune_shape(model: nn.Module, calibration: torch.Tensor | None, base: StructuredConfig,
+                shape: dict[str, float], progress: bool = False) -> list:
+    """Prune `model` in place to `shape`, axis by axis in AXES order; returns each axis's StructureRecord."""
+    from .runner import prune_structured
+
+    return [prune_structured(model, calibration, axis_config(base, axis, shape[axis]), progress).structure
+            for axis in AXES if shape.get(axis)]
+
+
+@torch.no_grad()
+def dense_log_probs(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([F.log_softmax(model(input_ids=w[None], use_cache=False).logits.float(), -1)
+                      for w in windows])
+
+
+@torch.no_grad()
+def kl_to_dense(model: nn.Module, windows: torch.Tensor, dense: torch.Tensor) -> float:
+    """KL(dense || model) of the next-token distributions, averaged over every position of `windows`."""
+    total, count = 0.0, 0
+    for index, window in enumerate(windows):
+        pruned = F.log_softmax(model(input_ids=window[None], use_cache=False).logits.float(), -1)[0]
+        reference = dense[index]
+        total += float((reference.exp() * (reference - pruned)).sum())
+        count += window.numel()
+    return total / count
+
+
+def evenly_spread(count: int, limit: int) -> list[int]:
+    """`limit` indices spread evenly over range(count), first and last included (all when count <= limit)."""
+    if count <= limit:
+        return list(range(count))
+    if limit == 1:
+        return [count // 2]
+    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
+
+
+def search_shapes(model: nn.Module, calibration: torch.Tensor | None, validation: torch.Tensor,
+                  base: StructuredConfig, axes: list[str], target: float, limit: int = 8,
+                  progress: bool = False) -> list[Candidate]:
+    """The candidates (`candidate_shapes`), the scored ones by KL to the dense model, best first, then the
+    unscored ones. `model` stays dense."""
+    if limit < 1:
+        raise LLMPruneError(f"--search-limit must be at least 1 (got {limit})")
+    found = candidate_shapes(model, base, axes, target)
+    dense = dense_log_probs(model, validation)
+    for index in evenly_spread(len(found), limit):
+        candidate = found[index]
+        pruned = copy.deepcopy(model)
+        prune_shape(pruned, calibration, base, candidate.shape, progress)
+        candidate.kl = kl_to_dense(pruned, validation, dense)
+        if not math.isfinite(candidate.kl):
+            candidate.kl = math.inf
+        del pruned
+    return sorted(found, key=lambda c: (c.kl is None, c.kl if c.kl is not None else 0.0))
+
+
+def candidates_markdown(candidates: list[Candidate], target: float, dense_params: int) -> str:
+    lines = [f"# Candidate shapes for {target:,.0f} parameters (dense: {dense_params:,})", "",
+             "Best first: smallest KL to the dense model on the validation windows (unscored shapes last).", "",
+             "| rank | shape | parameters | KL (nats/token) | config |", "|---|---|---|---|---|"]
+    for rank, c in enumerate(candidates, 1):
+        shape = ", ".join(f"{axis} {sparsity:.3g}" for axis, sparsity in c.shape.items())
+        kl = f"{c.kl:.5f}" if c.kl is not None else "-"
+        config = ", ".join(f"{k}={v}" for k, v in c.config_changes.items() if k in sum(CONFIG_KEYS.values(), ())
+                           or k in ("hidden_size",))
+        lines.append(f"| {rank} | {shape} | {c.params:,} | {kl} | {config} |")
+    return "\n".join(lines) + "\n"
+
+
+def candidates_json(candidates: list[Candidate], target: float, dense_params: int, axes: list[str]) -> dict:
+    return {"target_params": round(target), "dense_params": dense_params, "structures": axes,
+            "rule": "smallest KL(dense || pruned) per token on validation windows cut from the calibration text",
+            "candidates": [asdict(c) for c in candidates]}
+
+
+def search_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, val_windows: int):
+    """(calibration, validation) windows: validation from the END of the calibration text, calibration from
+    the rest (never the held-out text)."""
+    from ...inputs.data import calibration_windows
+
+    split = tokens.numel() - val_windows * seqlen
+    if split < seqlen:
+        raise LLMPruneError(f"the calibration text holds {tokens.numel()} tokens, too few for {val_windows} "
+                            f"validation windows of {seqlen} and calibration: lower --search-windows or --seqlen")
+    return calibration_windows(tokens[:split], nsamples, seqlen, seed), tokens[split:].view(val_windows, seqlen)
+
+
+def run_search(run, base: StructuredConfig, axes: list[str], target, nsamples: int, seqlen: int, seed: int,
+               output, overwrite: bool = False, progress: bool = True):
+    """The `search` command: load, cut validation windows from the END of the calibration text and calibration
+    windows from the rest, search, and write candidates.json and candidates.md into `output` atomically.
+    Returns the path of candidates.json."""
+    import json
+    from pathlib import Path
+
+    from ...inputs.data import check_source, load_text, tokenize
+    from ...inputs.models import load_model, resolve_model
+    from ...output.atomic import atomic_directory, check_output
+    from ...runtime import resolve_device, resolve_dtype
+    from .runner import target_count
+
+    val_windows = base.search_windows
+    check_output(output, overwrite)
+    resolve_model(run.model)
+    check_source(run.calib, "calib", (nsamples + val_windows) * seqlen, "--nsamples, --seqlen or --search-windows")
+    model, tokenizer, _ = load_model(run.model, resolve_dtype(run.dtype, resolve_device(base.device)),
+                                     run.trust_remote_code)
+    count = target_count(model, target)
+    calibration, validation = search_windows(tokenize(tokenizer, load_text(run.calib, "calib")), nsamples, seqlen,
+                                             seed, val_windows)
+    found = search_shapes(model, calibration, validation, base, axes, count, base.search_limit, progress)
+    dense = parameter_count(model.parameters())
+    with atomic_directory(output, overwrite) as staging:
+        (staging / "candidates.json").write_text(json.dumps(candidates_json(found, count, dense, axes), indent=2)
+                                                 + "\n")
+        (staging / "candidates.md").write_text(candidates_markdown(found, count, dense))
+    return Path(output) / "candidates.json"
+
+
+def combined_report(records: list, target: int | None):
+    """One PruneReport for a shape pruned axis by axis: its record counts parameters (unit "parameters"),
+    and each axis's own record is in `stages`."""
+    from ...report import StructureRecord
+    from ..runner import PruneReport
+
+    first, last = records[0], records[-1]
+    seconds = {}
+    changes = {}
+    for record in records:
+        changes |= record.config_changes
+        for key, value in record.seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + value
+    removed = 1 - last.params_after / first.params_before
+    record = StructureRecord(",".join(r.kind for r in records), ",".join(r.method for r in records), removed,
+                             "parameters", removed, first.params_before, last.params_after,
+                             params_before=first.params_before, params_after=last.params_after,
+                             params_removed_fraction=removed, decoder_params_before=first.decoder_params_before,
+                             decoder_params_after=last.decoder_params_after,
+                             decoder_params_removed_fraction=1 - last.decoder_params_after / first.decoder_params_before,
+                             config_changes=changes, seconds=seconds, stages=list(records), target_params=target)
+    return PruneReport(record.method, removed, "structured", "uniform", seconds=seconds, structure=record)
