@@ -29,7 +29,7 @@ def token_ids(n, seqlen, seed):
 def removed_features(entry: dict, units: int, width: int) -> torch.Tensor:
     """The output projection's input features that the record's removed units covered."""
     per = width // units
-    return torch.tensor([unit * per + k for unit in entry["removed"] for k in range(per)], dtype=torch.long)
+    return torch.tensor([unit * per + k for unit in entry.removed for k in range(per)], dtype=torch.long)
 
 
 def mean_replaced_reference(dense, output_name: str, removed: list[torch.Tensor], calibration: torch.Tensor):
@@ -86,8 +86,8 @@ def test_every_layer_carries_the_mean_of_what_it_removed(family, structure, outp
     model = copy.deepcopy(dense)
     calibration = token_ids(4, 16, seed=1)
     report = prune_structured(model, calibration, StructuredConfig(
-        structure=structure, method="magnitude", sparsity=0.5, bias_compensation=True, **options), progress=False)
-    assert report["bias_compensation"] and len(report["layers"]) == LAYERS
+        structure=structure, method="magnitude", sparsity=0.5, bias_compensation="on", **options), progress=False).structure
+    assert report.bias_compensation and len(report.layers) == LAYERS
 
     probe = token_ids(2, 12, seed=7)
     widths = []  # the output projection's input features in the dense model
@@ -96,7 +96,7 @@ def test_every_layer_carries_the_mean_of_what_it_removed(family, structure, outp
     with torch.no_grad():
         dense(probe)
     hook.remove()
-    removed = [removed_features(entry, report["units_before"], widths[0]) for entry in report["layers"]]
+    removed = [removed_features(entry, report.units_before, widths[0]) for entry in report.layers]
     reference, means = mean_replaced_reference(dense, output_name, removed, calibration)
 
     for index, (dense_layer, pruned_layer) in enumerate(zip(decoder_layers(dense)[1], decoder_layers(model)[1])):

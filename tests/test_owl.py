@@ -9,6 +9,7 @@ from llmprune import PruneConfig, prune
 from llmprune.inputs.models import linears
 from llmprune.pruning import runner
 from llmprune.pruning.owl import outlier_ratio, owl_sparsities
+from llmprune.pruning.registry import OwlConfig
 
 
 def test_outlier_ratio_counted_by_hand():
@@ -70,8 +71,8 @@ def test_runner_ratios_are_the_dense_models_wanda_outliers(monkeypatch):
         return measured[-1]
 
     monkeypatch.setattr(runner, "outlier_ratio", recorded_ratio)
-    report = prune(model, calibration, PruneConfig(method="wanda", sparsity=target, allocation="owl", owl_m=m,
-                                                   owl_lambda=lam), progress=False)
+    report = prune(model, calibration, PruneConfig(method="wanda", sparsity=target, allocation="owl",
+                                                   allocation_config=OwlConfig(owl_m=m, owl_lambda=lam)), progress=False)
     # float32 scores against float64 ones: a score within rounding of the threshold may count differently
     # (here none does; two are allowed).
     assert measured == pytest.approx(expected, abs=2 / min(sizes))
