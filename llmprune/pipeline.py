@@ -47,6 +47,7 @@ class Plan:
     sparsity: float | None = None  # the run's; --remove-params or --target-params chooses it once the model is loaded
     target_params: int | None = None  # --target-params (--remove-params) as a parameter count of the loaded model
     shape: dict | None = None  # several structures: the searched shape, axis -> sparsity (structured/search.py)
+    layers_removed: list | None = None  # several structures: the searched candidate's removed layers (its KL's)
 
     @property
     def writer(self) -> bool:
@@ -276,7 +277,7 @@ def search_shape(model, tokenizer, config: RunConfig, plan: Plan, progress: bool
                                              pc.seqlen, pc.seed, pc.search_windows)
     best = search_shapes(model, calibration, validation, pc.search_base(), pc.axes, plan.target_params,
                          pc.search_limit, progress)[0]
-    plan.shape = best.shape
+    plan.shape, plan.layers_removed = best.shape, best.layers_removed
     plan.sparsity = 1 - best.params / parameter_count(model.parameters())
     say(progress, f"--target-params {pc.target_params}: shape " + ", ".join(f"{axis} {value:.3g}" for axis, value
                                                                            in best.shape.items())
@@ -375,7 +376,7 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
 
         return combined_report(prune_shape(model, calibration, replace(config.prune.search_base(),
                                                                        device=str(plan.device)), plan.shape,
-                                           progress), plan.target_params)
+                                           progress, plan.layers_removed), plan.target_params)
     if structured:  # a stage removes what brings the structure to `sparsity` of the dense model's count
         stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
         pc = replace(config.prune.structured(stage), target_params=None)  # the plan's sparsity meets it

@@ -251,7 +251,7 @@ def test_search_ranks_by_kl_to_the_dense_model():
     assert len(scored) == min(4, len(found)) and [c.kl for c in scored] == sorted(c.kl for c in scored)
     best = scored[0]
     pruned = copy.deepcopy(model)
-    prune_shape(pruned, calibration(), SEARCH_BASE, best.shape)
+    prune_shape(pruned, calibration(), SEARCH_BASE, best.shape, layers_removed=best.layers_removed)
     with torch.no_grad():  # float64 KL(dense || pruned), token by token
         p = torch.log_softmax(model(input_ids=validation).logits.double(), -1)
         q = torch.log_softmax(pruned(input_ids=validation).logits.double(), -1)

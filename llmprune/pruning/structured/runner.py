@@ -427,11 +427,16 @@ def check_layer_by_layer(config: StructuredConfig, streamed: bool, parallel: boo
 @torch.no_grad()
 def prune_structured(model: nn.Module, calibration: torch.Tensor | None, config: StructuredConfig,
                      progress: bool = True, store=None, checkpoint=None, parallel=None,
-                     offload_activations=None) -> PruneReport:
+                     offload_activations=None, dense=None, drop_layers: list[int] | None = None) -> PruneReport:
     """Prune `model` in place; the returned PruneReport's `structure` is the report's record. `calibration`:
     (nsamples, seqlen) token ids (this rank's share under `parallel`); only magnitude without bias compensation
     needs none. With config.target_params, the sparsity is the one `sparsity_for_target` chooses for it.
-    `store`, `checkpoint`, `parallel`, `offload_activations`: as for the unstructured `prune`."""
+    `store`, `checkpoint`, `parallel`, `offload_activations`: as for the unstructured `prune`.
+    Internal (structured/search.py): `dense`, a DenseStatistics of this model's layers (dense_pass.py): every
+    score comes from it, no calibration pass runs; `drop_layers`: the decoder layers that go (--structure
+    layers), unscored."""
+    if (dense is not None or drop_layers is not None) and (store, checkpoint, parallel) != (None, None, None):
+        raise LLMPruneError("internal error: shared dense statistics prune in memory, in one process")
     target = None
     if config.target_params is not None:
         target = target_count(model, config.target_params)
@@ -440,19 +445,22 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None, config:
     plan = plan_structure(model, config)
     check_layer_by_layer(config, any(p.device.type == "meta" for p in model.parameters()), parallel is not None,
                          checkpoint is not None)
+    if dense is not None:
+        dense.check(plan.structure, len(plan.layers))
     if plan.hidden is not None:
-        report = _prune_hidden(model, calibration, config, plan)
+        report = _prune_hidden(model, calibration, config, plan, dense)
         report.structure.target_params = target
         return report
     importance = get_importance(config.method) if plan.spec else None
     needs_data = plan.structure == "layers" or importance.needs is not None or plan.compensate
-    if needs_data and calibration is None:
+    if needs_data and calibration is None and dense is None and drop_layers is None:
         raise LLMPruneError(f"--structure {plan.structure} with {config.method or config.layer_importance}"
                             f"{' and bias compensation' if plan.compensate else ''} needs calibration data")
     device = resolve_device(config.device)
     params_before, decoder_before = parameter_counts(model, plan.layers)
     before, kept = plan.counts
-    record = StructureRecord(plan.structure, config.method if plan.spec else config.layer_importance,
+    record = StructureRecord(plan.structure, config.method if plan.spec else
+                             "given" if drop_layers is not None else config.layer_importance,
                              config.sparsity, plan.unit, 1 - kept / before, before, kept, plan.compensate,
                              plan.compensation_note)
     if plan.structure == "channels":
@@ -465,9 +473,10 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None, config:
     store = store or ModelLayers(plan.layers, device)
     hooks = {"store": store, "checkpoint": checkpoint, "parallel": parallel, "offload": offload_activations}
     if plan.spec:
-        _prune_units(model, calibration, config, plan, importance, report, device, progress, **hooks)
+        _prune_units(model, calibration, config, plan, importance, report, device, progress, dense=dense, **hooks)
     else:
-        _prune_layers(model, calibration, config, plan, report, device, progress, **hooks)
+        _prune_layers(model, calibration, config, plan, report, device, progress, dense=dense, drop=drop_layers,
+                      **hooks)
     for key, value in plan.changes.items():
         setattr(model.config, key, value)
     start = time.perf_counter()
@@ -488,11 +497,13 @@ def _count_after(model, plan: Plan, record: StructureRecord, params_before: int,
     record.config_changes = dict(plan.changes)
 
 
-def _prune_hidden(model, calibration, config: StructuredConfig, plan: Plan) -> PruneReport:
-    """--structure hidden (hidden.py) where the model is; its record counts hidden sizes."""
+def _prune_hidden(model, calibration, config: StructuredConfig, plan: Plan, dense=None) -> PruneReport:
+    """--structure hidden (hidden.py) where the model is; its record counts hidden sizes. With `dense`, the
+    activation importance is the dense pass's (magnitude reads the weights as they are now either way)."""
     from .hidden import hidden_scores, kept_channels, remove_hidden_channels
 
-    if config.hidden_importance == "activation" and calibration is None:
+    from_dense = dense is not None and config.hidden_importance == "activation"
+    if config.hidden_importance == "activation" and calibration is None and not from_dense:
         raise LLMPruneError("--structure hidden with --hidden-importance activation needs calibration data")
     hidden = plan.hidden
     params_before, decoder_before = parameter_counts(model, plan.layers)
@@ -500,7 +511,8 @@ def _prune_hidden(model, calibration, config: StructuredConfig, plan: Plan) -> P
                              1 - hidden.width / hidden.hidden, hidden.hidden, hidden.width, round_to=config.round_to)
     report = PruneReport(record.method, config.sparsity, "structured", "uniform", seconds={}, structure=record)
     start = time.perf_counter()
-    scores = hidden_scores(model, hidden, calibration, config.hidden_importance, config.batch_size)
+    scores = dense.hidden_scores() if from_dense else hidden_scores(model, hidden, calibration,
+                                                                    config.hidden_importance, config.batch_size)
     report.seconds["score"] = time.perf_counter() - start
     start = time.perf_counter()
     remove_hidden_channels(model, hidden, kept_channels(scores, hidden.width))  # checks the config's shapes too
@@ -511,10 +523,12 @@ def _prune_hidden(model, calibration, config: StructuredConfig, plan: Plan) -> P
 
 
 def _prune_units(model, calibration, config, plan: Plan, importance, report, device, progress, store, checkpoint,
-                 parallel, offload):
+                 parallel, offload, dense=None):
     spec, layers, record, seconds = plan.spec, plan.layers, report.structure, report.seconds
     gradients = None
-    if importance.needs == "gradients":
+    if dense is not None:
+        gradients = dense.gradient_map() if importance.needs == "gradients" else None
+    elif importance.needs == "gradients":
         start = time.perf_counter()
         modules = {f"{i}.{name}": layer.get_submodule(name) for i, layer in enumerate(layers)
                    for name in spec.rows + spec.cols}
@@ -522,7 +536,7 @@ def _prune_units(model, calibration, config, plan: Plan, importance, report, dev
             gradients = loss_gradients(model, calibration, modules, config.batch_size, progress)
         seconds["gradients"] = time.perf_counter() - start
     calls = None
-    if importance.needs == "statistics" or plan.compensate:
+    if dense is None and (importance.needs == "statistics" or plan.compensate):
         start = time.perf_counter()
         calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress, offload)
         seconds["capture"] = elapsed(start, device)
@@ -547,6 +561,8 @@ def _prune_units(model, calibration, config, plan: Plan, importance, report, dev
             watched = {name: layer.get_submodule(name) for name in (spec.rows[0], spec.cols[0])}
             statistics = collect_statistics(layer, i, calls, watched, ("input_moments",),
                                             reduce=parallel.reduce if parallel is not None else None)
+        elif dense is not None:
+            statistics = dense.units[i] if dense.units else {}
         seconds["statistics"] += elapsed(start, device)
         start = time.perf_counter()
         if parallel is None or parallel.rank == 0:
@@ -629,10 +645,15 @@ def remove_units(layer: nn.Module, spec: UnitSpec, keep: torch.Tensor, channel_m
 
 
 def _prune_layers(model, calibration, config, plan: Plan, report, device, progress, store, checkpoint, parallel,
-                  offload):
+                  offload, dense=None, drop=None):
     layers, record = plan.layers, report.structure
+    if drop is not None:
+        _remove_given_layers(model, plan, record, drop)
+        return
     start = time.perf_counter()
-    if config.layer_importance == "influence":
+    if dense is not None:
+        scores = record.layer_scores = dense.layer_scores(config.layer_importance)
+    elif config.layer_importance == "influence":
         calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress, offload)
         first = checkpoint.restore(layers, calls, report) if checkpoint is not None else 0
         record.layer_scores = record.layer_scores or []
@@ -657,3 +678,15 @@ def _prune_layers(model, calibration, config, plan: Plan, report, device, progre
         parallel.decide(removed)
     record.removed_layers = removed.tolist()
     remove_layers(layers, record.removed_layers, model.config, plan.layers_key)
+
+
+def _remove_given_layers(model, plan: Plan, record: StructureRecord, drop: list[int]) -> None:
+    """Remove exactly the layers `drop` (a searched candidate's, which its score was measured with)."""
+    count = len(plan.layers)
+    if sorted(set(drop)) != sorted(drop) or not all(isinstance(i, int) and 0 <= i < count for i in drop) \
+            or len(drop) != plan.remove_count:
+        raise LLMPruneError(f"the layers to remove {list(drop)} must be {plan.remove_count} distinct indices in "
+                            f"[0, {count - 1}] for --sparsity {record.sparsity:g} of {count} layers: take them "
+                            "from the same candidate as its shape")
+    record.removed_layers = sorted(drop)
+    remove_layers(plan.layers, record.removed_layers, model.config, plan.layers_key)

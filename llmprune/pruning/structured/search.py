@@ -11,21 +11,36 @@ one-layer builds on the meta device, exact for a decoder whose layers are alike:
 
 (no tensor of a layer depends on both the MLP width and the head count), and per_layer(h, c, 0) is affine in
 the kept MLP width (rows of gate/up, columns of down, their biases), so two pruned widths per hidden size are
-built and the others interpolated (the tests prune every candidate for real against its count). A shape is pruned one-shot in the
-order of AXES: layers first (ranked on the dense model), then heads and channels within the layers that stay,
-the hidden size last, each axis by its own importance.
+built and the others interpolated (the tests prune every candidate for real against its count).
+
+Statistics: ONE calibration pass through the dense model (dense_pass.py) measures what every axis needs: the
+channels' and heads' input moments (--method's scores, bias compensation's means), the norms' activations
+(hidden), block influence and each layer's skip loss (layers). Every candidate is then pruned one-shot from
+those dense statistics on a deep copy, with no further calibration pass, in the order of AXES: layers first,
+then heads and channels within the layers that stay, the hidden size last. Pruning one shape axis by axis
+with `prune_structured` alone would rank each later axis on the model the earlier axes already pruned (and
+channels and heads on inputs their own pruned layers made); here every axis is ranked on the dense model, as
+Minitron does.
+
+Which layers go is chosen by score, not by one rule: a shape that removes n layers becomes up to three
+candidates, one per distinct layer set (`layer_sets`): block influence lowest (ShortGPT), the n layers whose
+removal alone costs the least calibration loss ("skip", measured from each layer's dense inputs on the first
+--search-windows calibration windows), and the deepest contiguous block but the last layer ("block", as in
+Gromov et al., The Unreasonable Ineffectiveness of the Deeper Layers). Influence alone can pick layers whose
+removal is catastrophic on another family; here each set is scored like any other candidate, and the chosen
+candidate's `layers_removed` prunes it again exactly (`prune_shape(..., layers_removed=...)`).
 
 Rule that picks the best candidate: the smallest KL divergence from the dense model's next-token distribution,
 averaged over every token of validation windows cut from the end of the calibration text (never the held-out
-text), each candidate pruned on a deep copy of the dense model. With more candidates than `limit`, `limit`
-of them evenly spread over the list ordered by shape are scored (the others are listed, unscored).
+text). With more shapes than `limit`, `limit` of them evenly spread over the list ordered by shape are scored,
+each with all its layer sets (the others are listed once, unscored).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +61,8 @@ class Candidate:
     params: int
     kl: float | None = None  # to the dense model, on the validation windows (None: not scored)
     config_changes: dict = field(default_factory=dict)
+    layers_removed: list[int] | None = None  # dense indices of the decoder layers that go (None: by --layer-importance)
+    layer_rule: str | None = None  # what chose them: influence, skip or block ("+" joins rules that agree)
 
 
 class ShapeCounter:
@@ -151,12 +168,54 @@ def candidate_shapes(model: nn.Module, base: StructuredConfig, axes: list[str], 
 
 @torch.no_grad()
 def prune_shape(model: nn.Module, calibration: torch.Tensor | None, base: StructuredConfig,
-                shape: dict[str, float], progress: bool = False) -> list:
-    """Prune `model` in place to `shape`, axis by axis in AXES order; returns each axis's StructureRecord."""
+                shape: dict[str, float], progress: bool = False, layers_removed: list[int] | None = None,
+                statistics=None) -> list:
+    """Prune `model` in place to `shape`, axis by axis in AXES order, every axis from one set of dense
+    statistics (`statistics`, or one pass over `calibration` made here); returns each axis's StructureRecord.
+    `layers_removed`: the decoder layers that go (a candidate's), else the lowest by --layer-importance."""
+    from .dense_pass import RULE_OF_IMPORTANCE, dense_statistics
     from .runner import prune_structured
 
-    return [prune_structured(model, calibration, axis_config(base, axis, shape[axis]), progress).structure
-            for axis in AXES if shape.get(axis)]
+    axes = [axis for axis in AXES if shape.get(axis)]
+    if layers_removed is not None and "layers" not in axes:
+        raise LLMPruneError(f"a shape without layers names layers to remove ({layers_removed}): give both or neither")
+    if statistics is None:
+        rules = () if layers_removed is not None else (RULE_OF_IMPORTANCE[base.layer_importance],)
+        skip = len(calibration) if calibration is not None else None  # --layer-importance skip_loss: every window
+        statistics = dense_statistics(model, calibration, base, axes, rules, skip, progress)
+    records = []
+    for axis in axes:
+        drop = layers_removed if axis == "layers" else None
+        records.append(prune_structured(model, calibration, axis_config(base, axis, shape[axis]), progress,
+                                        dense=statistics, drop_layers=drop).structure)
+        if axis == "layers":
+            statistics = statistics.without(records[-1].removed_layers)
+    return records
+
+
+def layer_sets(statistics, count: int) -> list[tuple[str, list[int]]]:
+    """(rule, the `count` layers it removes) for each distinct set: influence lowest, skip loss lowest, the
+    deepest block but the last layer; rules that pick the same set are joined by "+"."""
+    from .layer_importance import lowest
+
+    layers = len(statistics.layers)
+    found: dict[tuple[int, ...], list[str]] = {}
+    for rule, scores in (("influence", statistics.influence), ("skip", statistics.skip)):
+        if scores is not None:
+            found.setdefault(tuple(lowest(scores, count)), []).append(rule)
+    found.setdefault(tuple(range(layers - 1 - count, layers - 1)), []).append("block")
+    return [("+".join(rules), list(removed)) for removed, rules in found.items()]
+
+
+def layer_variants(candidate: Candidate, statistics) -> list[Candidate]:
+    """The candidate once per layer set (`layer_sets`); a shape without layers is itself."""
+    from .runner import round_half
+
+    if not candidate.shape.get("layers"):
+        return [candidate]
+    count = round_half(len(statistics.layers) * candidate.shape["layers"])
+    return [replace(candidate, shape=dict(candidate.shape), layers_removed=removed, layer_rule=rule)
+            for rule, removed in layer_sets(statistics, count)]
 
 
 @torch.no_grad()
@@ -188,22 +247,35 @@ def evenly_spread(count: int, limit: int) -> list[int]:
 
 def search_shapes(model: nn.Module, calibration: torch.Tensor | None, validation: torch.Tensor,
                   base: StructuredConfig, axes: list[str], target: float, limit: int = 8,
-                  progress: bool = False) -> list[Candidate]:
-    """The candidates (`candidate_shapes`), the scored ones by KL to the dense model, best first, then the
-    unscored ones. `model` stays dense."""
+                  progress: bool = False, summary: dict | None = None) -> list[Candidate]:
+    """The candidates (`candidate_shapes`, the scored shapes once per layer set), the scored ones by KL to the
+    dense model, best first, then the unscored ones. `model` stays dense. One dense calibration pass in all;
+    `summary`, when given, receives its counts (DenseStatistics.summary)."""
+    from .dense_pass import dense_statistics
+
     if limit < 1:
         raise LLMPruneError(f"--search-limit must be at least 1 (got {limit})")
     found = candidate_shapes(model, base, axes, target)
+    used = [axis for axis in AXES if any(c.shape.get(axis) for c in found)]
+    statistics = dense_statistics(model, calibration, base, used, progress=progress)
     dense = dense_log_probs(model, validation)
-    for index in evenly_spread(len(found), limit):
-        candidate = found[index]
-        pruned = copy.deepcopy(model)
-        prune_shape(pruned, calibration, base, candidate.shape, progress)
-        candidate.kl = kl_to_dense(pruned, validation, dense)
-        if not math.isfinite(candidate.kl):
-            candidate.kl = math.inf
-        del pruned
-    return sorted(found, key=lambda c: (c.kl is None, c.kl if c.kl is not None else 0.0))
+    chosen = set(evenly_spread(len(found), limit))
+    listed = []
+    for index, candidate in enumerate(found):
+        if index not in chosen:
+            listed.append(candidate)
+            continue
+        for variant in layer_variants(candidate, statistics):
+            pruned = copy.deepcopy(model)
+            prune_shape(pruned, None, base, variant.shape, False, variant.layers_removed, statistics)
+            variant.kl = kl_to_dense(pruned, validation, dense)
+            if not math.isfinite(variant.kl):
+                variant.kl = math.inf
+            del pruned
+            listed.append(variant)
+    if summary is not None:
+        summary.update(statistics.summary())
+    return sorted(listed, key=lambda c: (c.kl is None, c.kl if c.kl is not None else 0.0))
 
 
 def candidates_markdown(candidates: list[Candidate], target: float, dense_params: int) -> str:
@@ -212,6 +284,8 @@ def candidates_markdown(candidates: list[Candidate], target: float, dense_params
              "| rank | shape | parameters | KL (nats/token) | config |", "|---|---|---|---|---|"]
     for rank, c in enumerate(candidates, 1):
         shape = ", ".join(f"{axis} {sparsity:.3g}" for axis, sparsity in c.shape.items())
+        if c.layers_removed is not None:  # which layers go, and the rule that chose them
+            shape += f" (layers {', '.join(map(str, c.layers_removed))} by {c.layer_rule})"
         kl = f"{c.kl:.5f}" if c.kl is not None else "-"
         config = ", ".join(f"{k}={v}" for k, v in c.config_changes.items() if k in sum(CONFIG_KEYS.values(), ())
                            or k in ("hidden_size",))
@@ -219,9 +293,12 @@ def candidates_markdown(candidates: list[Candidate], target: float, dense_params
     return "\n".join(lines) + "\n"
 
 
-def candidates_json(candidates: list[Candidate], target: float, dense_params: int, axes: list[str]) -> dict:
+def candidates_json(candidates: list[Candidate], target: float, dense_params: int, axes: list[str],
+                    statistics: dict | None = None) -> dict:
+    """`statistics`: the dense pass's counts (search_shapes' `summary`)."""
     return {"target_params": round(target), "dense_params": dense_params, "structures": axes,
             "rule": "smallest KL(dense || pruned) per token on validation windows cut from the calibration text",
+            **({"statistics": statistics} if statistics is not None else {}),
             "candidates": [asdict(c) for c in candidates]}
 
 
@@ -260,11 +337,12 @@ def run_search(run, base: StructuredConfig, axes: list[str], target, nsamples: i
     count = target_count(model, target)
     calibration, validation = search_windows(tokenize(tokenizer, load_text(run.calib, "calib")), nsamples, seqlen,
                                              seed, val_windows)
-    found = search_shapes(model, calibration, validation, base, axes, count, base.search_limit, progress)
+    summary = {}  # the dense pass's counts
+    found = search_shapes(model, calibration, validation, base, axes, count, base.search_limit, progress, summary)
     dense = parameter_count(model.parameters())
     with atomic_directory(output, overwrite) as staging:
-        (staging / "candidates.json").write_text(json.dumps(candidates_json(found, count, dense, axes), indent=2)
-                                                 + "\n")
+        (staging / "candidates.json").write_text(json.dumps(candidates_json(found, count, dense, axes, summary),
+                                                            indent=2) + "\n")
         (staging / "candidates.md").write_text(candidates_markdown(found, count, dense))
     return Path(output) / "candidates.json"
 
