@@ -652,7 +652,7 @@ def _prune_layers(model, calibration, config, plan: Plan, report, device, progre
         return
     start = time.perf_counter()
     if dense is not None:
-        scores = record.layer_scores = dense.layer_scores(config.layer_importance)
+        scores = record.layer_scores = list(dense.layer_scores(config.layer_importance))
     elif config.layer_importance == "influence":
         calls = capture_layer_calls(model, layers, calibration, config.batch_size, device, progress, offload)
         first = checkpoint.restore(layers, calls, report) if checkpoint is not None else 0
