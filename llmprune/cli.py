@@ -278,10 +278,12 @@ def scan_command(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "calibration")}
     add_fields(p, RunConfig, groups, only={"model", "dtype", "trust_remote_code", "offline", "calib"})
-    add_fields(p, PruneConfig, groups, skip={"sparsity", "allocation", "structure", "remove_params", "round_to",
-                                             "bias_compensation", "heads_mode", "layer_importance",
-                                             "hidden_importance", "target_params", "search_limit",
-                                             "search_windows"})
+    from .pruning.structured.config import StructuredConfig
+
+    # every cell is one layer pruned unstructured: no structure setting applies (batch size and device do)
+    structure_only = {f.name for f in fields(StructuredConfig)} - {"method", "batch_size", "device"}
+    add_fields(p, PruneConfig, groups, skip={"sparsity", "allocation", "remove_params", "expert_importance",
+                                             *structure_only})
     for config_cls in knob_configs():  # every cell is pruned uniformly: no allocation's knobs
         if config_cls not in {entry.config for entry in ALLOCATIONS.values()}:
             add_fields(p, config_cls, groups)
