@@ -128,7 +128,8 @@ def test_hand_written_shape_composes_with_distillation(tmp_path, tiny_dir, text)
     out = tmp_path / "out"
     assert main(run_args(tiny_dir, text, out, "--structure", "channels,layers", "--round-to", "4",
                          "--shape", str(shape), "--recover", "distill", "--recover-steps", "2",
-                         "--recover-seqlen", "16", "--recover-val-windows", "1", "--eval-every", "0")) == 0
+                         "--recover-seqlen", "16", "--recover-val-windows", "1", "--eval-every", "0",
+                         "--save-format", "gguf", "--gguf-outtype", "f32")) == 0
     dense = AutoModelForCausalLM.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(out)
     layers = dense.config.num_hidden_layers
@@ -137,6 +138,11 @@ def test_hand_written_shape_composes_with_distillation(tmp_path, tiny_dir, text)
     report = json.loads((out / "report.json").read_text())
     assert report["structure"]["shape"] == {"layers": 0.5, "channels": 0.25}
     assert report["recovery"]["loss"] == "distill" and report["perplexity"]["recovered"] is not None
+    from gguf import GGUFReader
+
+    tensors = {tensor.name: tensor for tensor in GGUFReader(out / "out-f32.gguf").tensors}
+    assert sum(name.endswith("ffn_down.weight") for name in tensors) == model.config.num_hidden_layers
+    assert model.config.intermediate_size in tensors["blk.0.ffn_down.weight"].shape.tolist()
 
 
 @pytest.mark.parametrize("content, extra, message", [
