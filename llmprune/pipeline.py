@@ -319,6 +319,10 @@ def given_shape(model, config: RunConfig, plan: Plan, progress: bool) -> None:
     given = read_shape_file(pc.shape, pc.axes)
     params = ShapeCounter(model, pc.search_base()).params(given.shape)
     if given.layers_removed is not None:
+        from .pruning.structured.search_distill import LAYER_LISTS_REFUSED, takes_layer_lists
+
+        if not takes_layer_lists():
+            raise LLMPruneError(f"--shape {pc.shape}: {LAYER_LISTS_REFUSED}")
         layers = len(decoder_layers(model)[1])
         count = round(layers * given.shape.get("layers", 0.0))
         if given.layers_removed[-1] >= layers or len(given.layers_removed) != count:

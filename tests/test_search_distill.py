@@ -153,7 +153,6 @@ def test_hand_written_shape_composes_with_distillation(tmp_path, tiny_dir, text)
     ('{"shape": {"channels": 1.5}}', [], "in [0, 1)"),
     ('{"candidates": []}', [], "candidates list is empty"),
     ('{"shape": {"channels": 0.25}}', ["--target-params", "0.8"], "give one of them"),
-    ('{"shape": {"layers": 0.5}, "layers_removed": [1, 99]}', [], "must be 2 distinct indices below 3"),
 ])
 def test_bad_shape_files_are_one_line(tmp_path, tiny_dir, text, capsys, content, extra, message):
     shape = tmp_path / "shape.json"
@@ -177,3 +176,32 @@ def test_shape_file_forms(tmp_path):
     with pytest.raises(LLMPruneError, match="removes nothing"):
         path.write_text(json.dumps({"shape": {"channels": 0}}))
         read_shape_file(path, ["channels"])
+
+
+def test_layers_removed_are_the_layers_removed(tmp_path, tiny_dir, text, capsys):
+    """A shape naming its layers removes exactly those (where prune_shape takes a list; else one clear line)."""
+    from llmprune.pruning.structured.search_distill import takes_layer_lists
+
+    shape = tmp_path / "shape.json"
+    shape.write_text(json.dumps({"shape": {"layers": 0.34, "channels": 0.25}, "layers_removed": [0]}))
+    args = run_args(tiny_dir, text, tmp_path / "out", "--structure", "channels,layers", "--round-to", "4",
+                    "--shape", str(shape))
+    if not takes_layer_lists():
+        fails(capsys, args, "cannot take: drop layers_removed")
+        return
+    assert main(args) == 0
+    record = json.loads((tmp_path / "out" / "report.json").read_text())["structure"]
+    assert [stage["removed_layers"] for stage in record["stages"] if stage["kind"] == "layers"] == [[0]]
+    shape.write_text(json.dumps({"shape": {"layers": 0.5}, "layers_removed": [1, 99]}))
+    fails(capsys, args, "must be 2 distinct indices below 3")
+
+
+def test_prune_run_search_chooses_after_distillation(tmp_path, tiny_dir, text, capsys):
+    out = tmp_path / "out"
+    assert main(run_args(tiny_dir, text, out, "--structure", "hidden,channels", "--target-params", "0.8",
+                         "--round-to", "4", "--method", "magnitude", "--hidden-importance", "magnitude",
+                         "--search-limit", "2", "--search-windows", "2", "--search-topk", "1", "--search-steps", "2",
+                         "--recover-seqlen", "16")) == 0
+    record = json.loads((out / "report.json").read_text())["structure"]
+    assert record["shape_source"] == "search" and record["shape"]
+    assert "shape: " in capsys.readouterr().out
