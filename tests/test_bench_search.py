@@ -18,9 +18,16 @@ def bench():
     return module
 
 
-def test_quick_run_measures_every_row(bench, tmp_path):
+def test_quick_run_measures_every_row(bench, tmp_path, monkeypatch):
+    """Everything for real but llama.cpp (built apart, never in tests): its worker is replaced by one whose speeds
+    are inverse to the GGUF file's size, so the deploy row's ratios are known from the files it exported."""
+    import bench_deploy
+
+    monkeypatch.setattr(bench_deploy, "llama_cpp_python", lambda cache, build: (Path("python"), {"version": "x"}))
+    monkeypatch.setattr(bench_deploy, "run_worker", lambda python, job, scratch: {
+        "pp_tok_s": 2e9 / Path(job["gguf"]).stat().st_size, "tg_tok_s": 1e9 / Path(job["gguf"]).stat().st_size})
     out = tmp_path / "results"
-    results = bench.main(["--quick", "--targets", "0.8", "--out", str(out), "--llama-cpp", str(tmp_path / "none")])
+    results = bench.main(["--quick", "--targets", "0.8", "--out", str(out)])
     saved = json.loads((out / "search.json").read_text())
     assert saved["complete"] and [row["name"] for row in saved["rows"]] == ["0.8-search", "0.8-single", "0.8-deploy"]
     search, single, deploy = saved["rows"]
@@ -38,10 +45,12 @@ def test_quick_run_measures_every_row(bench, tmp_path):
     assert set(single["tried"]) == {"channels", "layers", "hidden", "heads"}
     reached = {k: v["ppl_oneshot"] for k, v in single["tried"].items() if "error" not in v}
     assert single["best"] == min(reached, key=reached.get) and single["ppl_oneshot"] == reached[single["best"]]
-    assert "no llama-cpp-python venv" in deploy["skipped"]
+    sizes = {name: model["gguf_bytes"] for name, model in deploy["models"].items()}
+    assert deploy["gguf_x_dense"] == pytest.approx(sizes["searched"] / sizes["dense"])
+    assert deploy["tg_x_dense"] == pytest.approx(sizes["dense"] / sizes["searched"]) and deploy["tg_x_dense"] > 1
     goals = saved["goals"]["0.8"]
     assert goals["ppl_x_dense"]["value"] == pytest.approx(search["ppl_recovered"] / search["ppl_dense"], abs=1e-3)
-    assert goals["tg_x_dense"]["met"] is None and results["complete"]
+    assert goals["tg_x_dense"]["value"] == deploy["tg_x_dense"] and results["complete"]
     table = (out / "search.md").read_text()
     assert "| 0.8 | searched + distilled |" in table and "best single (" in table
 
@@ -49,3 +58,11 @@ def test_quick_run_measures_every_row(bench, tmp_path):
 def test_rows_select_targets_and_kinds(bench, tmp_path):
     with pytest.raises(SystemExit, match="matches none"):
         bench.main(["--quick", "--targets", "0.8", "--rows", "^90M-", "--out", str(tmp_path)])
+
+
+def test_deploy_is_skipped_without_the_llama_cpp_venv(bench, tmp_path):
+    args = bench.parse_args(["--quick", "--llama-cpp", str(tmp_path / "none")])
+    row = bench.deploy_row("0.8", args, bench.QUICK, tmp_path, {"output": str(tmp_path)})
+    assert "no llama-cpp-python venv" in row["skipped"]
+    args = bench.parse_args(["--quick", "--no-deploy"])
+    assert bench.deploy_row("0.8", args, bench.QUICK, tmp_path, {"output": str(tmp_path)})["skipped"] == "--no-deploy"
