@@ -21,8 +21,11 @@ For each target (a parameter count such as 90M, or a fraction of the model):
   llama-cpp-python venv is absent; this script never builds it.
 
 Every prune runs through the ordinary CLI in this process (`llmprune.cli.main`), so what is measured is what a
-user runs. The CPU seconds include each run's own perplexity evaluation (dense, one-shot, recovered): a bound
-above the compression's own cost. Goals (issue 24) are stated in search.json's "goals" per target.
+user runs. `cpu_s_total` includes the prune run's own perplexity evaluation (dense, one-shot, recovered);
+`cpu_s_compress_estimate` leaves it out in proportion to its wall time, and the 30-CPU-minute goal is checked on
+it (and, stricter, on the total). The defaults (2 candidates x 25 steps in the search, 150 recovery steps) are
+sized for that budget on 2 cores: about 2.5 s a step there (results/recover.json). Goals (issue 24) are stated
+in search.json's "goals" per target.
 Writes <out>/search.json (rewritten after every row) and <out>/search.md; <out> is results/search for the
 embedded model on wiki text.
 """
@@ -46,7 +49,7 @@ from benchlib import SEED, TEXT
 AXES = "hidden,channels,heads,layers"
 SINGLE = ("channels", "layers", "hidden", "heads")
 FULL = {"targets": "90M,100M", "nsamples": 32, "seqlen": 512, "eval_windows": 40, "search_windows": 8,
-        "search_limit": 8, "search_topk": 2, "search_steps": 40, "recover_steps": 200, "recover_seqlen": 256,
+        "search_limit": 8, "search_topk": 2, "search_steps": 25, "recover_steps": 150, "recover_seqlen": 256,
         "round_to": 64, "threads": 2, "rounds": 5, "pp": 512, "tg": 128}
 QUICK = {"targets": "0.8,0.7", "nsamples": 4, "seqlen": 64, "eval_windows": 2, "search_windows": 2,
          "search_limit": 3, "search_topk": 2, "search_steps": 2, "recover_steps": 2, "recover_seqlen": 64,
@@ -127,6 +130,11 @@ def search_row(target: str, args, mode, work: Path) -> dict:
     row["output"] = str(pruned)
     row["cpu_s_total"] = round(search["cpu_s"] + run["cpu_s"], 1)
     row["wall_s_total"] = round(search["wall_s"] + run["wall_s"], 1)
+    # The prune run also measures perplexity three times (dense, one-shot, recovered): its CPU share is taken as
+    # its wall share of the run (the Stopwatch's evaluate phase), an estimate of the compression's own CPU cost.
+    seconds = row["seconds"] or {}
+    share = seconds.get("evaluate", 0.0) / seconds["total"] if seconds.get("total") else 0.0
+    row["cpu_s_compress_estimate"] = round(search["cpu_s"] + run["cpu_s"] * (1 - share), 1)
     return row
 
 
@@ -210,8 +218,11 @@ def goals(rows: list[dict], target: str) -> dict:
 
     dense = search.get("ppl_dense") or single.get("ppl_dense")
     recovered = search.get("ppl_recovered")
-    cpu = search.get("cpu_s_total")
-    return {"cpu_minutes_search_and_distill": check(None if cpu is None else round(cpu / 60, 1), GOALS["cpu_minutes"]),
+    cpu, estimate = search.get("cpu_s_total"), search.get("cpu_s_compress_estimate")
+    return {"cpu_minutes_search_and_distill": check(None if estimate is None else round(estimate / 60, 1),
+                                                    GOALS["cpu_minutes"]),
+            "cpu_minutes_including_evaluation": check(None if cpu is None else round(cpu / 60, 1),
+                                                      GOALS["cpu_minutes"]),
             "ppl_x_dense": check(None if recovered is None or not dense else round(recovered / dense, 3),
                                  GOALS["ppl_x_dense"]),
             "below_best_single_axis": {"value": [recovered, single.get("ppl_recovered")], "met": None
@@ -234,9 +245,10 @@ def markdown(results: dict) -> str:
         ratio = row["ppl_recovered"] / dense if row.get("ppl_recovered") and dense else None
         if row["name"].endswith("-search"):
             shape = ", ".join(f"{k} {v:.3g}" for k, v in (row.get("shape") or {}).items())
+            minutes = [row.get(key) and row[key] / 60 for key in ("cpu_s_compress_estimate", "cpu_s_total")]
             lines.append(f"| {row['target']} | searched + distilled | {shape} | {f(row.get('params'), ',')} "
                          f"| {f(row.get('ppl_oneshot'), '.2f')} | {f(row.get('ppl_recovered'), '.2f')} "
-                         f"| {f(ratio, '.3f')} | {f(row.get('cpu_s_total') and row['cpu_s_total'] / 60, '.1f')} "
+                         f"| {f(ratio, '.3f')} | {f(minutes[0], '.1f')} ({f(minutes[1], '.1f')} with evaluation) "
                          f"| {note} |")
         elif row["name"].endswith("-single"):
             for axis, entry in row.get("tried", {}).items():
@@ -263,9 +275,9 @@ def parse_args(argv):
     p.add_argument("--text", default=TEXT, help="calibration and held-out text (default: wiki)")
     p.add_argument("--targets", help="comma list of parameter targets (default 90M,100M; --quick 0.8,0.7)")
     p.add_argument("--recover-steps", type=int, help="distillation steps of the searched shape and of the best "
-                   "single structure alike (default 200)")
+                   "single structure alike (default 150)")
     p.add_argument("--search-topk", type=int, help="candidates distilled in the search (default 2)")
-    p.add_argument("--search-steps", type=int, help="distillation steps per candidate in the search (default 40)")
+    p.add_argument("--search-steps", type=int, help="distillation steps per candidate in the search (default 25)")
     p.add_argument("--rows", metavar="REGEX", help="only rows whose name matches: TARGET-search, TARGET-single, "
                    "TARGET-deploy (e.g. '^90M-', 'search|deploy')")
     p.add_argument("--no-deploy", action="store_true", help="skip the llama.cpp row")
@@ -330,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
             elif kind == "deploy":
                 print(f"{name}: GGUF {row['gguf_x_dense']:.3f}x dense, generation {row['tg_x_dense']:.2f}x", flush=True)
             else:
-                print(f"{name}: ppl one-shot {row['ppl_oneshot']:.2f}, distilled {row['ppl_recovered']:.2f}", flush=True)
+                print(f"{name}: ppl one-shot {row['ppl_oneshot']:.2f}, distilled {row['ppl_recovered']:.2f}",
+                      flush=True)
             write_json_atomically(out / "search.json", results)  # an interrupted run keeps what it measured
         results["complete"] = True
         results["goal_target"] = GOAL_TARGET

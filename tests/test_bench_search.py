@@ -41,6 +41,7 @@ def test_quick_run_measures_every_row(bench, tmp_path, monkeypatch):
         assert math.isfinite(row["ppl_oneshot"]) and math.isfinite(row["ppl_recovered"]) and row["ppl_dense"] > 1
         assert row["recovery"]["steps"] == saved["mode"]["recover_steps"] and row["recovery"]["loss"] == "distill"
     assert search["search"]["cpu_s"] > 0 and search["cpu_s_total"] >= search["search"]["cpu_s"]
+    assert search["search"]["cpu_s"] <= search["cpu_s_compress_estimate"] <= search["cpu_s_total"]
     # the single-structure baseline: every structure tried, the best by held-out perplexity recovered
     assert set(single["tried"]) == {"channels", "layers", "hidden", "heads"}
     reached = {k: v["ppl_oneshot"] for k, v in single["tried"].items() if "error" not in v}
