@@ -211,10 +211,10 @@ def candidates_markdown(candidates: list[Candidate], target: float, dense_params
                         distillation: dict | None = None) -> str:
     rule = ("Best first: smallest KL to the dense model on the validation windows (unscored shapes last).")
     if distillation:
-        rule = (f"Best first: the {distillation['candidates']} best by one-shot KL were distilled from the dense "
-                f"model for {distillation['steps']} steps ({distillation['params']}, {distillation['batch']} x "
-                f"{distillation['seqlen']} tokens a step, on the calibration text) and are ranked by their KL "
-                f"after it; then the other scored shapes by one-shot KL; unscored shapes last.")
+        rule = (f"Best first. Distilled from the dense model: the best {distillation['candidates']} by one-shot "
+                f"KL, {distillation['steps']} steps each ({distillation['params']}, {distillation['batch']} x "
+                f"{distillation['seqlen']} tokens a step, on the calibration text), ranked by their KL after it; "
+                f"then the other scored shapes by one-shot KL; unscored shapes last.")
     lines = [f"# Candidate shapes for {target:,.0f} parameters (dense: {dense_params:,})", "", rule, "",
              "| rank | shape | parameters | KL (nats/token) | KL distilled | config |", "|---|---|---|---|---|---|"]
     for rank, c in enumerate(candidates, 1):
