@@ -205,3 +205,16 @@ def test_prune_run_search_chooses_after_distillation(tmp_path, tiny_dir, text, c
     record = json.loads((out / "report.json").read_text())["structure"]
     assert record["shape_source"] == "search" and record["shape"]
     assert "shape: " in capsys.readouterr().out
+
+
+def test_shape_of_one_structure_is_that_prune(tmp_path, tiny_dir, text):
+    """--structure channels --shape {"shape": {"channels": 0.25}} saves the very model --sparsity 0.25 saves."""
+    from safetensors.torch import load_file
+
+    shape = tmp_path / "shape.json"
+    shape.write_text(json.dumps({"shape": {"channels": 0.25}}))
+    common = ["--structure", "channels", "--round-to", "4", "--method", "wanda", "--bias-compensation", "off"]
+    assert main(run_args(tiny_dir, text, tmp_path / "a", *common, "--shape", str(shape))) == 0
+    assert main(run_args(tiny_dir, text, tmp_path / "b", *common, "--sparsity", "0.25")) == 0
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
