@@ -278,10 +278,12 @@ def scan_command(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "calibration")}
     add_fields(p, RunConfig, groups, only={"model", "dtype", "trust_remote_code", "offline", "calib"})
-    add_fields(p, PruneConfig, groups, skip={"sparsity", "allocation", "structure", "remove_params", "round_to",
-                                             "bias_compensation", "heads_mode", "layer_importance",
-                                             "hidden_importance", "target_params", "search_limit",
-                                             "search_windows"})
+    from .pruning.structured.config import StructuredConfig
+
+    # every cell is one layer pruned unstructured: no structure setting applies (batch size and device do)
+    structure_only = {f.name for f in fields(StructuredConfig)} - {"method", "batch_size", "device"}
+    add_fields(p, PruneConfig, groups, skip={"sparsity", "allocation", "remove_params", "expert_importance", "shape",
+                                             *structure_only})
     for config_cls in knob_configs():  # every cell is pruned uniformly: no allocation's knobs
         if config_cls not in {entry.config for entry in ALLOCATIONS.values()}:
             add_fields(p, config_cls, groups)
@@ -306,23 +308,28 @@ def scan_command(argv: list[str]) -> int:
 
 
 def search_command(argv: list[str]) -> int:
-    from .config import PruneConfig, RunConfig
+    from .config import PruneConfig, RecoverConfig, RunConfig
     from .pruning.structured.config import StructuredConfig
     from .pruning.structured.config import parse_structures
 
     p = Parser(prog="python -m llmprune search", description="Several structures at once to a parameter budget: "
                "every shape over the listed structures within 2% of --target-params (counted exactly), the "
                "best ones pruned one-shot on a copy and scored by KL to the dense model on validation windows "
-               "cut from the end of the calibration text. Writes candidates.json and candidates.md, best first "
+               "cut from the end of the calibration text; with --search-topk the best are distilled briefly and "
+               "scored again. Writes candidates.json, candidates.md (best first) and candidates.png "
                "(docs/structured.md).", formatter_class=HelpFormatter)
     p.add_argument("--structure", required=True, metavar="A,B,..", help="comma list of channels, heads, layers, "
                    "hidden (any subset; each also left whole in some candidates)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for candidates.json, candidates.md")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "structured", "calibration")}
+    groups = {key: p.add_argument_group(key) for key in ("model", "pruning", "structured", "calibration",
+                                                         "recovery")}
     add_fields(p, RunConfig, groups, only={"model", "dtype", "trust_remote_code", "offline", "calib"})
     add_fields(p, PruneConfig, groups, only={"method", "nsamples", "seqlen", "seed", "device"})
     add_fields(p, StructuredConfig, groups)
+    recovery_flags = {"params", "lr", "batch", "seqlen", "precision", "loss_chunk", "distill_topk",
+                      "distill_temperature", "r", "alpha"}  # --search-topk's distillation (search_distill.py)
+    add_fields(p, RecoverConfig, groups, only=recovery_flags)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = vars(p.parse_args(argv))
@@ -338,8 +345,10 @@ def search_command(argv: list[str]) -> int:
                                                                              "offline", "calib")})
     from .pruning.structured.search import run_search
 
+    recovery = build_config(RecoverConfig, args, loss="distill", seed=prune.seed)
     path = run_search(run, base, axes, args["target_params"], prune.nsamples, prune.seqlen, prune.seed,
-                      args["output"], args.get("overwrite", False), progress=not args.get("quiet"))
+                      args["output"], args.get("overwrite", False), progress=not args.get("quiet"),
+                      recovery=recovery)
     print(f"wrote {path}")
     return 0
 

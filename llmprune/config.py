@@ -74,6 +74,12 @@ class PruneConfig:
     hidden_importance: str = same_as(StructuredConfig, "hidden_importance")
     search_limit: int = same_as(StructuredConfig, "search_limit")
     search_windows: int = same_as(StructuredConfig, "search_windows")
+    search_topk: int = same_as(StructuredConfig, "search_topk")
+    search_steps: int = same_as(StructuredConfig, "search_steps")
+    shape: str | None = option(None, "with --structure: prune to the shape in this file instead of searching: a "
+                               "candidates.json of `llmprune search` (its best candidate) or {\"shape\": "
+                               "{\"channels\": 0.25, \"hidden\": 0.125}} (docs/structured.md)", group="structured",
+                               metavar="FILE")
     pattern: str = option("unstructured", "unstructured, or N:M such as 2:4 or 4:8 (see patterns below)",
                           group="pruning")
     update: str = option("none", "re-fit the kept weights after the mask is chosen: none, or a registered "
@@ -104,18 +110,26 @@ class PruneConfig:
         if self.structure != "none":
             if self.structure != "experts":
                 settle(self, "structure", ",".join(parse_structures(self.structure)))
-            if self.several and self.target_params is None:
+            if self.several and self.target_params is None and self.shape is None:
                 raise LLMPruneError(f"--structure {self.structure}: several structures are pruned to a budget, "
-                                    "whose shape a search picks: give --target-params")
+                                    "whose shape a search picks: give --target-params (or --shape FILE)")
             budgets = [flag for flag, value in (("--remove-params", self.remove_params),
                                                 ("--target-params", self.target_params),
-                                                ("--sparsity", self.sparsity)) if value is not None]
+                                                ("--sparsity", self.sparsity), ("--shape", self.shape))
+                       if value is not None]
             if len(budgets) > 1:
                 raise LLMPruneError(f"{' and '.join(budgets)} each set how much is removed: give one of them")
             if self.remove_params is not None:
                 check_finite(self.remove_params, "--remove-params", positive=True)
-            elif self.sparsity is None and self.target_params is None:
+            elif self.sparsity is None and self.target_params is None and self.shape is None:
                 settle(self, "sparsity", DEFAULT_SPARSITY)
+            if self.shape is not None:
+                if self.structure == "experts":
+                    raise LLMPruneError("--shape gives channels, heads, layers and hidden fractions: not --structure "
+                                        "experts")
+                from .pruning.structured.shape_file import read_shape_file
+
+                read_shape_file(self.shape, self.axes)  # a missing or mismatched file fails now
             if self.structure == "experts":  # whole routed experts: pruning/expert_removal.py
                 from .pruning.expert_removal import check_expert_removal
 
@@ -133,7 +147,7 @@ class PruneConfig:
                                     "unstructured methods do not apply")
             check_at_least(self, ("nsamples", "seqlen"))
             return
-        for name in ("remove_params", "target_params"):
+        for name in ("remove_params", "target_params", "shape"):
             if getattr(self, name) is not None:
                 raise LLMPruneError(f"{flag_of(self, name)} chooses how much of a structure to remove: give "
                                     "--structure too")
@@ -196,7 +210,8 @@ class PruneConfig:
 
     def search_base(self, sparsity: float = 0.5) -> StructuredConfig:
         """The settings a shape's axes share, for search.py (its `axis_config` gives each axis its own)."""
-        return replace(self, structure="channels", target_params=None, sparsity=sparsity).structured(sparsity)
+        return replace(self, structure="channels", target_params=None, shape=None,
+                       sparsity=sparsity).structured(sparsity)
 
     def structured(self, sparsity: float | None = None) -> StructuredConfig:
         """The settings of a structured prune, validated (pruning/structured/config.py). `sparsity`: the one
@@ -211,6 +226,7 @@ class PruneConfig:
                                 heads_mode=self.heads_mode, layer_importance=self.layer_importance,
                                 hidden_importance=self.hidden_importance, target_params=self.target_params,
                                 search_limit=self.search_limit, search_windows=self.search_windows,
+                                search_topk=self.search_topk, search_steps=self.search_steps,
                                 batch_size=self.batch_size, device=self.device)
 
 
@@ -420,7 +436,7 @@ class RunConfig:
             raise LLMPruneError("--push-to-hub uploads the --output directory: give --output DIR too")
         if self.push_to_hub and self.offline:
             raise LLMPruneError("--offline never contacts the Hub, so --push-to-hub cannot run: drop one of them")
-        for name in ("remove_params", "target_params"):
+        for name in ("remove_params", "target_params", "shape"):
             if getattr(self.prune, name) is not None and self.schedule:
                 flag = flag_of(PruneConfig, name)
                 raise LLMPruneError(f"{flag} chooses one sparsity; a --schedule names each stage's: give "

@@ -47,7 +47,8 @@ class Plan:
     sparsity: float | None = None  # the run's; --remove-params or --target-params chooses it once the model is loaded
     target_params: int | None = None  # --target-params (--remove-params) as a parameter count of the loaded model
     shape: dict | None = None  # several structures: the searched shape, axis -> sparsity (structured/search.py)
-    layers_removed: list | None = None  # several structures: the searched candidate's removed layers (its KL's)
+    shape_source: str | None = None  # where the shape came from: "search", or the --shape file
+    layers_removed: list[int] | None = None  # --shape: the decoder layers the file names, if it names them
 
     @property
     def writer(self) -> bool:
@@ -150,7 +151,8 @@ def preflight(config: RunConfig) -> Plan:
 
             ScanTable.load(pc.allocation.removeprefix("scan:"))  # a broken table fails now
     else:
-        needs_calibration = pc.structure == "experts" or pc.several or pc.structured().needs_calibration  # experts: routed tokens
+        needs_calibration = (pc.structure == "experts" or pc.several or pc.shape is not None
+                             or pc.structured().needs_calibration)  # experts: routed tokens
     stream, reason = _should_stream(config, source)
     work_dir = None
     if config.resume or config.checkpoint or stream:
@@ -171,18 +173,21 @@ def preflight(config: RunConfig) -> Plan:
     if pc.structure == "experts" and (stream or parallel is not None):
         raise LLMPruneError("--structure experts scores the experts in one process with the model in memory: drop "
                             "--stream and torchrun")
-    if pc.several and (stream or parallel is not None or config.resume or config.checkpoint or
-                       (config.recover and config.recovery.distill_hidden and "layers" in pc.axes)):
-        raise LLMPruneError(f"--structure {pc.structure} prunes a searched shape in one process, in memory: no "
-                            "--stream, --checkpoint, --resume, torchrun, nor --distill-hidden with layers")
+    shaped = pc.several or pc.shape is not None  # pruned axis by axis to a shape (searched or from --shape)
+    if shaped and (stream or parallel is not None or config.resume or config.checkpoint or
+                   (config.recover and config.recovery.distill_hidden and "layers" in pc.axes)):
+        raise LLMPruneError(f"--structure {pc.structure} prunes a {'given' if pc.shape else 'searched'} shape in one "
+                            "process, in memory: no --stream, --checkpoint, --resume, torchrun, nor --distill-hidden "
+                            "with layers")
     if pc.structure not in ("none", "experts"):
         from .pruning.structured.runner import check_layer_by_layer
 
         check_layer_by_layer(pc.structured(), stream, parallel is not None, bool(config.resume or config.checkpoint))
     if needs_calibration:
-        windows = pc.nsamples + (pc.search_windows if pc.several else 0)
+        searching = pc.several and pc.shape is None
+        windows = pc.nsamples + (pc.search_windows if searching else 0)
         check_source(config.calib, "calib", windows * pc.seqlen,
-                     "--nsamples, --seqlen or --search-windows" if pc.several else "--nsamples or --seqlen")
+                     "--nsamples, --seqlen or --search-windows" if searching else "--nsamples or --seqlen")
     if config.recover:
         check_source(config.recovery.data or config.calib, "calib", config.recovery.text_tokens,
                      "--recover-steps, --recover-batch or --recover-seqlen")
@@ -241,7 +246,9 @@ def load(config: RunConfig, plan: Plan, progress: bool):
     else:
         from .pruning.structured.runner import plan_structure, remove_params_target, sparsity_for_target, target_count
 
-        if pc.several:
+        if pc.shape is not None:
+            given_shape(model, config, plan, progress)
+        elif pc.several:
             search_shape(model, tokenizer, config, plan, progress)
         elif pc.remove_params is not None or pc.target_params is not None:
             asked = (f"--remove-params {pc.remove_params:g}" if pc.remove_params is not None else
@@ -251,7 +258,7 @@ def load(config: RunConfig, plan: Plan, progress: bool):
             plan.sparsity, count = sparsity_for_target(model, pc.structured(), plan.target_params, asked)
             say(progress, f"{asked}: removing {plan.sparsity:.4f} of the {pc.structure}, {count:,} parameters "
                           f"left (target {plan.target_params:,})")
-        if not pc.several:
+        if plan.shape is None:
             plan_structure(model, pc.structured(plan.sparsity))  # shapes the family cannot express fail now
     if config.save_format == "gguf":  # an architecture or tokenizer the exporter does not know fails now
         from .output.export import check_gguf_export
@@ -265,7 +272,8 @@ def load(config: RunConfig, plan: Plan, progress: bool):
 
 
 def search_shape(model, tokenizer, config: RunConfig, plan: Plan, progress: bool) -> None:
-    """Several structures: the search's best shape for --target-params goes into the plan (structured/search.py)."""
+    """Several structures: the search's best shape for --target-params goes into the plan (structured/search.py;
+    with --search-topk, the best after a short distillation: structured/search_distill.py)."""
     from .inputs.data import load_text, tokenize
     from .pruning.structured.runner import target_count
     from .pruning.structured.search import search_shapes, search_windows
@@ -273,15 +281,57 @@ def search_shape(model, tokenizer, config: RunConfig, plan: Plan, progress: bool
 
     pc = config.prune
     plan.target_params = target_count(model, pc.target_params)
-    calibration, validation = search_windows(tokenize(tokenizer, load_text(config.calib, "calib")), pc.nsamples,
-                                             pc.seqlen, pc.seed, pc.search_windows)
-    best = search_shapes(model, calibration, validation, pc.search_base(), pc.axes, plan.target_params,
-                         pc.search_limit, progress)[0]
-    plan.shape, plan.layers_removed = best.shape, best.layers_removed
+    tokens = tokenize(tokenizer, load_text(config.calib, "calib"))
+    calibration, validation = search_windows(tokens, pc.nsamples, pc.seqlen, pc.seed, pc.search_windows)
+    if pc.search_topk:
+        from .pruning.structured.search_distill import distill_windows, search_recovery_config
+
+        recovery = search_recovery_config(config.recovery, pc.search_steps, pc.seed)
+        train = distill_windows(tokens[: tokens.numel() - pc.search_windows * pc.seqlen], recovery.steps,
+                                recovery.batch, recovery.seqlen, pc.seed)
+    found = search_shapes(model, calibration, validation, pc.search_base(), pc.axes, plan.target_params,
+                          pc.search_limit, progress)
+    if pc.search_topk:
+        from .pruning.structured.search_distill import distill_candidates
+
+        distill_candidates(model, calibration, validation, train, pc.search_base(), found, pc.search_topk, recovery,
+                           progress)
+    best = found[0]
+    plan.shape, plan.shape_source = best.shape, "search"
+    plan.layers_removed = getattr(best, "layers_removed", None)
     plan.sparsity = 1 - best.params / parameter_count(model.parameters())
+    score = (f"KL {best.kl_distilled:.4g} after distillation ({best.kl:.4g} one-shot)"
+             if best.kl_distilled is not None else f"KL {best.kl:.4g}")
     say(progress, f"--target-params {pc.target_params}: shape " + ", ".join(f"{axis} {value:.3g}" for axis, value
                                                                            in best.shape.items())
-        + f", {best.params:,} parameters, KL {best.kl:.4g} to the dense model")
+        + f", {best.params:,} parameters, {score} to the dense model")
+
+
+def given_shape(model, config: RunConfig, plan: Plan, progress: bool) -> None:
+    """--shape FILE: its shape (a search's best candidate, or one written by hand) goes into the plan, counted
+    exactly now (a shape the family cannot express, or layers the model lacks, fail before any work)."""
+    from .inputs.models import decoder_layers
+    from .pruning.structured.search import ShapeCounter
+    from .pruning.structured.shape_file import read_shape_file
+    from .runtime import parameter_count
+
+    pc = config.prune
+    given = read_shape_file(pc.shape, pc.axes)
+    params = ShapeCounter(model, pc.search_base()).params(given.shape)
+    if given.layers_removed is not None:
+        from .pruning.structured.search_distill import LAYER_LISTS_REFUSED, takes_layer_lists
+
+        if not takes_layer_lists():
+            raise LLMPruneError(f"--shape {pc.shape}: {LAYER_LISTS_REFUSED}")
+        layers = len(decoder_layers(model)[1])
+        count = round(layers * given.shape.get("layers", 0.0))
+        if given.layers_removed[-1] >= layers or len(given.layers_removed) != count:
+            raise LLMPruneError(f"--shape {pc.shape}: layers_removed {given.layers_removed} must be {count} distinct "
+                                f"indices below {layers} (layers {given.shape.get('layers', 0.0):g} of {layers})")
+    plan.shape, plan.shape_source, plan.layers_removed = given.shape, str(pc.shape), given.layers_removed
+    plan.sparsity = 1 - params / parameter_count(model.parameters())
+    say(progress, f"--shape {pc.shape}: " + ", ".join(f"{axis} {value:.3g}" for axis, value in given.shape.items())
+        + f", {params:,} parameters")
 
 
 def calibration_data(tokenizer, config: RunConfig, plan: Plan, progress: bool):
@@ -371,12 +421,16 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
             raise LLMPruneError("--schedule with --structure experts: remove the experts in one step")
         return expert_removal_report(model, calibration, replace(config.prune, sparsity=sparsity), progress)
     structured = config.prune.structure != "none"
-    if plan.shape is not None:  # several structures, pruned axis by axis to the searched shape
-        from .pruning.structured.search import combined_report, prune_shape
+    if plan.shape is not None:  # pruned axis by axis to the searched shape, or the --shape file's
+        from .pruning.structured.search import combined_report
+        from .pruning.structured.search_distill import prune_candidate
 
-        return combined_report(prune_shape(model, calibration, replace(config.prune.search_base(),
-                                                                       device=str(plan.device)), plan.shape,
-                                           progress, plan.layers_removed), plan.target_params)
+        candidate = {"shape": plan.shape, "layers_removed": plan.layers_removed}
+        report = combined_report(prune_candidate(model, calibration, replace(config.prune.search_base(),
+                                                                             device=str(plan.device)), candidate,
+                                                 progress), plan.target_params)
+        report.structure.shape, report.structure.shape_source = dict(plan.shape), plan.shape_source
+        return report
     if structured:  # a stage removes what brings the structure to `sparsity` of the dense model's count
         stage = sparsity if previous is None else stage_sparsity(previous.structure, sparsity)
         pc = replace(config.prune.structured(stage), target_params=None)  # the plan's sparsity meets it

@@ -95,6 +95,8 @@ class StructureRecord:
     config_changes: dict = field(default_factory=dict)  # config key -> new value
     seconds: dict[str, float] = field(default_factory=dict)
     stages: list[StructureRecord] | None = None  # --schedule: each stage's own record
+    shape: dict[str, float] | None = None  # a shape over several structures: axis -> sparsity asked
+    shape_source: str | None = None  # where that shape came from: "search", or the --shape file
     version: int = STRUCTURE_VERSION
 
     def kept_layers(self) -> list[int] | None:

@@ -359,3 +359,35 @@ def _zero_shot_table(runs: list[Run]) -> str:
 
 def _row(cells: list) -> str:
     return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
+def plot_candidates(candidates: list, target: float, dense_params: int) -> bytes:
+    """The search's candidates.png: each scored shape's parameters against its KL to the dense model; a
+    distilled one's KL after distillation too (joined to its one-shot point); the target as a dotted line; the
+    chosen shape (the list's first, best first) marked and labelled. PNG bytes."""
+    figure, axes = _new_figure(8.0, 5.0)
+    scored = [c for c in candidates if c.kl is not None and math.isfinite(c.kl)]
+    distilled = [c for c in scored if getattr(c, "kl_distilled", None) is not None and math.isfinite(c.kl_distilled)]
+    axes.scatter([c.params / 1e6 for c in scored], [c.kl for c in scored], color="tab:blue", zorder=3,
+                 label="one-shot KL")
+    for c in distilled:
+        axes.plot([c.params / 1e6] * 2, [c.kl, c.kl_distilled], color="tab:gray", linewidth=0.8, zorder=2)
+    if distilled:
+        axes.scatter([c.params / 1e6 for c in distilled], [c.kl_distilled for c in distilled], color="tab:orange",
+                     marker="D", zorder=3, label="KL after distillation")
+    values = [c.kl for c in scored] + [c.kl_distilled for c in distilled]
+    if scored:
+        best = candidates[0]
+        y = best.kl_distilled if getattr(best, "kl_distilled", None) is not None else best.kl
+        if y is not None and math.isfinite(y):
+            axes.scatter([best.params / 1e6], [y], s=260, marker="*", color="tab:red", zorder=4, label="chosen")
+            shape = ", ".join(f"{axis} {value:.3g}" for axis, value in best.shape.items())
+            axes.annotate(f"{shape}\n{best.params / 1e6:.2f}M", (best.params / 1e6, y), xytext=(8, 8),
+                          textcoords="offset points", fontsize=8)
+    axes.axvline(target / 1e6, color="black", linestyle=":", linewidth=1, label=f"target {target / 1e6:.1f}M")
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        axes.set_yscale("log")
+    axes.set_xlabel("parameters (M)")
+    axes.set_ylabel("KL(dense || pruned), nats/token")
+    axes.set_title(f"Candidate shapes for {target / 1e6:.1f}M parameters (dense {dense_params / 1e6:.1f}M)")
+    return _png(figure, axes)

@@ -75,6 +75,10 @@ def _structured_intro(report: Report, base: str) -> str:
                f"{s.units_before - s.units_kept} of every {s.units_before} {what} removed in each layer")
     if s.kind == "experts":  # which ones, by their index in the dense model
         removed += " (" + "; ".join(f"layer {layer.index}: {layer.removed}" for layer in s.layers) + ")"
+    if s.shape:  # the shape over several structures, and where it came from
+        removed += (" (shape " + ", ".join(f"{axis} {value:.4g}" for axis, value in s.shape.items())
+                    + (" from a search" if s.shape_source == "search" else
+                       f" from `{Path(s.shape_source).name}`" if s.shape_source else "") + ")")
     base_link = f"[{base}](https://huggingface.co/{base})" if "/" in base else f"`{base}`"
     return (f"# {base.rsplit('/', 1)[-1]}, {_pct(s.params_removed_fraction, 0)} smaller ({s.kind}, "
             f"{s.method})\n\n{base_link} made smaller by structured pruning with "

@@ -62,6 +62,9 @@ def structure_lines(report: Report) -> list[str]:
     what = {"channels": "MLP channels", "heads": "attention heads", "layers": "decoder layers",
             "hidden": "hidden (embedding) channels"}.get(s.kind, s.kind)
     lines = [f"{report.model_name} ({report.architecture}): --structure {s.kind}, scored by {s.method}"]
+    if s.shape:
+        lines.append("shape: " + ", ".join(f"{axis} {value:.4g}" for axis, value in s.shape.items())
+                     + (f" (from {s.shape_source})" if s.shape_source else ""))
     if s.stages and s.unit == "parameters":  # several structures: each axis's own record
         lines += [f"  {stage.kind}: {stage.units_before} -> {stage.units_kept} {stage.unit}"
                   + (" per layer" if stage.kind in ("channels", "heads") else "") for stage in s.stages]

@@ -60,6 +60,13 @@ class StructuredConfig:
                                "the dense model, evenly spread over the list ordered by shape", group="structured")
     search_windows: int = option(8, "several structures: validation windows of --seqlen cut from the end of the "
                                  "calibration text, which score the candidates", group="structured")
+    search_topk: int = option(0, "several structures: distil this many of the best candidates (by KL) from the "
+                              "dense model for --search-steps steps on the calibration text, score them by KL "
+                              "again and choose the best after distillation (Minitron's recipe; 0: off, choose by "
+                              "the one-shot KL)", group="structured", metavar="K")
+    search_steps: int = option(50, "several structures, with --search-topk: distillation steps per candidate "
+                               "(--recover-batch windows of --recover-seqlen each; LoRA or full per "
+                               "--recover-params)", group="structured", metavar="N")
     batch_size: int = option(8, "windows per layer forward; lower it if memory runs out", group="calibration")
     device: str | None = None
 
@@ -86,7 +93,8 @@ class StructuredConfig:
         check_finite(self.sparsity, "--sparsity")
         if not 0 < self.sparsity < 1:
             raise LLMPruneError(f"--sparsity of a structure must be in (0, 1) (got {self.sparsity:g})")
-        check_at_least(self, ("round_to", "batch_size", "search_limit", "search_windows"))
+        check_at_least(self, ("round_to", "batch_size", "search_limit", "search_windows", "search_steps"))
+        check_at_least(self, ("search_topk",), minimum=0)
 
     @property
     def compensate(self) -> bool:

@@ -60,6 +60,7 @@ class Candidate:
     shape: dict[str, float]  # axis -> sparsity of that axis (absent: left whole)
     params: int
     kl: float | None = None  # to the dense model, on the validation windows (None: not scored)
+    kl_distilled: float | None = None  # the same after --search-steps of distillation (None: not distilled)
     config_changes: dict = field(default_factory=dict)
     layers_removed: list[int] | None = None  # dense indices of the decoder layers that go (None: by --layer-importance)
     layer_rule: str | None = None  # what chose them: influence, skip or block ("+" joins rules that agree)
@@ -278,27 +279,37 @@ def search_shapes(model: nn.Module, calibration: torch.Tensor | None, validation
     return sorted(listed, key=lambda c: (c.kl is None, c.kl if c.kl is not None else 0.0))
 
 
-def candidates_markdown(candidates: list[Candidate], target: float, dense_params: int) -> str:
-    lines = [f"# Candidate shapes for {target:,.0f} parameters (dense: {dense_params:,})", "",
-             "Best first: smallest KL to the dense model on the validation windows (unscored shapes last).", "",
-             "| rank | shape | parameters | KL (nats/token) | config |", "|---|---|---|---|---|"]
+def candidates_markdown(candidates: list[Candidate], target: float, dense_params: int,
+                        distillation: dict | None = None) -> str:
+    rule = ("Best first: smallest KL to the dense model on the validation windows (unscored shapes last).")
+    if distillation:
+        rule = (f"Best first. Distilled from the dense model: the best {distillation['candidates']} by one-shot "
+                f"KL, {distillation['steps']} steps each ({distillation['params']}, {distillation['batch']} x "
+                f"{distillation['seqlen']} tokens a step, on the calibration text), ranked by their KL after it; "
+                f"then the other scored shapes by one-shot KL; unscored shapes last.")
+    lines = [f"# Candidate shapes for {target:,.0f} parameters (dense: {dense_params:,})", "", rule, "",
+             "| rank | shape | parameters | KL (nats/token) | KL distilled | config |", "|---|---|---|---|---|---|"]
     for rank, c in enumerate(candidates, 1):
         shape = ", ".join(f"{axis} {sparsity:.3g}" for axis, sparsity in c.shape.items())
         if c.layers_removed is not None:  # which layers go, and the rule that chose them
             shape += f" (layers {', '.join(map(str, c.layers_removed))} by {c.layer_rule})"
         kl = f"{c.kl:.5f}" if c.kl is not None else "-"
+        distilled = f"{c.kl_distilled:.5f}" if c.kl_distilled is not None else "-"
         config = ", ".join(f"{k}={v}" for k, v in c.config_changes.items() if k in sum(CONFIG_KEYS.values(), ())
                            or k in ("hidden_size",))
-        lines.append(f"| {rank} | {shape} | {c.params:,} | {kl} | {config} |")
+        lines.append(f"| {rank} | {shape} | {c.params:,} | {kl} | {distilled} | {config} |")
     return "\n".join(lines) + "\n"
 
 
 def candidates_json(candidates: list[Candidate], target: float, dense_params: int, axes: list[str],
-                    statistics: dict | None = None) -> dict:
+                    distillation: dict | None = None, statistics: dict | None = None) -> dict:
     """`statistics`: the dense pass's counts (search_shapes' `summary`)."""
-    return {"target_params": round(target), "dense_params": dense_params, "structures": axes,
-            "rule": "smallest KL(dense || pruned) per token on validation windows cut from the calibration text",
-            **({"statistics": statistics} if statistics is not None else {}),
+    rule = "smallest KL(dense || pruned) per token on validation windows cut from the calibration text"
+    if distillation:
+        rule = ("the best --search-topk by that KL distilled from the dense model for --search-steps steps on the "
+                "calibration text, then the smallest KL after distillation (kl_distilled); " + rule)
+    return {"target_params": round(target), "dense_params": dense_params, "structures": axes, "rule": rule,
+            "distillation": distillation or None, **({"statistics": statistics} if statistics is not None else {}),
             "candidates": [asdict(c) for c in candidates]}
 
 
@@ -315,16 +326,17 @@ def search_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, 
 
 
 def run_search(run, base: StructuredConfig, axes: list[str], target, nsamples: int, seqlen: int, seed: int,
-               output, overwrite: bool = False, progress: bool = True):
+               output, overwrite: bool = False, progress: bool = True, recovery=None):
     """The `search` command: load, cut validation windows from the END of the calibration text and calibration
-    windows from the rest, search, and write candidates.json and candidates.md into `output` atomically.
-    Returns the path of candidates.json."""
-    import json
+    windows from the rest, search, with --search-topk distil the best candidates (search_distill.py; `recovery`:
+    a RecoverConfig whose LoRA/full, lr, batch and seqlen it uses, default RecoverConfig()), and write
+    candidates.json, candidates.md and candidates.png into `output` atomically. Returns the path of
+    candidates.json."""
     from pathlib import Path
 
     from ...inputs.data import check_source, load_text, tokenize
     from ...inputs.models import load_model, resolve_model
-    from ...output.atomic import atomic_directory, check_output
+    from ...output.atomic import check_output
     from ...runtime import resolve_device, resolve_dtype
     from .runner import target_count
 
@@ -332,19 +344,47 @@ def run_search(run, base: StructuredConfig, axes: list[str], target, nsamples: i
     check_output(output, overwrite)
     resolve_model(run.model)
     check_source(run.calib, "calib", (nsamples + val_windows) * seqlen, "--nsamples, --seqlen or --search-windows")
+    if base.search_topk:
+        from .search_distill import search_recovery_config
+
+        recovery = search_recovery_config(recovery, base.search_steps, seed)
     model, tokenizer, _ = load_model(run.model, resolve_dtype(run.dtype, resolve_device(base.device)),
                                      run.trust_remote_code)
     count = target_count(model, target)
-    calibration, validation = search_windows(tokenize(tokenizer, load_text(run.calib, "calib")), nsamples, seqlen,
-                                             seed, val_windows)
+    tokens = tokenize(tokenizer, load_text(run.calib, "calib"))
+    calibration, validation = search_windows(tokens, nsamples, seqlen, seed, val_windows)
+    train = None
+    if base.search_topk:  # cut now: a text too short fails before the search's work
+        from .search_distill import distill_windows
+
+        train = distill_windows(tokens[: tokens.numel() - val_windows * seqlen], recovery.steps, recovery.batch,
+                                recovery.seqlen, seed)
     summary = {}  # the dense pass's counts
     found = search_shapes(model, calibration, validation, base, axes, count, base.search_limit, progress, summary)
+    distillation = None
+    if base.search_topk:
+        from .search_distill import distill_candidates
+
+        distillation = distill_candidates(model, calibration, validation, train, base, found, base.search_topk,
+                                          recovery, progress)
     dense = parameter_count(model.parameters())
-    with atomic_directory(output, overwrite) as staging:
-        (staging / "candidates.json").write_text(json.dumps(candidates_json(found, count, dense, axes, summary),
-                                                            indent=2) + "\n")
-        (staging / "candidates.md").write_text(candidates_markdown(found, count, dense))
+    write_search(output, overwrite, found, count, dense, axes, distillation, summary)
     return Path(output) / "candidates.json"
+
+
+def write_search(output, overwrite: bool, found: list[Candidate], count: int, dense: int, axes: list[str],
+                 distillation: dict | None = None, statistics: dict | None = None) -> None:
+    """candidates.json, candidates.md and the plot candidates.png, into `output` atomically."""
+    import json
+
+    from ...output.atomic import atomic_directory
+    from ...output.plots import plot_candidates
+
+    with atomic_directory(output, overwrite) as staging:
+        table = candidates_json(found, count, dense, axes, distillation, statistics)
+        (staging / "candidates.json").write_text(json.dumps(table, indent=2) + "\n")
+        (staging / "candidates.md").write_text(candidates_markdown(found, count, dense, distillation))
+        (staging / "candidates.png").write_bytes(plot_candidates(found, count, dense))
 
 
 def combined_report(records: list, target: int | None):
