@@ -44,8 +44,9 @@ class WorkFolder:
     `resume=True` refuses, in one line, when there is nothing to resume or the settings differ."""
 
     def __init__(self, path: str | Path, settings: dict, prefix: str, layer_count: int, shard_count: int | None = None,
-                 resume: bool = False):
+                 resume: bool = False, stored_form=None):
         self.path, self.settings, self.prefix = Path(path), settings, prefix
+        self.stored_form = stored_form  # a streamed run's layer files are the output: in the source's stored form
         self.layer_count, self.shard_count = layer_count, shard_count or layer_count
         state = self.path / STATE
         if resume:
@@ -92,6 +93,8 @@ class WorkFolder:
         from safetensors.torch import save_file
 
         weights = {f"{self.prefix}.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
+        if self.stored_form is not None:
+            weights = self.stored_form(weights)
         write_atomically(self.layer_file(i), lambda p: save_file(weights, p, metadata={"format": "pt"}))
         if calls is not None and i + 1 < self.layer_count:
             write_atomically(self.path / f"hidden-{i:05d}.pt", lambda p: torch.save(calls.hidden.to("cpu"), p))
