@@ -355,3 +355,74 @@ def test_streamed_run_equals_the_in_memory_run(tiny_dir, tmp_path):
         assert torch.equal(saved_memory[name], saved_stream[name]), name
     assert Report.load(tmp_path / "stream" / "report.json").structure == stream.structure
     assert "llmprune_config.json" in {f.name for f in (tmp_path / "stream").iterdir()}
+
+
+# ---------------------------------------------------------------- mixtures of experts
+
+@pytest.fixture(scope="module")
+def moe_sources(tmp_path_factory):
+    """Tiny MoE checkpoints as transformers 5 saves them (per-expert tensors, Mixtral's block_sparse_moe.experts.E.w1
+    names), and a Qwen3-MoE stored in the fused form its modules hold (experts.gate_up_proj)."""
+    from safetensors.torch import save_file
+
+    from moe_models import tiny_moe
+
+    root = tmp_path_factory.mktemp("moe")
+    sources = {}
+    for family in ("mixtral", "qwen3_moe"):
+        tiny_moe(family).save_pretrained(root / family)
+        sources[family] = root / family
+    fused = tiny_moe("qwen3_moe", seed=1)
+    fused.config.save_pretrained(root / "fused")
+    save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, root / "fused" / "model.safetensors",
+              metadata={"format": "pt"})
+    sources["fused"] = root / "fused"
+    return sources
+
+
+def stored(directory) -> set[str]:
+    return set(tensor_hashes(directory))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "fused"])
+def test_moe_streamed_equals_in_memory_bit_for_bit(moe_sources, tmp_path, family, most_layers_held):
+    """A streamed Wanda prune of an MoE reads its stored tensors into the fused experts by transformers' own rules
+    and writes them back in the stored form: the same tensors as the in-memory prune, one layer held at a time."""
+    src = moe_sources[family]
+    reference(src, "wanda", tmp_path / "memory")
+    scale_worker.run({"mode": "stream", "method": "wanda", "src": str(src), "out": str(tmp_path / "stream")})
+    assert most_layers_held[0] == 1
+    assert stored(tmp_path / "stream") == stored(src)  # the source's own form, per expert or fused
+    if family != "fused":  # save_pretrained writes the per-expert form too: the files agree byte for byte
+        assert any(".experts.3." in name for name in stored(src))
+        assert tensor_hashes(tmp_path / "stream") == tensor_hashes(tmp_path / "memory")
+    else:
+        assert "model.layers.1.mlp.experts.gate_up_proj" in stored(src)
+    memory, stream = weights(tmp_path / "memory"), weights(tmp_path / "stream")  # stock from_pretrained
+    assert memory.keys() == stream.keys()
+    for name in memory:
+        assert torch.equal(memory[name], stream[name]), name
+    experts = stream["model.layers.1.mlp.experts.down_proj"]
+    assert float((experts == 0).float().mean()) == pytest.approx(0.5, abs=0.01)  # the experts were pruned
+    report = report_of(tmp_path / "stream")
+    assert report == report_of(tmp_path / "memory")
+    assert report["coverage"]["kinds"]["experts"]["pruned"] > 0 and not report["coverage"]["unaccounted"]
+
+
+@pytest.mark.parametrize("mode,kill", [("stream", "1:save"), ("stream", "1:load"), ("memory", "1:save")])
+def test_killed_moe_run_resumes_bit_identical(moe_sources, tmp_path, mode, kill):
+    """SIGKILL in the second layer of a two-layer MoE, then --resume: the output and report (expert token counts
+    included) equal an uninterrupted run's."""
+    src = moe_sources["qwen3_moe"]
+    job = {"mode": mode, "method": "wanda", "src": str(src), "out": str(tmp_path / "out"),
+           "work": str(tmp_path / "work")}
+    child = subprocess.run([sys.executable, str(WORKER), json.dumps(job | {"kill": kill})], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, (kill, child.stderr[-2000:])
+    assert json.loads((tmp_path / "work" / "state.json").read_text())["done"] == 0
+    scale_worker.run(job | {"resume": True})
+    scale_worker.run({"mode": mode, "method": "wanda", "src": str(src), "out": str(tmp_path / "uninterrupted")})
+    assert tensor_hashes(tmp_path / "out") == tensor_hashes(tmp_path / "uninterrupted")
+    resumed = report_of(tmp_path / "out")
+    assert resumed == report_of(tmp_path / "uninterrupted")
+    assert {f"model.layers.{i}.mlp.experts" for i in (0, 1)} <= set(resumed["moe"]["blocks"])  # layer 0's kept
