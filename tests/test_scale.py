@@ -14,7 +14,7 @@ import torch
 
 from llmprune import PruneConfig
 from llmprune.errors import LLMPruneError
-from llmprune.pruning.runner import capture_layer_calls, prune
+from llmprune.pruning.runner import capture_layer_calls
 from llmprune.scale import streaming
 from llmprune.scale.distributed import DataParallel
 
