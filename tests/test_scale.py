@@ -14,7 +14,7 @@ import torch
 
 from llmprune import PruneConfig
 from llmprune.errors import LLMPruneError
-from llmprune.pruning.runner import capture_layer_calls
+from llmprune.pruning.runner import capture_layer_calls, prune
 from llmprune.scale import streaming
 from llmprune.scale.distributed import DataParallel
 
@@ -426,3 +426,37 @@ def test_killed_moe_run_resumes_bit_identical(moe_sources, tmp_path, mode, kill)
     resumed = report_of(tmp_path / "out")
     assert resumed == report_of(tmp_path / "uninterrupted")
     assert {f"model.layers.{i}.mlp.experts" for i in (0, 1)} <= set(resumed["moe"]["blocks"])  # layer 0's kept
+
+
+def test_data_parallel_moe_is_refused_in_one_line():
+    """torchrun does not reach the experts yet: refused before any calibration pass, in one line (the ranks are
+    never contacted, so a stand-in suffices)."""
+    from moe_models import moe_tokens, tiny_moe
+
+    model = tiny_moe("qwen3_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LLMPruneError, match="one process") as err:
+        prune(model, moe_tokens(), PruneConfig(method="wanda"), progress=False, parallel=object())
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_safetensors_written_tensor_by_tensor_read_back_by_safetensors(tmp_path):
+    """write_safetensors (no whole-file copy in memory) against safetensors' own reader: every dtype the
+    checkpoints hold, a scalar, an empty tensor, a non-contiguous view, and the metadata."""
+    from safetensors import safe_open
+
+    from llmprune.scale.checkpoint import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    tensors = {"b.bf16": base.to(torch.bfloat16), "a.f32": base, "f16": base.half()[:, 1:4], "f64": base.double(),
+               "i64": torch.arange(7), "i8": torch.tensor([-3, 4], dtype=torch.int8), "mask": base > 0,
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "t": base.t()}
+    write_safetensors(tensors, tmp_path / "x.safetensors", {"format": "pt"})
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == set(tensors)
+        for name, tensor in tensors.items():
+            read = f.get_tensor(name)
+            assert read.dtype == tensor.dtype and read.shape == tensor.shape and torch.equal(read, tensor), name

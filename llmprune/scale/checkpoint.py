@@ -35,6 +35,36 @@ def settings_of(config, model: str, calibration: torch.Tensor | None, world: int
     return settings | {"model": str(model), "calibration_sha256": digest, "world_size": world} | extra
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory. safetensors' save_file first
+    copies every tensor into one bytes object: twice the layer in memory, which for a layer of 128 experts is
+    gigabytes. Tensors follow the header in the order given, each right after the previous one (the format's
+    rule); safe_open and from_pretrained read the file as any other."""
+    import struct
+
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, padded with spaces as safetensors does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
@@ -90,12 +120,10 @@ class WorkFolder:
         return done + 1
 
     def save(self, i: int, layer, calls, report) -> None:
-        from safetensors.torch import save_file
-
         weights = {f"{self.prefix}.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
         if self.stored_form is not None:
             weights = self.stored_form(weights)
-        write_atomically(self.layer_file(i), lambda p: save_file(weights, p, metadata={"format": "pt"}))
+        write_atomically(self.layer_file(i), lambda p: write_safetensors(weights, p, {"format": "pt"}))
         if calls is not None and i + 1 < self.layer_count:
             write_atomically(self.path / f"hidden-{i:05d}.pt", lambda p: torch.save(calls.hidden.to("cpu"), p))
         state = {"settings": self.settings, "done": i, "report": report.state()}

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import LLMPruneError
 from ..inputs.models import DTYPES, decoder_layers, linears, weight_matrix
 from ..runtime import available_memory_bytes, release_free_memory, resolve_device
-from .checkpoint import WorkFolder, default_work_dir, settings_of, shard_name
+from .checkpoint import WorkFolder, default_work_dir, settings_of, shard_name, write_safetensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -244,7 +244,6 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
     its record) the config is the pruned model's, and the shards of the layers it removed are left out, those
     after them renumbered."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     removed = set(structure.removed_layers or ()) if structure is not None else set()
     kept = [i for i in range(work.layer_count) if i not in removed]
@@ -257,7 +256,7 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
             old_prefix, new_prefix = f"{streamed.prefix}.{old}.", f"{streamed.prefix}.{new}."
             with safe_open(work.layer_file(old), "pt") as f:
                 tensors = {new_prefix + name[len(old_prefix):]: f.get_tensor(name) for name in f.keys()}
-            save_file(tensors, staging / shard, metadata={"format": "pt"})
+            write_safetensors(tensors, staging / shard, {"format": "pt"})
         else:
             shutil.move(work.layer_file(old), staging / shard)
         with safe_open(staging / shard, "pt") as f:
@@ -271,7 +270,7 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
         if tensor.is_floating_point():
             tensor = tensor.to(streamed.dtype)  # as from_pretrained(dtype=...) then save_pretrained would
         shard = shard_name(len(kept) + j, shard_count)
-        save_file({name: tensor.contiguous()}, staging / shard, metadata={"format": "pt"})
+        write_safetensors({name: tensor.contiguous()}, staging / shard, {"format": "pt"})
         mapping[name] = shard
         total += tensor.numel() * tensor.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
