@@ -191,6 +191,7 @@ def main(argv=None) -> None:
     parser.add_argument("--parallel-model", default="llama", help="model for --ranks (llama: the embedded one)")
     parser.add_argument("--out", default=None, help="default: results/scale, or results/MODEL[/TEXT]/scale with "
                         "--model")
+    parser.add_argument("--note", default=None, help="a line stored with the results (e.g. how the machine was shared)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, seconds: checks that this script works")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -255,13 +256,13 @@ def main(argv=None) -> None:
         parallel.append({"ranks": ranks, "calibration_passes_s": max(r["calibration_passes_s"] for r in result),
                          "wall_s": max(r["wall_s"] for r in result)})
     shutil.rmtree(work, ignore_errors=True)  # after the ranks: they read the calibration file in it
-    result = {"config": args.config, "layers": args.layers, "dtype_on_disk": args.dtype, "model": args.model, "text": args.text if args.model else None,
+    result = {"note": args.note, "config": args.config, "layers": args.layers, "dtype_on_disk": args.dtype, "model": args.model, "text": args.text if args.model else None,
               "model_dir": str(model_dir), "rows": rows, "parallel": parallel,
               "machine": benchlib.machine_info("cpu"), "quick": args.quick}
     write_json_atomically(out / "bench_scale.json", result)
     lines = [f"# Scale benchmark: {args.config if args.model else 'random ' + args.config}, {size / 2**30:.2f} GiB "
              f"on disk, calibration activations "
-             f"{activations / 2**20:.0f} MiB", "", "| method | peak RSS (GiB) | RSS / model | (RSS - activations) / model | "
+             f"{activations / 2**20:.0f} MiB", *(["", args.note] if args.note else []), "", "| method | peak RSS (GiB) | RSS / model | (RSS - activations) / model | "
              "(RSS - interpreter) / model | wall (s) | streamed == in-memory |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['method']} | {row['streamed']['peak_rss_bytes'] / 2**30:.2f} | {row['rss_over_model']:.2f} | "

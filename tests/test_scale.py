@@ -460,3 +460,20 @@ def test_safetensors_written_tensor_by_tensor_read_back_by_safetensors(tmp_path)
         for name, tensor in tensors.items():
             read = f.get_tensor(name)
             assert read.dtype == tensor.dtype and read.shape == tensor.shape and torch.equal(read, tensor), name
+
+
+def test_random_moe_is_written_per_expert_and_loads_as_its_fused_form(tmp_path):
+    """make_random_model's MoE shape: one shard per layer under the names save_pretrained writes (per expert);
+    stock from_pretrained loads it to the same weights as the fused form written with the same seed."""
+    config = make_config("tiny-moe", layers=2)
+    per_expert = write_random_model(config, tmp_path / "per-expert", "bfloat16", seed=3)
+    fused = write_random_model(make_config("tiny-moe", layers=2), tmp_path / "fused", "bfloat16", seed=3, fused=True)
+    index = json.loads((per_expert / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) == 2 + 1
+    assert {index[n] for n in index if n.startswith("model.layers.1.")} == {"model-00002-of-00003.safetensors"}
+    assert "model.layers.1.mlp.experts.7.gate_proj.weight" in index and not any("gate_up_proj" in n for n in index)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in stored(fused)
+    a, b = weights(per_expert), weights(fused)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    experts = a["model.layers.1.mlp.experts.gate_up_proj"]
+    assert experts.shape == (8, 64, 64) and 0.015 < float(experts.std()) < 0.025

@@ -123,7 +123,8 @@ class StreamedModel:
 
     def stored_form(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`weights` (full parameter names) under the names and layout of the source's shards: transformers'
-        save-time reversal of its load-time conversion (views, not copies, for split experts)."""
+        save-time reversal of its load-time conversion (its split of gate and up copies them: one fused matrix's
+        worth of memory while a layer is written)."""
         if not self.converted:
             return weights
         from transformers.core_model_loading import revert_weight_conversion
