@@ -271,7 +271,7 @@ def main(argv=None) -> None:
     if parallel:
         lines += ["", "| ranks (gloo) | calibration passes (s) | wall (s) |", "|---|---|---|"]
         lines += [f"| {p['ranks']} | {p['calibration_passes_s']:.2f} | {p['wall_s']:.1f} |" for p in parallel]
-    if any(row["float32_bytes"] != size or row["full_depth_float32_bytes"] != size for row in rows):
+    if args.dtype != "float32" or any(row["full_depth_float32_bytes"] != row["float32_bytes"] for row in rows):
         lines += ["", "| method | float32 size (GiB) | RSS / float32 size | full-depth float32 size (GiB) | "
                   "RSS / full-depth float32 size |", "|---|---|---|---|---|"]
         lines += [f"| {row['method']} | {row['float32_bytes'] / 2**30:.2f} | {row['rss_over_float32']:.3f} | "
