@@ -477,3 +477,30 @@ def test_random_moe_is_written_per_expert_and_loads_as_its_fused_form(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     experts = a["model.layers.1.mlp.experts.gate_up_proj"]
     assert experts.shape == (8, 64, 64) and 0.015 < float(experts.std()) < 0.025
+
+
+def test_streamed_moe_run_equals_the_in_memory_run(tiny_dir, tmp_path):
+    """pipeline.run --stream on a tiny Mixtral directory (per-expert shards, a tokenizer): the same saved tensors,
+    the same expert token counts, and the same perplexities, the streamed ones measured layer by layer from the
+    per-expert shards."""
+    from llmprune import pipeline
+    from llmprune.config import RunConfig
+    from moe_models import save_tiny_moe_dir
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(6000)))
+    source = save_tiny_moe_dir(tmp_path / "moe", "mixtral", tiny_dir)
+
+    def run(name, stream):
+        return pipeline.run(RunConfig(model=str(source), stream=stream, output=str(tmp_path / name),
+                                      prune=PruneConfig(method="wanda", nsamples=4, seqlen=16, batch_size=2,
+                                                        min_expert_tokens=4),
+                                      calib=f"file:{text}", eval=f"file:{text}", eval_windows=3), progress=False)
+
+    memory, stream = run("memory", False), run("stream", True)
+    assert stream.scale["stream"] and not memory.scale["stream"]
+    assert stream.moe == memory.moe and stream.coverage == memory.coverage
+    assert stream.perplexity.dense == pytest.approx(memory.perplexity.dense, rel=1e-5)
+    assert stream.perplexity.pruned == pytest.approx(memory.perplexity.pruned, rel=1e-5)
+    assert stream.perplexity.pruned != pytest.approx(stream.perplexity.dense, rel=1e-3)
+    assert tensor_hashes(tmp_path / "stream") == tensor_hashes(tmp_path / "memory")

@@ -120,6 +120,10 @@ class WorkFolder:
         return done + 1
 
     def save(self, i: int, layer, calls, report) -> None:
+        from ..runtime import release_free_memory
+
+        release_free_memory()  # the statistics and solves leave freed pieces in glibc's heaps: give them back
+        # before the save's own copies (transformers' split of fused experts), or the two add up at the peak
         weights = {f"{self.prefix}.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
         if self.stored_form is not None:
             weights = self.stored_form(weights)

@@ -176,6 +176,7 @@ class StreamedLayers:
             self.streamed.free(self.streamed.model)
         layer, prefix = self.streamed.layers[i], f"{self.streamed.prefix}.{i}."
         self.streamed.load_tensors(self.streamed.layer_names(i), layer, prefix, self.device)
+        release_free_memory()  # the conversion's transient copies (per-expert tensors stacked) are freed now
         missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
         if missing:
             raise LLMPruneError(f"{self.streamed.dir} lacks {prefix}{missing[0]}: the shards do not match config.json")
