@@ -3,6 +3,8 @@ streamed output against the in-memory one, and the calibration passes' wall time
 
     python scripts/bench_scale.py [--config llama-1b] [--model-dir DIR] [--in-memory] [--ranks 1,2] [--quick]
     python scripts/bench_scale.py --model qwen-coder-0.5b [--text code] [--model-dir DIR]   # a real model
+    python scripts/bench_scale.py --config qwen3-30b-a3b --layers 4 --methods wanda --nsamples 8 --seqlen 128 \
+        --out results/scale/qwen3-30b-a3b                                    # a mixture of experts, cut to 4 layers
 
 Each prune runs in a fresh process, so that its peak RSS (ru_maxrss) is its own. The random model is written
 once to --model-dir (llama-1b: 4.4 GB in float32; llama-7b: 27 GB, more than many machines' RAM). The
@@ -10,12 +12,15 @@ calibration activations, nsamples x seqlen x hidden floats, are reported beside 
 as peak RSS <= 0.3 x model size plus them). With --model, a real model is saved once as safetensors to
 --model-dir (float32) and calibrated on --text (tokenized here, so the tokenizer's memory is not the prune's).
 Writes <out>/bench_scale.json and <out>/bench_scale.md; <out> is results/scale, or results/MODEL/[TEXT/]scale
-with --model (benchlib.results_folder).
+with --model (benchlib.results_folder). The peak RSS is also stated against the model's float32 size (what
+the prune computes in) and, for a shape cut with --layers, against the float32 size of the full-depth shape: the
+streamed peak is one layer's, whatever the depth.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
@@ -33,7 +38,7 @@ import benchlib
 
 def child(job: dict) -> dict:
     """One prune in this process; returns what was measured."""
-    import transformers  # noqa: F401  (imported before the baseline is taken: its RSS is not the model's)
+    importlib.import_module("transformers")  # before the baseline is taken: its RSS is not the model's
 
     from llmprune import PruneConfig
     from llmprune.runtime import current_rss_bytes, peak_rss_bytes
@@ -105,6 +110,36 @@ def real_model(spec: str, model_dir: Path, text: str, nsamples: int, seqlen: int
     return str(path)
 
 
+def parameter_count(model_dir: Path) -> int:
+    """Elements of every tensor in a safetensors directory, from the headers (nothing is read)."""
+    from safetensors import safe_open
+
+    count = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                count += _numel(f.get_slice(name).get_shape())
+    return count
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def full_depth_parameters(config: str) -> int:
+    """Parameters of make_random_model's shape at its public depth (a skeleton on the meta device)."""
+    from accelerate import init_empty_weights
+    from make_random_model import make_config
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(make_config(config))
+    return sum(p.numel() for p in model.parameters())
+
+
 def spawn(job: dict, ranks: int = 1) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,6 +179,7 @@ def main(argv=None) -> None:
                         "accepts (qwen-coder-0.5b, a .gguf, a local HF dir)")
     parser.add_argument("--text", default="wiki", help="calibration text of a real model (wiki, code...)")
     parser.add_argument("--layers", type=int, default=None, help="override the shape's decoder layer count")
+    parser.add_argument("--dtype", default="float32", help="the random model's dtype on disk (bfloat16 halves it)")
     parser.add_argument("--model-dir", default=None, help="where the random model is (written if absent)")
     parser.add_argument("--methods", default="wanda,sparsegpt")
     parser.add_argument("--nsamples", type=int, default=32)
@@ -155,6 +191,7 @@ def main(argv=None) -> None:
     parser.add_argument("--parallel-model", default="llama", help="model for --ranks (llama: the embedded one)")
     parser.add_argument("--out", default=None, help="default: results/scale, or results/MODEL[/TEXT]/scale with "
                         "--model")
+    parser.add_argument("--note", default=None, help="a line stored with the results (e.g. how the machine was shared)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, seconds: checks that this script works")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -164,7 +201,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.config, args.nsamples, args.seqlen, args.batch, args.in_memory = "tiny", 8, 16, 4, True
         args.ranks, args.parallel_model = args.ranks or "1,2", None
-    from make_random_model import SHAPES, make_config, write_random_model
+    from make_random_model import make_config, write_random_model
 
     from llmprune.output.atomic import write_json_atomically, write_text_atomically
 
@@ -179,12 +216,15 @@ def main(argv=None) -> None:
         hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
         args.config = Path(args.model.rstrip("/")).name  # the name in the table
     else:
-        model_dir = Path(args.model_dir or f"/tmp/llmprune-random-{args.config}")
+        cut = f"-{args.layers}l" if args.layers else ""
+        model_dir = Path(args.model_dir or f"/tmp/llmprune-random-{args.config}{cut}-{args.dtype}")
         if not (model_dir / "model.safetensors.index.json").is_file():
             print(f"writing a random {args.config} to {model_dir}", file=sys.stderr)
-            write_random_model(make_config(args.config, args.layers), model_dir)
-        hidden = SHAPES[args.config][0]
+            write_random_model(make_config(args.config, args.layers), model_dir, args.dtype)
+        hidden = make_config(args.config).hidden_size
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    float32_size = 4 * parameter_count(model_dir)
+    full_depth = 4 * full_depth_parameters(args.config) if args.layers and not args.model else float32_size
     activations = args.nsamples * args.seqlen * hidden * 4
     rows = []
     for method in [m for m in args.methods.split(",") if m]:  # --methods "": only the --ranks timings
@@ -195,7 +235,10 @@ def main(argv=None) -> None:
         row = {"method": method, "model_bytes": size, "activation_bytes": activations, "streamed": streamed,
                "rss_over_model": streamed["peak_rss_bytes"] / size,
                "rss_above_baseline_over_model": (streamed["peak_rss_bytes"] - streamed["baseline_rss_bytes"]) / size,
-               "rss_minus_activations_over_model": (streamed["peak_rss_bytes"] - activations) / size}
+               "rss_minus_activations_over_model": (streamed["peak_rss_bytes"] - activations) / size,
+               "float32_bytes": float32_size, "rss_over_float32": streamed["peak_rss_bytes"] / float32_size,
+               "full_depth_float32_bytes": full_depth, "rss_over_full_depth_float32":
+                   streamed["peak_rss_bytes"] / full_depth}
         if args.in_memory:
             row["in_memory"] = spawn(base | {"mode": "memory", "out": str(work / f"{method}-memory")})[0]
             row["streamed_equals_in_memory"] = tensor_hashes(work / f"{method}-stream") == \
@@ -213,13 +256,13 @@ def main(argv=None) -> None:
         parallel.append({"ranks": ranks, "calibration_passes_s": max(r["calibration_passes_s"] for r in result),
                          "wall_s": max(r["wall_s"] for r in result)})
     shutil.rmtree(work, ignore_errors=True)  # after the ranks: they read the calibration file in it
-    result = {"config": args.config, "model": args.model, "text": args.text if args.model else None,
+    result = {"note": args.note, "config": args.config, "layers": args.layers, "dtype_on_disk": args.dtype, "model": args.model, "text": args.text if args.model else None,
               "model_dir": str(model_dir), "rows": rows, "parallel": parallel,
               "machine": benchlib.machine_info("cpu"), "quick": args.quick}
     write_json_atomically(out / "bench_scale.json", result)
     lines = [f"# Scale benchmark: {args.config if args.model else 'random ' + args.config}, {size / 2**30:.2f} GiB "
              f"on disk, calibration activations "
-             f"{activations / 2**20:.0f} MiB", "", "| method | peak RSS (GiB) | RSS / model | (RSS - activations) / model | "
+             f"{activations / 2**20:.0f} MiB", *(["", args.note] if args.note else []), "", "| method | peak RSS (GiB) | RSS / model | (RSS - activations) / model | "
              "(RSS - interpreter) / model | wall (s) | streamed == in-memory |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['method']} | {row['streamed']['peak_rss_bytes'] / 2**30:.2f} | {row['rss_over_model']:.2f} | "
@@ -228,6 +271,12 @@ def main(argv=None) -> None:
     if parallel:
         lines += ["", "| ranks (gloo) | calibration passes (s) | wall (s) |", "|---|---|---|"]
         lines += [f"| {p['ranks']} | {p['calibration_passes_s']:.2f} | {p['wall_s']:.1f} |" for p in parallel]
+    if args.dtype != "float32" or any(row["full_depth_float32_bytes"] != row["float32_bytes"] for row in rows):
+        lines += ["", "| method | float32 size (GiB) | RSS / float32 size | full-depth float32 size (GiB) | "
+                  "RSS / full-depth float32 size |", "|---|---|---|---|---|"]
+        lines += [f"| {row['method']} | {row['float32_bytes'] / 2**30:.2f} | {row['rss_over_float32']:.3f} | "
+                  f"{row['full_depth_float32_bytes'] / 2**30:.1f} | {row['rss_over_full_depth_float32']:.3f} |"
+                  for row in rows]
     write_text_atomically(out / "bench_scale.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -355,3 +355,152 @@ def test_streamed_run_equals_the_in_memory_run(tiny_dir, tmp_path):
         assert torch.equal(saved_memory[name], saved_stream[name]), name
     assert Report.load(tmp_path / "stream" / "report.json").structure == stream.structure
     assert "llmprune_config.json" in {f.name for f in (tmp_path / "stream").iterdir()}
+
+
+# ---------------------------------------------------------------- mixtures of experts
+
+@pytest.fixture(scope="module")
+def moe_sources(tmp_path_factory):
+    """Tiny MoE checkpoints as transformers 5 saves them (per-expert tensors, Mixtral's block_sparse_moe.experts.E.w1
+    names), and a Qwen3-MoE stored in the fused form its modules hold (experts.gate_up_proj)."""
+    from safetensors.torch import save_file
+
+    from moe_models import tiny_moe
+
+    root = tmp_path_factory.mktemp("moe")
+    sources = {}
+    for family in ("mixtral", "qwen3_moe"):
+        tiny_moe(family).save_pretrained(root / family)
+        sources[family] = root / family
+    fused = tiny_moe("qwen3_moe", seed=1)
+    fused.config.save_pretrained(root / "fused")
+    save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, root / "fused" / "model.safetensors",
+              metadata={"format": "pt"})
+    sources["fused"] = root / "fused"
+    return sources
+
+
+def stored(directory) -> set[str]:
+    return set(tensor_hashes(directory))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "fused"])
+def test_moe_streamed_equals_in_memory_bit_for_bit(moe_sources, tmp_path, family, most_layers_held):
+    """A streamed Wanda prune of an MoE reads its stored tensors into the fused experts by transformers' own rules
+    and writes them back in the stored form: the same tensors as the in-memory prune, one layer held at a time."""
+    src = moe_sources[family]
+    reference(src, "wanda", tmp_path / "memory")
+    scale_worker.run({"mode": "stream", "method": "wanda", "src": str(src), "out": str(tmp_path / "stream")})
+    assert most_layers_held[0] == 1
+    assert stored(tmp_path / "stream") == stored(src)  # the source's own form, per expert or fused
+    if family != "fused":  # save_pretrained writes the per-expert form too: the files agree byte for byte
+        assert any(".experts.3." in name for name in stored(src))
+        assert tensor_hashes(tmp_path / "stream") == tensor_hashes(tmp_path / "memory")
+    else:
+        assert "model.layers.1.mlp.experts.gate_up_proj" in stored(src)
+    memory, stream = weights(tmp_path / "memory"), weights(tmp_path / "stream")  # stock from_pretrained
+    assert memory.keys() == stream.keys()
+    for name in memory:
+        assert torch.equal(memory[name], stream[name]), name
+    experts = stream["model.layers.1.mlp.experts.down_proj"]
+    assert float((experts == 0).float().mean()) == pytest.approx(0.5, abs=0.01)  # the experts were pruned
+    report = report_of(tmp_path / "stream")
+    assert report == report_of(tmp_path / "memory")
+    assert report["coverage"]["kinds"]["experts"]["pruned"] > 0 and not report["coverage"]["unaccounted"]
+
+
+@pytest.mark.parametrize("mode,kill", [("stream", "1:save"), ("stream", "1:load"), ("memory", "1:save")])
+def test_killed_moe_run_resumes_bit_identical(moe_sources, tmp_path, mode, kill):
+    """SIGKILL in the second layer of a two-layer MoE, then --resume: the output and report (expert token counts
+    included) equal an uninterrupted run's."""
+    src = moe_sources["qwen3_moe"]
+    job = {"mode": mode, "method": "wanda", "src": str(src), "out": str(tmp_path / "out"),
+           "work": str(tmp_path / "work")}
+    child = subprocess.run([sys.executable, str(WORKER), json.dumps(job | {"kill": kill})], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, (kill, child.stderr[-2000:])
+    assert json.loads((tmp_path / "work" / "state.json").read_text())["done"] == 0
+    scale_worker.run(job | {"resume": True})
+    scale_worker.run({"mode": mode, "method": "wanda", "src": str(src), "out": str(tmp_path / "uninterrupted")})
+    assert tensor_hashes(tmp_path / "out") == tensor_hashes(tmp_path / "uninterrupted")
+    resumed = report_of(tmp_path / "out")
+    assert resumed == report_of(tmp_path / "uninterrupted")
+    assert {f"model.layers.{i}.mlp.experts" for i in (0, 1)} <= set(resumed["moe"]["blocks"])  # layer 0's kept
+
+
+def test_data_parallel_moe_is_refused_in_one_line():
+    """torchrun does not reach the experts yet: refused before any calibration pass, in one line (the ranks are
+    never contacted, so a stand-in suffices)."""
+    from moe_models import moe_tokens, tiny_moe
+
+    model = tiny_moe("qwen3_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LLMPruneError, match="one process") as err:
+        prune(model, moe_tokens(), PruneConfig(method="wanda"), progress=False, parallel=object())
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_safetensors_written_tensor_by_tensor_read_back_by_safetensors(tmp_path):
+    """write_safetensors (no whole-file copy in memory) against safetensors' own reader: every dtype the
+    checkpoints hold, a scalar, an empty tensor, a non-contiguous view, and the metadata."""
+    from safetensors import safe_open
+
+    from llmprune.scale.checkpoint import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    tensors = {"b.bf16": base.to(torch.bfloat16), "a.f32": base, "f16": base.half()[:, 1:4], "f64": base.double(),
+               "i64": torch.arange(7), "i8": torch.tensor([-3, 4], dtype=torch.int8), "mask": base > 0,
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "t": base.t()}
+    write_safetensors(tensors, tmp_path / "x.safetensors", {"format": "pt"})
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == set(tensors)
+        for name, tensor in tensors.items():
+            read = f.get_tensor(name)
+            assert read.dtype == tensor.dtype and read.shape == tensor.shape and torch.equal(read, tensor), name
+
+
+def test_random_moe_is_written_per_expert_and_loads_as_its_fused_form(tmp_path):
+    """make_random_model's MoE shape: one shard per layer under the names save_pretrained writes (per expert);
+    stock from_pretrained loads it to the same weights as the fused form written with the same seed."""
+    config = make_config("tiny-moe", layers=2)
+    per_expert = write_random_model(config, tmp_path / "per-expert", "bfloat16", seed=3)
+    fused = write_random_model(make_config("tiny-moe", layers=2), tmp_path / "fused", "bfloat16", seed=3, fused=True)
+    index = json.loads((per_expert / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) == 2 + 1
+    assert {index[n] for n in index if n.startswith("model.layers.1.")} == {"model-00002-of-00003.safetensors"}
+    assert "model.layers.1.mlp.experts.7.gate_proj.weight" in index and not any("gate_up_proj" in n for n in index)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in stored(fused)
+    a, b = weights(per_expert), weights(fused)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    experts = a["model.layers.1.mlp.experts.gate_up_proj"]
+    assert experts.shape == (8, 64, 64) and 0.015 < float(experts.std()) < 0.025
+
+
+def test_streamed_moe_run_equals_the_in_memory_run(tiny_dir, tmp_path):
+    """pipeline.run --stream on a tiny Mixtral directory (per-expert shards, a tokenizer): the same saved tensors,
+    the same expert token counts, and the same perplexities, the streamed ones measured layer by layer from the
+    per-expert shards."""
+    from llmprune import pipeline
+    from llmprune.config import RunConfig
+    from moe_models import save_tiny_moe_dir
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(6000)))
+    source = save_tiny_moe_dir(tmp_path / "moe", "mixtral", tiny_dir)
+
+    def run(name, stream):
+        return pipeline.run(RunConfig(model=str(source), stream=stream, output=str(tmp_path / name),
+                                      prune=PruneConfig(method="wanda", nsamples=4, seqlen=16, batch_size=2,
+                                                        min_expert_tokens=4),
+                                      calib=f"file:{text}", eval=f"file:{text}", eval_windows=3), progress=False)
+
+    memory, stream = run("memory", False), run("stream", True)
+    assert stream.scale["stream"] and not memory.scale["stream"]
+    assert stream.moe == memory.moe and stream.coverage == memory.coverage
+    assert stream.perplexity.dense == pytest.approx(memory.perplexity.dense, rel=1e-5)
+    assert stream.perplexity.pruned == pytest.approx(memory.perplexity.pruned, rel=1e-5)
+    assert stream.perplexity.pruned != pytest.approx(stream.perplexity.dense, rel=1e-3)
+    assert tensor_hashes(tmp_path / "stream") == tensor_hashes(tmp_path / "memory")

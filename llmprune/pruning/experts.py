@@ -521,7 +521,9 @@ def account_layer(layer: nn.Module, prefix: str, pruned: set[str], skipped: set[
         else:
             status = "unaccounted"
         kind = "router" if status == "router" else weight_kind(full)
-        zeros = int((parameter == 0).sum()) if status == "pruned" and parameter.device.type != "meta" else 0
+        # count_nonzero: (parameter == 0).sum() widens the mask to int64, 8 bytes per weight of 128 experts
+        zeros = parameter.numel() - int(torch.count_nonzero(parameter)) \
+            if status == "pruned" and parameter.device.type != "meta" else 0
         rows.append({"name": full, "kind": kind, "status": status, "numel": parameter.numel(), "zeros": zeros})
     return rows
 

@@ -35,6 +35,36 @@ def settings_of(config, model: str, calibration: torch.Tensor | None, world: int
     return settings | {"model": str(model), "calibration_sha256": digest, "world_size": world} | extra
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory. safetensors' save_file first
+    copies every tensor into one bytes object: twice the layer in memory, which for a layer of 128 experts is
+    gigabytes. Tensors follow the header in the order given, each right after the previous one (the format's
+    rule); safe_open and from_pretrained read the file as any other."""
+    import struct
+
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, padded with spaces as safetensors does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
@@ -44,8 +74,9 @@ class WorkFolder:
     `resume=True` refuses, in one line, when there is nothing to resume or the settings differ."""
 
     def __init__(self, path: str | Path, settings: dict, prefix: str, layer_count: int, shard_count: int | None = None,
-                 resume: bool = False):
+                 resume: bool = False, stored_form=None):
         self.path, self.settings, self.prefix = Path(path), settings, prefix
+        self.stored_form = stored_form  # a streamed run's layer files are the output: in the source's stored form
         self.layer_count, self.shard_count = layer_count, shard_count or layer_count
         state = self.path / STATE
         if resume:
@@ -89,10 +120,14 @@ class WorkFolder:
         return done + 1
 
     def save(self, i: int, layer, calls, report) -> None:
-        from safetensors.torch import save_file
+        from ..runtime import release_free_memory
 
+        release_free_memory()  # the statistics and solves leave freed pieces in glibc's heaps: give them back
+        # before the save's own copies (transformers' split of fused experts), or the two add up at the peak
         weights = {f"{self.prefix}.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
-        write_atomically(self.layer_file(i), lambda p: save_file(weights, p, metadata={"format": "pt"}))
+        if self.stored_form is not None:
+            weights = self.stored_form(weights)
+        write_atomically(self.layer_file(i), lambda p: write_safetensors(weights, p, {"format": "pt"}))
         if calls is not None and i + 1 < self.layer_count:
             write_atomically(self.path / f"hidden-{i:05d}.pt", lambda p: torch.save(calls.hidden.to("cpu"), p))
         state = {"settings": self.settings, "done": i, "report": report.state()}

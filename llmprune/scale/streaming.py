@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import LLMPruneError
 from ..inputs.models import DTYPES, decoder_layers, linears, weight_matrix
 from ..runtime import available_memory_bytes, release_free_memory, resolve_device
-from .checkpoint import WorkFolder, default_work_dir, settings_of, shard_name
+from .checkpoint import WorkFolder, default_work_dir, settings_of, shard_name, write_safetensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -77,7 +77,11 @@ class StreamedModel:
         self.model.tie_weights()  # init_empty_weights skips it; a tied head must be the embeddings object
         self.model.eval()
         self.prefix, self.layers = decoder_layers(self.model)
-        in_layers = [n for n in self.files if n.startswith(f"{self.prefix}.")]
+        self.targets, self.converters = stored_names(self.model, self.files)
+        # stored in another form than the model's (per-expert tensors fused at load): the output is written back
+        # in the stored form, as save_pretrained would
+        self.converted = any(target != name for name, (target, _) in self.targets.items())
+        in_layers = [n for n in self.files if self.targets[n][0].startswith(f"{self.prefix}.")]
         self.rest = [n for n in self.files if n not in in_layers]  # embeddings, final norm, head
         head = self.model.get_output_embeddings()
         self.head_names = [] if head is None or head.weight is self.model.get_input_embeddings().weight else \
@@ -85,16 +89,47 @@ class StreamedModel:
         self.load_tensors([n for n in self.rest if n not in self.head_names], self.model, "", "cpu")
 
     def load_tensors(self, names, module: nn.Module, strip: str, device) -> None:
-        """Read `names` from their shards (each shard opened once, only these tensors read) into `module`."""
+        """Read the stored tensors `names` (each shard opened once, only these tensors read) into `module`'s
+        parameters, converted as from_pretrained converts them (e.g. per-expert matrices stacked into one)."""
+        from contextlib import ExitStack
+        from copy import deepcopy
+
         from accelerate.utils import set_module_tensor_to_device
         from safetensors import safe_open
+        from transformers.core_model_loading import dot_natural_key
 
-        for file in dict.fromkeys(self.files[n] for n in names):
-            with safe_open(file, "pt", device="cpu", backend="pread") as f:  # owned copies: no mapped pages linger
-                for name in (n for n in names if self.files[n] == file):
-                    set_module_tensor_to_device(module, name[len(strip):], device, value=f.get_tensor(name))
+        groups: dict[str, list[str]] = {}  # parameter -> the stored tensors it is made of, experts in order
+        for name in sorted(names, key=dot_natural_key):
+            groups.setdefault(self.targets[name][0], []).append(name)
+        with ExitStack() as stack:
+            files = {file: stack.enter_context(safe_open(file, "pt", device="cpu", backend="pread"))  # owned copies:
+                     for file in dict.fromkeys(self.files[n] for n in names)}  # no mapped pages linger
+            for target, stored in groups.items():
+                pattern = self.targets[stored[0]][1]
+                if pattern is None:  # the tensor as it is stored (or renamed)
+                    values = {target: files[self.files[stored[0]]].get_tensor(stored[0])}
+                else:  # transformers' own converter for this parameter, given the tensors read
+                    converter = deepcopy(self.converters[pattern])
+                    for name in stored:
+                        converter.add_tensor(target, name, self.targets[name][1],
+                                             files[self.files[name]].get_tensor(name))
+                    values = converter.convert(target, model=self.model, config=self.model.config)
+                for name, value in values.items():
+                    value = value[0] if isinstance(value, list) else value
+                    set_module_tensor_to_device(module, name[len(strip):], device, value=value)
+                del values
         if module is self.model and self.model.config.get_text_config().tie_word_embeddings:
             self.model.tie_weights()
+
+    def stored_form(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`weights` (full parameter names) under the names and layout of the source's shards: transformers'
+        save-time reversal of its load-time conversion (its split of gate and up copies them: one fused matrix's
+        worth of memory while a layer is written)."""
+        if not self.converted:
+            return weights
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return {name: value.contiguous() for name, value in revert_weight_conversion(self.model, weights).items()}
 
     def free(self, module: nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -103,7 +138,30 @@ class StreamedModel:
             set_module_tensor_to_device(module, name, "meta")
 
     def layer_names(self, i: int) -> list[str]:
-        return [n for n in self.files if n.startswith(f"{self.prefix}.{i}.")]
+        """The stored tensors that make layer i's parameters."""
+        return [n for n in self.files if self.targets[n][0].startswith(f"{self.prefix}.{i}.")]
+
+
+def stored_names(model: nn.Module, files) -> tuple[dict[str, tuple[str, str | None]], dict]:
+    """({stored tensor name: (the parameter it loads into, the source pattern of the converter that builds that
+    parameter, or None)}, {source pattern: converter}), by the rules from_pretrained applies
+    (transformers.conversion_mapping): a family's renamings, and converters such as the one stacking a Hub
+    checkpoint's per-expert `mlp.experts.E.gate_proj.weight` and `up_proj` into the fused `mlp.experts.gate_up_proj`.
+    A name already the model's own is left as it is (a checkpoint stored in the fused form)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    params = model.state_dict()  # meta tensors: names only
+    targets = {}
+    for name in files:
+        target, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
+        if target not in params and name in params:
+            target, pattern = name, None
+        targets[name] = (target, pattern)
+    return targets, {p: converter for converter in converters for p in converter.source_patterns}
 
 
 class StreamedLayers:
@@ -118,6 +176,7 @@ class StreamedLayers:
             self.streamed.free(self.streamed.model)
         layer, prefix = self.streamed.layers[i], f"{self.streamed.prefix}.{i}."
         self.streamed.load_tensors(self.streamed.layer_names(i), layer, prefix, self.device)
+        release_free_memory()  # the conversion's transient copies (per-expert tensors stacked) are freed now
         missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
         if missing:
             raise LLMPruneError(f"{self.streamed.dir} lacks {prefix}{missing[0]}: the shards do not match config.json")
@@ -160,7 +219,7 @@ def streamed_prune(model_dir, out_dir, calibration, config, *, dtype: str = "flo
         settings = settings_of(config, Path(model_dir).resolve(), calibration, 1 if parallel is None else parallel.world,
                                dtype=dtype, stream=True)
         work = WorkFolder(work_dir or default_work_dir(out_dir), settings, streamed.prefix, layer_count, shard_count,
-                          resume)
+                          resume, stored_form=streamed.stored_form)
     run = prune_structured if isinstance(config, StructuredConfig) else prune
     report = run(streamed.model, calibration, config, progress, store=StreamedLayers(streamed, device),
                  checkpoint=work, parallel=parallel, offload_activations=offload_activations)
@@ -187,7 +246,6 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
     its record) the config is the pruned model's, and the shards of the layers it removed are left out, those
     after them renumbered."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     removed = set(structure.removed_layers or ()) if structure is not None else set()
     kept = [i for i in range(work.layer_count) if i not in removed]
@@ -200,7 +258,7 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
             old_prefix, new_prefix = f"{streamed.prefix}.{old}.", f"{streamed.prefix}.{new}."
             with safe_open(work.layer_file(old), "pt") as f:
                 tensors = {new_prefix + name[len(old_prefix):]: f.get_tensor(name) for name in f.keys()}
-            save_file(tensors, staging / shard, metadata={"format": "pt"})
+            write_safetensors(tensors, staging / shard, {"format": "pt"})
         else:
             shutil.move(work.layer_file(old), staging / shard)
         with safe_open(staging / shard, "pt") as f:
@@ -214,7 +272,7 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
         if tensor.is_floating_point():
             tensor = tensor.to(streamed.dtype)  # as from_pretrained(dtype=...) then save_pretrained would
         shard = shard_name(len(kept) + j, shard_count)
-        save_file({name: tensor.contiguous()}, staging / shard, metadata={"format": "pt"})
+        write_safetensors({name: tensor.contiguous()}, staging / shard, {"format": "pt"})
         mapping[name] = shard
         total += tensor.numel() * tensor.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
