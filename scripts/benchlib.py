@@ -105,8 +105,11 @@ def zero_shot_mean(model, tokenizer, tasks: str | None, limit: int) -> float | N
     return None if result is None else result["mean_acc"]
 
 
+RESULTS = Path(__file__).resolve().parent.parent / "results"  # the checkout's, wherever a script is run from
+
+
 def results_folder(model: str, text: str = "wiki", name: str = "") -> Path:
     """Where a benchmark writes by default: results/NAME for the embedded model (`llama`) on `wiki` text; another
     model's figures under results/MODEL/ (an alias, or a path's last part), another text's in a folder below."""
     parts = [] if model == "llama" else [Path(model.rstrip("/")).name.removesuffix(".gguf")]
-    return Path("results", *parts, *([] if text == "wiki" else [text]), name)
+    return RESULTS.joinpath(*parts, *([] if text == "wiki" else [text]), name)

@@ -529,3 +529,28 @@ def test_grouped_routing_loses_the_same_number_of_experts_per_group(importance):
         with MaskedRouterLogits(removed):
             expected = original(ids[:4]).logits
         torch.testing.assert_close(model(ids[:4]).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_removed_then_the_rest_pruned_unstructured(tmp_path, tiny_dir):
+    """Two ordinary runs compose: --structure experts writes a smaller MoE, and Wanda then prunes what remains,
+    experts included, from that model's own routed tokens."""
+    from llmprune import pipeline
+    from llmprune.config import RunConfig
+    from moe_models import save_tiny_moe_dir
+    from transformers import AutoModelForCausalLM
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(6000)))
+    source = save_tiny_moe_dir(tmp_path / "moe", "qwen2_moe", tiny_dir)
+    common = {"calib": f"file:{text}", "eval": "none"}
+    pipeline.run(RunConfig(model=str(source), prune=PruneConfig(structure="experts", sparsity=0.25, nsamples=4,
+                                                                seqlen=16), output=str(tmp_path / "fewer"), **common),
+                 progress=False)
+    report = pipeline.run(RunConfig(model=str(tmp_path / "fewer"), prune=PruneConfig(
+        method="wanda", nsamples=4, seqlen=16, min_expert_tokens=1), output=str(tmp_path / "sparse"), **common),
+        progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape[0] == 3  # of 4: the removal stayed
+    assert float((experts.gate_up_proj == 0).float().mean()) == 0.5
+    assert report.coverage["kinds"]["experts"]["pruned"] > 0

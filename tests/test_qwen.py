@@ -314,10 +314,11 @@ def test_benchmarks_write_another_model_or_text_under_its_own_folder():
     import bench_prune as bench  # scripts/ is on the tests' path (conftest)
     from benchlib import results_folder
 
-    assert results_folder("llama") == Path("results")
-    assert results_folder("qwen-coder-0.5b") == Path("results/qwen-coder-0.5b")
-    assert results_folder("qwen-coder-0.5b", "code", "scale") == Path("results/qwen-coder-0.5b/code/scale")
-    assert results_folder("llama", "code") == Path("results/code")
-    assert results_folder("/models/tiny.gguf") == Path("results/tiny")
+    results = Path(__file__).resolve().parent.parent / "results"  # the checkout's, from any working folder
+    assert results_folder("llama") == results
+    assert results_folder("qwen-coder-0.5b") == results / "qwen-coder-0.5b"
+    assert results_folder("qwen-coder-0.5b", "code", "scale") == results / "qwen-coder-0.5b/code/scale"
+    assert results_folder("llama", "code") == results / "code"
+    assert results_folder("/models/tiny.gguf") == results / "tiny"
     args = bench.parse_args(["--model", "qwen-coder-0.5b", "--text", "code"])
     assert (args.model, args.text, args.out) == ("qwen-coder-0.5b", "code", None)

@@ -233,3 +233,18 @@ def test_search_command_records_the_pass_and_the_layer_sets(tmp_path, tiny_dir):
     assert rules and rules <= {"influence", "skip", "block", "influence+skip", "influence+block", "skip+block",
                                "influence+skip+block"}
     assert " by " in (out / "candidates.md").read_text()
+
+
+def test_an_axis_without_any_shape_is_refused_naming_the_round_to():
+    """A Llama whose config wants hidden sizes that are multiples of its head count (3 here) has no hidden width
+    that is a multiple of 64 below 96: the search refuses in one line instead of searching without hidden."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmprune.pruning.structured.config import StructuredConfig
+    from llmprune.pruning.structured.search import candidate_shapes
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=3, num_key_value_heads=3, head_dim=32,
+                                         vocab_size=64))
+    with pytest.raises(LLMPruneError, match=r"multiples of 3\): use --round-to 24"):
+        candidate_shapes(model, StructuredConfig(round_to=64), ["hidden", "channels"], 0.8 * 60_000)

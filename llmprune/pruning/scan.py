@@ -59,7 +59,7 @@ class ScanTable:
 
     def to_markdown(self) -> str:
         head = f"| {self.by} | params | " + " | ".join(f"loss @ {s:g}" for s in self.sparsities) + " |"
-        lines = [head, "|" + "---|" * (len(self.sparsities) + 2), f"| dense | | " + " | ".join(
+        lines = [head, "|" + "---|" * (len(self.sparsities) + 2), "| dense | | " + " | ".join(
             f"{self.dense_loss:.4f}" for _ in self.sparsities) + " |"]
         lines += [f"| {u} | {n} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
                   for u, row, n in zip(self.units, self.loss, self.sizes)]

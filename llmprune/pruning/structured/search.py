@@ -146,6 +146,8 @@ def candidate_shapes(model: nn.Module, base: StructuredConfig, axes: list[str], 
             except LLMPruneError:  # a shape this family cannot express
                 continue
             allowed.append(sparsity)
+        if not allowed:  # asked for, yet never pruned: say so now rather than search without it
+            raise LLMPruneError(no_shape_message(model, axis, base.round_to))
         options.append([0.0, *allowed])
         if axis == "channels":
             counter.channel_options = allowed
@@ -165,6 +167,21 @@ def candidate_shapes(model: nn.Module, base: StructuredConfig, axes: list[str], 
                             f"{target:,.0f} parameters within {SLACK:.0%}: change the target, add a structure or "
                             "lower --round-to")
     return found
+
+
+def no_shape_message(model: nn.Module, axis: str, round_to: int) -> str:
+    """One line naming why `axis` has no shape to search and the --round-to that gives it some."""
+    family = type(model.config).__name__
+    if axis == "hidden":
+        from .hidden import hidden_size, hidden_widths
+
+        exact = hidden_widths(model, 1)
+        step = math.gcd(*exact) if exact else None
+        if step and step * 8 // math.gcd(step, 8) < hidden_size(model):
+            return (f"--structure hidden: no hidden width of {family} is a multiple of --round-to {round_to} (its "
+                    f"config takes multiples of {step}): use --round-to {step * 8 // math.gcd(step, 8)} or drop "
+                    "hidden from --structure")
+    return f"--structure {axis}: {family} has no {axis} shape at --round-to {round_to}: lower --round-to or drop it"
 
 
 @torch.no_grad()
