@@ -385,7 +385,7 @@ def plot_candidates(candidates: list, target: float, dense_params: int) -> bytes
             axes.annotate(f"{shape}\n{best.params / 1e6:.2f}M", (best.params / 1e6, y), xytext=(8, 8),
                           textcoords="offset points", fontsize=8)
     axes.axvline(target / 1e6, color="black", linestyle=":", linewidth=1, label=f"target {target / 1e6:.1f}M")
-    if values and min(values) > 0 and max(values) / min(values) > 20:
+    if values and min(values) > 0 and max(values) / min(values) > 5:
         axes.set_yscale("log")
     axes.set_xlabel("parameters (M)")
     axes.set_ylabel("KL(dense || pruned), nats/token")
