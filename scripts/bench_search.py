@@ -50,7 +50,9 @@ AXES = "hidden,channels,heads,layers"
 SINGLE = ("channels", "layers", "hidden", "heads")
 FULL = {"targets": "90M,100M", "nsamples": 32, "seqlen": 512, "eval_windows": 40, "search_windows": 8,
         "search_limit": 8, "search_topk": 2, "search_steps": 25, "recover_steps": 150, "recover_seqlen": 256,
-        "round_to": 64, "threads": 2, "rounds": 5, "pp": 512, "tg": 128}
+        "round_to": 72, "threads": 2, "rounds": 5, "pp": 512, "tg": 128}
+# 72, not 64: LlamaConfig takes hidden sizes that are multiples of the head count (9 on SmolLM2), so at 64 the
+# search has no hidden width and refuses; the 2026-12-05 90M run predates that refusal and searched without hidden.
 QUICK = {"targets": "0.8,0.7", "nsamples": 4, "seqlen": 64, "eval_windows": 2, "search_windows": 2,
          "search_limit": 3, "search_topk": 2, "search_steps": 2, "recover_steps": 2, "recover_seqlen": 64,
          "round_to": 8, "threads": 2, "rounds": 1, "pp": 64, "tg": 16}
