@@ -226,6 +226,15 @@ def embedded(embedded_session):
     model.eval()
 
 
+@pytest.fixture
+def text(tmp_path):
+    """A small JSON-lines text for the tiny models' calibration and perplexity (`file:PATH`)."""
+    path = tmp_path / "text.jsonl"
+    path.write_text("\n".join('{"text": "The quick brown fox jumps over the lazy dog number %d."}' % i
+                              for i in range(300)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     from tiny_models import save_tiny_model_dir

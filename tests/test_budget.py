@@ -21,14 +21,6 @@ from tiny_models import VOCAB, tiny_model
 FAST = ["--nsamples", "2", "--seqlen", "16", "--eval-windows", "2", "--quiet"]
 
 
-@pytest.fixture
-def text(tmp_path):
-    path = tmp_path / "text.jsonl"
-    path.write_text("\n".join('{"text": "The quick brown fox jumps over the lazy dog number %d."}' % i
-                              for i in range(300)))
-    return path
-
-
 def run_args(tiny_dir, text, out, *extra):
     return ["--model", str(tiny_dir), "--calib", f"file:{text}", "--eval", f"file:{text}", *FAST, *extra,
             "--output", str(out)]

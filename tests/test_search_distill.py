@@ -20,14 +20,6 @@ DISTILL = ["--search-topk", "2", "--search-steps", "4", "--recover-seqlen", "16"
            "--recover-lr", "1e-3"]
 
 
-@pytest.fixture
-def text(tmp_path):
-    path = tmp_path / "text.jsonl"
-    path.write_text("\n".join('{"text": "The quick brown fox jumps over the lazy dog number %d."}' % i
-                              for i in range(300)))
-    return path
-
-
 def fails(capsys, args, message):
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
