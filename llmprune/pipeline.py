@@ -319,10 +319,6 @@ def given_shape(model, config: RunConfig, plan: Plan, progress: bool) -> None:
     given = read_shape_file(pc.shape, pc.axes)
     params = ShapeCounter(model, pc.search_base()).params(given.shape)
     if given.layers_removed is not None:
-        from .pruning.structured.search_distill import LAYER_LISTS_REFUSED, takes_layer_lists
-
-        if not takes_layer_lists():
-            raise LLMPruneError(f"--shape {pc.shape}: {LAYER_LISTS_REFUSED}")
         layers = len(decoder_layers(model)[1])
         count = round(layers * given.shape.get("layers", 0.0))
         if given.layers_removed[-1] >= layers or len(given.layers_removed) != count:
@@ -422,13 +418,11 @@ def prune_model(model, calibration, config: RunConfig, plan: Plan, sparsity: flo
         return expert_removal_report(model, calibration, replace(config.prune, sparsity=sparsity), progress)
     structured = config.prune.structure != "none"
     if plan.shape is not None:  # pruned axis by axis to the searched shape, or the --shape file's
-        from .pruning.structured.search import combined_report
-        from .pruning.structured.search_distill import prune_candidate
+        from .pruning.structured.search import combined_report, prune_shape
 
-        candidate = {"shape": plan.shape, "layers_removed": plan.layers_removed}
-        report = combined_report(prune_candidate(model, calibration, replace(config.prune.search_base(),
-                                                                             device=str(plan.device)), candidate,
-                                                 progress), plan.target_params)
+        base = replace(config.prune.search_base(), device=str(plan.device))
+        report = combined_report(prune_shape(model, calibration, base, plan.shape, progress,
+                                             layers_removed=plan.layers_removed), plan.target_params)
         report.structure.shape, report.structure.shape_source = dict(plan.shape), plan.shape_source
         return report
     if structured:  # a stage removes what brings the structure to `sparsity` of the dense model's count

@@ -12,7 +12,6 @@ is chosen; both scores are kept (`kl`, `kl_distilled`). The held-out text is nev
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import torch
@@ -46,30 +45,12 @@ def search_recovery_config(recovery, steps: int, seed: int):
                    teacher_spill=None, seed=seed)
 
 
-def takes_layer_lists() -> bool:
-    """Whether prune_shape removes a given list of layers (its `layers_removed` argument)."""
-    from .search import prune_shape
-
-    return "layers_removed" in inspect.signature(prune_shape).parameters
-
-
-LAYER_LISTS_REFUSED = ("this shape names the layers to remove (layers_removed), which this llmprune's prune_shape "
-                       "cannot take: drop layers_removed from the file")
-
-
 def prune_candidate(model, calibration, base, candidate, progress: bool = False):
-    """Prune `model` in place to `candidate`'s shape, removing the very layers it names in `layers_removed`
-    (when it names them and prune_shape takes them; else the layers are ranked as on any run)."""
+    """Prune `model` in place to `candidate`'s shape, removing the very layers it names in `layers_removed` (when
+    it names none, the layers are ranked as on any run)."""
     from .search import prune_shape
 
-    layers = getattr(candidate, "layers_removed", None) if not isinstance(candidate, dict) else \
-        candidate.get("layers_removed")
-    shape = candidate["shape"] if isinstance(candidate, dict) else candidate.shape
-    if layers is not None:
-        if not takes_layer_lists():
-            raise LLMPruneError(LAYER_LISTS_REFUSED)
-        return prune_shape(model, calibration, base, shape, progress, layers_removed=layers)
-    return prune_shape(model, calibration, base, shape, progress)
+    return prune_shape(model, calibration, base, candidate.shape, progress, layers_removed=candidate.layers_removed)
 
 
 def distill_candidates(model, calibration, validation, train_windows, base, found: list, topk: int, recovery,
