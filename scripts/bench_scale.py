@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import socket
 import shutil
@@ -118,14 +119,7 @@ def parameter_count(model_dir: Path) -> int:
     for file in model_dir.glob("*.safetensors"):
         with safe_open(file, "pt") as f:
             for name in f.keys():
-                count += _numel(f.get_slice(name).get_shape())
-    return count
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
+                count += math.prod(f.get_slice(name).get_shape())
     return count
 
 

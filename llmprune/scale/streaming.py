@@ -14,6 +14,7 @@ tensor, model.safetensors.index.json) that from_pretrained loads. The dense mode
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -265,7 +266,7 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
             for name in f.keys():
                 mapping[name] = shard
                 piece = f.get_slice(name)
-                total += _numel(piece.get_shape()) * _itemsize(piece.get_dtype())
+                total += math.prod(piece.get_shape()) * _itemsize(piece.get_dtype())
     for j, name in enumerate(streamed.rest):
         with safe_open(streamed.files[name], "pt") as f:
             tensor = f.get_tensor(name)
@@ -287,13 +288,6 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
     config.pop("torch_dtype", None)
     config["dtype"] = str(streamed.dtype).removeprefix("torch.")  # what the shards now hold
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _itemsize(dtype: str) -> int:
