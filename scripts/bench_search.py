@@ -1,5 +1,5 @@
 """Benchmark compressing to a parameter budget (issue 24): the search over several structures with its short
-distillation round, the searched shape pruned and distilled, against the best single structure of the same size
+distillation round, the searched shape pruned and recovered, against the best single structure of the same size
 given the same recovery, and what llama.cpp makes of the result.
 
     python scripts/bench_search.py [--model llama] [--targets 90M,100M] [--recover-steps 200] [--rows REGEX]
@@ -10,12 +10,13 @@ For each target (a parameter count such as 90M, or a fraction of the model):
 
 - search: `llmprune search --structure hidden,channels,heads,layers --target-params T --search-topk K
   --search-steps N` (wall seconds and CPU seconds of the process, children included: resource.getrusage);
-  then the searched shape pruned with `--shape candidates.json` and recovered by `--recover distill
-  --recover-steps R`: held-out wiki perplexity one-shot and after distillation (and their ratio to dense);
+  then the searched shape pruned with `--shape candidates.json` and recovered (`--recover lm --recover-params
+  full --recover-steps R` by default; `--recover`, `--recover-params` choose another recipe): held-out wiki
+  perplexity one-shot and after recovery (and their ratio to dense);
 - single: each structure alone (channels, layers, hidden, heads) pruned one-shot to `--target-params T`; the
   best by held-out perplexity is pruned again and given the same recovery (a structure that cannot reach the
   target is recorded with its error);
-- deploy: the dense model and the searched+distilled output exported to f16 GGUF and timed in llama.cpp
+- deploy: the dense model and the searched+recovered output exported to f16 GGUF and timed in llama.cpp
   (bench_deploy.py's worker: prompt processing and generation tokens/s, interleaved rounds, median): file size
   and generation speed against dense. Skipped (and said so) with --no-deploy or when bench_deploy.py's
   llama-cpp-python venv is absent; this script never builds it.
@@ -23,9 +24,11 @@ For each target (a parameter count such as 90M, or a fraction of the model):
 Every prune runs through the ordinary CLI in this process (`llmprune.cli.main`), so what is measured is what a
 user runs. `cpu_s_total` includes the prune run's own perplexity evaluation (dense, one-shot, recovered);
 `cpu_s_compress_estimate` leaves it out in proportion to its wall time, and the 30-CPU-minute goal is checked on
-it (and, stricter, on the total). The defaults (2 candidates x 25 steps in the search, 150 recovery steps) are
-sized for that budget on 2 cores: about 2.5 s a step there (results/recover.json). Goals (issue 24) are stated
-in search.json's "goals" per target.
+it (and, stricter, on the total). The defaults (4 validation windows, 6 shapes scored, 2 candidates x 15 steps
+in the search, 320 recovery steps) are sized for a 30-minute wall budget on 2 cores, where a full step of the
+90M shape takes about 3 s (results/search/recipe_probe.json). Goals (issue 24) are stated in search.json's
+"goals" per target. Rows not rerun are kept from an earlier search.json, each with the settings ("mode") it
+ran under.
 Writes <out>/search.json (rewritten after every row) and <out>/search.md; <out> is results/search for the
 embedded model on wiki text.
 """
@@ -48,13 +51,15 @@ from benchlib import SEED, TEXT
 
 AXES = "hidden,channels,heads,layers"
 SINGLE = ("channels", "layers", "hidden", "heads")
-FULL = {"targets": "90M,100M", "nsamples": 32, "seqlen": 512, "eval_windows": 40, "search_windows": 8,
-        "search_limit": 8, "search_topk": 2, "search_steps": 25, "recover_steps": 150, "recover_seqlen": 256,
+FULL = {"targets": "90M,100M", "nsamples": 32, "seqlen": 512, "eval_windows": 40, "search_windows": 4,
+        "search_limit": 6, "search_topk": 2, "search_steps": 15, "recover": "lm", "recover_params": "full",
+        "recover_steps": 320, "recover_seqlen": 256,
         "round_to": 72, "threads": 2, "rounds": 5, "pp": 512, "tg": 128}
 # 72, not 64: LlamaConfig takes hidden sizes that are multiples of the head count (9 on SmolLM2), so at 64 the
 # search has no hidden width and refuses; the 2026-12-05 90M run predates that refusal and searched without hidden.
 QUICK = {"targets": "0.8,0.7", "nsamples": 4, "seqlen": 64, "eval_windows": 2, "search_windows": 2,
-         "search_limit": 3, "search_topk": 2, "search_steps": 2, "recover_steps": 2, "recover_seqlen": 64,
+         "search_limit": 3, "search_topk": 2, "search_steps": 2, "recover": "distill", "recover_params": "lora",
+         "recover_steps": 2, "recover_seqlen": 64,
          "round_to": 8, "threads": 2, "rounds": 1, "pp": 64, "tg": 16}
 GOALS = {"cpu_minutes": 30, "ppl_x_dense": 1.5, "tg_x_dense": 1.3, "gguf_x_dense": 0.7}
 GOAL_TARGET = "90M"  # the target the issue's goals name (the others get the same checks, for reading)
@@ -91,8 +96,8 @@ def prune_args(args, mode, out: Path, *extra: str) -> list[str]:
 
 
 def recover_args(mode) -> list[str]:
-    return ["--recover", "distill", "--recover-steps", str(mode["recover_steps"]), "--recover-seqlen",
-            str(mode["recover_seqlen"])]
+    return ["--recover", mode["recover"], "--recover-params", mode["recover_params"], "--recover-steps",
+            str(mode["recover_steps"]), "--recover-seqlen", str(mode["recover_seqlen"])]
 
 
 def read_report(folder: Path) -> dict:
@@ -106,12 +111,13 @@ def read_report(folder: Path) -> dict:
 
 
 def search_row(target: str, args, mode, work: Path) -> dict:
-    """The search (timed), then its best shape pruned from the file and distilled (timed)."""
+    """The search (timed), then its best shape pruned from the file and recovered (timed)."""
     folder = work / f"search-{target}"
     search = llmprune_cli(["search", *common(args, mode), "--structure", AXES, "--target-params", target,
                            "--search-windows", str(mode["search_windows"]), "--search-limit",
                            str(mode["search_limit"]), "--search-topk", str(mode["search_topk"]), "--search-steps",
                            str(mode["search_steps"]), "--recover-seqlen", str(mode["recover_seqlen"]),
+                           "--recover-params", mode["recover_params"],
                            "--output", str(folder), "--overwrite"])
     row = {"name": f"{target}-search", "target": target, "search": search}
     if search["code"]:
@@ -163,7 +169,7 @@ def single_row(target: str, args, mode, work: Path) -> dict:
 
 
 def deploy_row(target: str, args, mode, work: Path, searched: dict | None) -> dict:
-    """f16 GGUF size and llama.cpp generation speed of the searched+distilled output against dense."""
+    """f16 GGUF size and llama.cpp generation speed of the searched+recovered output against dense."""
     row = {"name": f"{target}-deploy", "target": target}
     if args.no_deploy:
         return row | {"skipped": "--no-deploy"}
@@ -241,16 +247,21 @@ def markdown(results: dict) -> str:
         return "-" if value is None else format(value, spec)
 
     lines = [f"# Compress to a budget: {results['model']} (dense {results['dense_params'] or 0:,} parameters)", "",
-             "| target | what | shape | parameters | ppl one-shot | ppl distilled | x dense | CPU min | note |",
+             "| target | what | shape | parameters | ppl one-shot | ppl recovered | x dense | CPU min | note |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def recipe(row):  # rows kept from an earlier run carry its mode; before 2026-12-05 recovery was LoRA distill
+        mode = row.get("mode") or results["mode"]
+        return (f"{mode.get('recover', 'distill')}, {mode.get('recover_params', 'lora')}, "
+                f"{mode['recover_steps']} steps, --round-to {mode['round_to']}")
+
     for row in results["rows"]:
-        note = row.get("error") or row.get("skipped") or ""
+        note = row.get("error") or row.get("skipped") or (recipe(row) if row.get("ppl_recovered") else "")
         dense = row.get("ppl_dense")
         ratio = row["ppl_recovered"] / dense if row.get("ppl_recovered") and dense else None
         if row["name"].endswith("-search"):
             shape = ", ".join(f"{k} {v:.3g}" for k, v in (row.get("shape") or {}).items())
             minutes = [row.get(key) and row[key] / 60 for key in ("cpu_s_compress_estimate", "cpu_s_total")]
-            lines.append(f"| {row['target']} | searched + distilled | {shape} | {f(row.get('params'), ',')} "
+            lines.append(f"| {row['target']} | searched + recovered | {shape} | {f(row.get('params'), ',')} "
                          f"| {f(row.get('ppl_oneshot'), '.2f')} | {f(row.get('ppl_recovered'), '.2f')} "
                          f"| {f(ratio, '.3f')} | {f(minutes[0], '.1f')} ({f(minutes[1], '.1f')} with evaluation) "
                          f"| {note} |")
@@ -259,7 +270,7 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {row['target']} | {axis} alone, one-shot | | {f(entry.get('params'), ',')} "
                              f"| {f(entry.get('ppl_oneshot'), '.2f')} | | | {entry['cpu_s'] / 60:.1f} "
                              f"| {entry.get('error', '')} |")
-            lines.append(f"| {row['target']} | best single ({row.get('best', '-')}) + distilled | "
+            lines.append(f"| {row['target']} | best single ({row.get('best', '-')}) + recovered | "
                          f"| {f(row.get('params'), ',')} | {f(row.get('ppl_oneshot'), '.2f')} "
                          f"| {f(row.get('ppl_recovered'), '.2f')} | {f(ratio, '.3f')} | | {note} |")
         else:
@@ -273,15 +284,29 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def earlier_rows(path: Path, chosen: set[str]) -> list[dict]:
+    """The rows of an earlier search.json that this run does not redo, each with the settings ("mode") it ran
+    under, so that targets can be measured in separate runs into one file."""
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    return [{"mode": previous.get("mode")} | row for row in previous.get("rows", []) if row["name"] not in chosen]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama", help="anything load_model accepts (default: the embedded SmolLM2-135M)")
     p.add_argument("--text", default=TEXT, help="calibration and held-out text (default: wiki)")
     p.add_argument("--targets", help="comma list of parameter targets (default 90M,100M; --quick 0.8,0.7)")
-    p.add_argument("--recover-steps", type=int, help="distillation steps of the searched shape and of the best "
-                   "single structure alike (default 150)")
+    p.add_argument("--recover-steps", type=int, help="recovery steps of the searched shape and of the best "
+                   "single structure alike (default 320)")
+    p.add_argument("--recover", choices=("lora", "lm", "distill"), help="the recovery recipe of both (default lm: the "
+                   "LM loss, which beat distillation at short budgets in results/recover.json)")
+    p.add_argument("--recover-params", choices=("lora", "full"), help="which weights recovery trains, and the "
+                   "search's distillation round too (default full: it recovered the 90M shape faster than LoRA, "
+                   "docs/results.md)")
     p.add_argument("--search-topk", type=int, help="candidates distilled in the search (default 2)")
-    p.add_argument("--search-steps", type=int, help="distillation steps per candidate in the search (default 25)")
+    p.add_argument("--search-steps", type=int, help="distillation steps per candidate in the search (default 15)")
     p.add_argument("--rows", metavar="REGEX", help="only rows whose name matches: TARGET-search, TARGET-single, "
                    "TARGET-deploy (e.g. '^90M-', 'search|deploy')")
     p.add_argument("--no-deploy", action="store_true", help="skip the llama.cpp row")
@@ -299,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     mode = dict(QUICK if args.quick else FULL)
-    for key in ("recover_steps", "search_topk", "search_steps"):
+    for key in ("recover", "recover_params", "recover_steps", "search_topk", "search_steps"):
         if getattr(args, key) is not None:
             mode[key] = getattr(args, key)
     targets = [t.strip() for t in (args.targets or mode["targets"]).split(",") if t.strip()]
@@ -327,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "mode": mode, "structures": AXES, "text": args.text, "machine": benchlib.machine_info(),
                    "goals_asked": GOALS, "rows": [], "goals": {}}
         del dense_model
+        if not args.quick:
+            results["rows"] = earlier_rows(out / "search.json", chosen)
         searched: dict = {}
         for name in names:
             if name not in chosen:
@@ -339,14 +366,14 @@ def main(argv: list[str] | None = None) -> dict:
                 row = single_row(target, args, mode, work)
             else:
                 row = deploy_row(target, args, mode, work, searched.get(target))
-            results["rows"].append(row)
+            results["rows"] = [r for r in results["rows"] if r["name"] != name] + [{"mode": mode} | row]
             results["goals"] = {t: goals(results["rows"], t) for t in targets}
             if row.get("error") or row.get("skipped"):
                 print(f"{name}: {row.get('error') or row.get('skipped')}", flush=True)
             elif kind == "deploy":
                 print(f"{name}: GGUF {row['gguf_x_dense']:.3f}x dense, generation {row['tg_x_dense']:.2f}x", flush=True)
             else:
-                print(f"{name}: ppl one-shot {row['ppl_oneshot']:.2f}, distilled {row['ppl_recovered']:.2f}",
+                print(f"{name}: ppl one-shot {row['ppl_oneshot']:.2f}, recovered {row['ppl_recovered']:.2f}",
                       flush=True)
             write_json_atomically(out / "search.json", results)  # an interrupted run keeps what it measured
         results["complete"] = True

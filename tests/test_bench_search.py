@@ -53,7 +53,7 @@ def test_quick_run_measures_every_row(bench, tmp_path, monkeypatch):
     assert goals["ppl_x_dense"]["value"] == pytest.approx(search["ppl_recovered"] / search["ppl_dense"], abs=1e-3)
     assert goals["tg_x_dense"]["value"] == deploy["tg_x_dense"] and results["complete"]
     table = (out / "search.md").read_text()
-    assert "| 0.8 | searched + distilled |" in table and "best single (" in table
+    assert "| 0.8 | searched + recovered |" in table and "best single (" in table
 
 
 def test_rows_select_targets_and_kinds(bench, tmp_path):
@@ -67,3 +67,14 @@ def test_deploy_is_skipped_without_the_llama_cpp_venv(bench, tmp_path):
     assert "no llama-cpp-python venv" in row["skipped"]
     args = bench.parse_args(["--quick", "--no-deploy"])
     assert bench.deploy_row("0.8", args, bench.QUICK, tmp_path, {"output": str(tmp_path)})["skipped"] == "--no-deploy"
+
+
+def test_rows_not_rerun_are_kept_with_their_settings(bench, tmp_path):
+    path = tmp_path / "search.json"
+    assert bench.earlier_rows(path, {"90M-search"}) == []
+    path.write_text(json.dumps({"mode": {"recover_steps": 300}, "rows": [
+        {"name": "90M-search", "target": "90M", "ppl_recovered": 52.9},
+        {"name": "100M-search", "target": "100M", "ppl_recovered": 40.0, "mode": {"recover_steps": 320}}]}))
+    kept = bench.earlier_rows(path, {"90M-search", "90M-single"})
+    assert kept == [{"name": "100M-search", "target": "100M", "ppl_recovered": 40.0, "mode": {"recover_steps": 320}}]
+    assert bench.earlier_rows(path, {"100M-search"})[0]["mode"] == {"recover_steps": 300}
