@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row = single_row(target, args, mode, work)
             else:
                 row = deploy_row(target, args, mode, work, searched.get(target))
-            results["rows"] = [r for r in results["rows"] if r["name"] != name] + [{"mode": mode} | row]
+            results["rows"].append({"mode": mode} | row)
             results["goals"] = {t: goals(results["rows"], t) for t in targets}
             if row.get("error") or row.get("skipped"):
                 print(f"{name}: {row.get('error') or row.get('skipped')}", flush=True)
