@@ -58,6 +58,8 @@ FIELDS = {  # written into bench.json, so that every number says what it is
     "peak_rss_increase_bytes": "how much this row raised the high-water mark; 0 means it stayed under an "
                                "earlier peak, not that it allocated nothing",
     "rss_after_bytes": "the current RSS (/proc/self/statm) after the row",
+    "ppl_on": "with --also-eval: perplexity on the held-out part of each other text, windows as for ppl (a model "
+              "calibrated on one text, measured on another)",
     "zero_shot_mean": "with --tasks: mean accuracy over the tasks (lm-eval, 0-shot, the first --limit documents of "
                       "each); zero_shot holds each task's",
     "memory": "rss_after_load: current RSS once the model is loaded; peak_rss_after_load: the high-water mark "
@@ -120,7 +122,15 @@ def zero_shot_scores(model, tokenizer, tasks: str | None, limit: int) -> dict:
     return {} if result is None else {"zero_shot_mean": result["mean_acc"], "zero_shot": result}
 
 
-def bench_row(model, config: PruneConfig, calibration, windows, device, floor: dict, zero_shot=dict) -> dict:
+def other_perplexities(model, windows: dict[str, torch.Tensor], device) -> dict:
+    """{"ppl_on": {text: perplexity}} over each --also-eval text's held-out windows; nothing without them."""
+    if not windows:
+        return {}
+    return {"ppl_on": {text: perplexity(model, w, device, progress=False) for text, w in windows.items()}}
+
+
+def bench_row(model, config: PruneConfig, calibration, windows, device, floor: dict, zero_shot=dict,
+              also=dict) -> dict:
     peak_before = peak_rss_bytes()
     start = time.perf_counter()
     report = prune(model, calibration, config, progress=False)
@@ -128,7 +138,7 @@ def bench_row(model, config: PruneConfig, calibration, windows, device, floor: d
     start = time.perf_counter()
     ppl = perplexity(model, windows, device, progress=False)
     evaluate_s = time.perf_counter() - start
-    scores = zero_shot(model)
+    scores = zero_shot(model) | also(model)
     seconds = {phase: report.seconds.get(phase, 0.0) for phase in PHASES} | {"prune": prune_s, "evaluate": evaluate_s}
     peak_after = peak_rss_bytes()
     return {"name": row_name(config), "method": method_label(config.method, config.update), "pattern": config.pattern, "sparsity": config.sparsity,
@@ -138,10 +148,10 @@ def bench_row(model, config: PruneConfig, calibration, windows, device, floor: d
             "rss_after_bytes": current_rss_bytes()} | scores
 
 
-def dense_row(model, windows, device, zero_shot=dict) -> dict:
+def dense_row(model, windows, device, zero_shot=dict, also=dict) -> dict:
     start = time.perf_counter()
     ppl = perplexity(model, windows, device, progress=False)
-    scores = zero_shot(model)
+    scores = zero_shot(model) | also(model)
     return {"name": "dense", "method": "dense", "pattern": "-", "sparsity": 0.0, "allocation": "-", "ppl": ppl,
             "achieved_sparsity": None, "layer_sparsity": None, "seconds": {"evaluate": time.perf_counter() - start},
             "x_floor": None, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_increase_bytes": None,
@@ -151,17 +161,19 @@ def dense_row(model, windows, device, zero_shot=dict) -> dict:
 def markdown(results: dict) -> str:
     floor, calib = results["floor"], results["calibration"]
     zero_shot = any("zero_shot_mean" in row for row in results["rows"])
+    others = list(results["evaluation"].get("also", {}))
     lines = [f"# llmprune benchmark: {results['model']}", "",
              f"Calibration {calib['nsamples']} x {calib['seqlen']} tokens of `{calib['source']}`; perplexity on "
              f"{results['evaluation']['windows']} held-out windows of it. Floor (two bare passes): "
              f"{floor['two_pass_s']:.2f} s. Peak RSS is the process high-water mark after the row.", "",
-             "| method | pattern | allocation | ppl | achieved | prune s | x floor | peak RSS MiB |"
-             + (" zero-shot mean |" if zero_shot else ""),
-             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if zero_shot else "")]
+             "| method | pattern | allocation | ppl | " + "".join(f"ppl on {text} | " for text in others)
+             + "achieved | prune s | x floor | peak RSS MiB |" + (" zero-shot mean |" if zero_shot else ""),
+             "|---|---|---|---:|" + "---:|" * len(others) + "---:|---:|---:|---:|" + ("---:|" if zero_shot else "")]
     for row in results["rows"]:
         pattern = f"{row['sparsity']:.0%} unstructured" if row["pattern"] == "unstructured" else row["pattern"]
         pruned = row["method"] != "dense"
         cells = [row["method"], pattern, row["allocation"], f"{row['ppl']:.2f}",
+                 *(f"{row['ppl_on'][text]:.2f}" for text in others),
                  f"{row['achieved_sparsity']:.3f}" if pruned else "-",
                  f"{row['seconds']['prune']:.1f}" if pruned else "-", f"{row['x_floor']:.2f}" if pruned else "-",
                  f"{row['peak_rss_bytes'] / 2**20:.0f}"]
@@ -211,6 +223,8 @@ def parse_args(argv):
                    "results/MODEL[/TEXT] for another model or text)")
     p.add_argument("--rows", metavar="REGEX", help="only rows whose method-pattern-allocation name matches, "
                    "e.g. wanda, 2:4, owl, sparsegpt-60%%")
+    p.add_argument("--also-eval", metavar="TEXTS", default="", help="comma list of other texts to measure every "
+                   "row's held-out perplexity on too, e.g. wiki for a code-calibrated run (default: none)")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 32; --quick 4)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration and eval window (default 512; --quick 128)")
     p.add_argument("--eval-windows", type=int, help="held-out perplexity windows, 0 = all (default 40; --quick 4)")
@@ -236,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else benchlib.results_folder(args.model, args.text)
     out.mkdir(parents=True, exist_ok=True)
     check_source(args.text, "calib", nsamples * seqlen, "--nsamples or --seqlen")
+    other_texts = [text for text in args.also_eval.split(",") if text]
+    for text in other_texts:  # a bad source fails now, not after the model is loaded
+        check_source(text, "eval", seqlen, "--seqlen")
 
     if args.tasks:  # an unknown task fails now, not after the floor and the dense evaluation
         from llmprune.evaluation.zeroshot import resolve_tasks
@@ -245,19 +262,22 @@ def main(argv: list[str] | None = None) -> dict:
     memory = {"rss_after_load_bytes": current_rss_bytes(), "peak_rss_after_load_bytes": peak_rss_bytes()}
     calibration = benchlib.calibration(tokenizer, nsamples, seqlen, source=args.text)
     windows = benchlib.held_out(tokenizer, seqlen, eval_count, source=args.text)
+    other_windows = {text: benchlib.held_out(tokenizer, seqlen, eval_count, source=text) for text in other_texts}
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     floor = time_floor(model, calibration, device)
     print(f"floor: one bare pass {floor['one_pass_s']:.2f} s (capture {floor['capture_s']:.2f} s + layers "
           f"{floor['layers_s']:.2f} s); two passes {floor['two_pass_s']:.2f} s", flush=True)
 
     zero_shot = functools.partial(zero_shot_scores, tokenizer=tokenizer, tasks=args.tasks, limit=args.limit)
-    dense = dense_row(model, windows, device, zero_shot)
+    also = functools.partial(other_perplexities, windows=other_windows, device=device)
+    dense = dense_row(model, windows, device, zero_shot, also)
     memory["peak_rss_before_rows_bytes"] = peak_rss_bytes()
     results = {"complete": False, "model": benchlib.model_name(args.model), "architecture": type(model).__name__,
                "dtype": str(next(model.parameters()).dtype), "machine": benchlib.machine_info(device),
                "calibration": {"source": args.text, "description": source_description(args.text), "part": "calib", "nsamples": nsamples, "seqlen": seqlen,
                                "seed": SEED, "batch_size": BATCH_SIZE},
-               "evaluation": {"source": args.text, "part": "eval", "windows": len(windows), "seqlen": seqlen},
+               "evaluation": {"source": args.text, "part": "eval", "windows": len(windows), "seqlen": seqlen,
+                              "also": {text: len(w) for text, w in other_windows.items()}},
                "floor": floor, "dense_ppl": dense["ppl"], "memory": memory, "fields": FIELDS, "rows": [dense]}
     write_json(out, results)  # and after every row: an interrupted run keeps what it measured
     bar = tqdm(rows, desc="bench", unit="row")
@@ -272,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
             ratios.append(elapsed(start, device) / row_floor["two_pass_s"])
         model.load_state_dict(dense_state)
         row_floor = time_floor(model, calibration, device) if args.repeats > 1 else floor
-        row = bench_row(model, config, calibration, windows, device, row_floor, zero_shot)
+        row = bench_row(model, config, calibration, windows, device, row_floor, zero_shot, also)
         if args.repeats > 1:
             row["x_floor_repeats"] = [*ratios, row["x_floor"]]
             row["x_floor"] = statistics.median(row["x_floor_repeats"])

@@ -87,6 +87,24 @@ def test_repeats_time_each_prune_against_its_own_floor(bench, tiny_llama_dir, tm
         bench.main(["--model", str(tiny_llama_dir), "--quick", "--out", str(out), "--repeats", "0"])
 
 
+def test_also_eval_measures_each_row_on_another_text(bench, tiny_llama_dir, tmp_path):
+    """--also-eval code: every row also carries the perplexity on code's held-out windows, the model's own."""
+    out = tmp_path / "results"
+    bench.main(["--model", str(tiny_llama_dir), "--quick", "--out", str(out), "--rows", "^wanda-50%",
+                "--also-eval", "code"])
+    results = json.loads((out / "bench.json").read_text())
+    assert results["evaluation"]["also"] == {"code": 4}
+    dense, wanda = results["rows"]
+    model, tokenizer, _ = load_model(str(tiny_llama_dir))
+    code_windows = eval_windows(tokenize(tokenizer, load_text("code", "eval")), 128, 4)
+    assert dense["ppl_on"]["code"] == pytest.approx(perplexity_by_hand(model, code_windows), rel=1e-5)
+    assert wanda["ppl_on"]["code"] != pytest.approx(dense["ppl_on"]["code"], rel=1e-3)  # measured after the prune
+    assert wanda["ppl"] != pytest.approx(wanda["ppl_on"]["code"], rel=1e-3)  # and not the wiki figure again
+    assert "| ppl | ppl on code | achieved |" in (out / "bench.md").read_text()
+    with pytest.raises(Exception, match="nonexistent"):
+        bench.main(["--model", str(tiny_llama_dir), "--quick", "--out", str(out), "--also-eval", "nonexistent"])
+
+
 def test_row_selection(bench):
     full = bench.matrix(bench.FULL)
     assert len(full) == 3 * 5 + 3 * 2 + 5 * 5  # every method x pattern, OWL at 60% and 70%, the new methods' rows
