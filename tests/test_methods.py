@@ -6,7 +6,7 @@ import torch
 from llmprune.config import prune_config_from
 from llmprune.pruning.masks import nm_mask, row_mask
 from llmprune.pruning.methods import LayerTarget, get_method
-from llmprune.pruning.methods.sparsegpt import inverse_hessian_factor
+from llmprune.pruning.methods.sparsegpt import inverse_hessian_factor, upper_triangular_inverse
 
 
 def run(method, weight, statistic, segments=(), **config):
@@ -140,6 +140,18 @@ def test_inverse_hessian_factor_against_float64_inverse():
     assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
     inverse = torch.linalg.solve(damped, torch.eye(64, dtype=torch.float64))
     assert float((upper.T @ upper - inverse).norm() / inverse.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("n", [5, 8, 67])
+def test_upper_triangular_inverse_against_float64_inverse(n):
+    """The blockwise inverse of an upper triangular matrix (fewer columns than blocks, an exact multiple, a
+    ragged last block) equals float64's general inverse, and is upper triangular with exact zeros below."""
+    generator = torch.Generator().manual_seed(n)
+    upper = torch.randn(n, n, generator=generator).triu() / n**0.5 + torch.eye(n) * 2
+    inverse = upper_triangular_inverse(upper)
+    assert torch.equal(inverse, inverse.triu())
+    expected = torch.linalg.inv(upper.double())
+    assert float((inverse.double() - expected).norm() / expected.norm()) < 1e-6
 
 
 @pytest.mark.parametrize("levels", [3, 1000])

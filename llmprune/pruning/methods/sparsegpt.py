@@ -24,7 +24,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int 
     With J the reversal permutation, the Cholesky factor L of J H J gives H = V V^T with V = J L J upper
     triangular, so H^-1 = V^-T V^-1 and U = V^-1: one Cholesky and one triangular solve, where the textbook route
     takes a Cholesky, an explicit inverse and a second Cholesky, and rounds through the worse-conditioned H^-1.
-    At most three features x features matrices live at once (the largest transient of a streamed run's layer)."""
+    At most two features x features matrices and a quarter live at once (the largest transient of a streamed
+    run's layer)."""
     reversed_h = hessian.flip(0, 1)  # J H J, a copy: damped in place
     diagonal = reversed_h.diagonal()
     diagonal[diagonal == 0] = 1.0  # an input never seen in calibration: no information, keep H invertible
@@ -37,8 +38,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int 
             del reversed_h
             factor = lower.flip(0, 1)  # V
             del lower
-            identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-            return torch.linalg.solve_triangular(factor, identity, upper=True)
+            return upper_triangular_inverse(factor)
         del lower
         if attempt < retries:
             warnings.warn(f"SparseGPT: Hessian not positive definite at damping {damp:.3g}; retrying at 10x")
@@ -47,6 +47,23 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int 
         "SparseGPT: the Hessian stayed singular after raising the damping 10^4 times; "
         "use more calibration data (--nsamples) or a larger --percdamp"
     )
+
+
+def upper_triangular_inverse(upper: torch.Tensor, blocks: int = 8) -> torch.Tensor:
+    """V^-1 of an upper triangular V, a block of columns at a time. Column block [a, b) of the inverse is zero
+    below row b, so it solves only V[:b, :b] against the identity's columns [a, b): about 0.4 n^3 multiply-adds
+    over 8 blocks where one solve against the whole identity takes n^3 (the solve was two thirds of the
+    inverse factor's time on Qwen2.5's 4,864-wide down projection)."""
+    n = upper.shape[0]
+    inverse = torch.zeros_like(upper)
+    edges = [n * k // blocks for k in range(blocks + 1)]
+    for a, b in zip(edges, edges[1:]):
+        if a == b:
+            continue
+        rhs = torch.zeros(b, b - a, dtype=upper.dtype, device=upper.device)
+        rhs[a:].fill_diagonal_(1.0)
+        inverse[:b, a:b] = torch.linalg.solve_triangular(upper[:b, :b], rhs, upper=True)
+    return inverse
 
 
 def _block_counts(segments: list[int], cols: int, i1: int, i2: int, sparsity: float) -> list[int]:
