@@ -66,7 +66,16 @@ _malloc_trim = None
 
 
 def peak_rss_bytes() -> int:
-    """The process's high-water mark of resident memory."""
+    """The process's high-water mark of resident memory: VmHWM, its own address space's. Not ru_maxrss, which
+    keeps the high-water mark of the image before exec, so a child spawned by a parent that held a model
+    would report the parent's memory as its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:  # not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

@@ -504,3 +504,20 @@ def test_streamed_moe_run_equals_the_in_memory_run(tiny_dir, tmp_path):
     assert stream.perplexity.pruned == pytest.approx(memory.perplexity.pruned, rel=1e-5)
     assert stream.perplexity.pruned != pytest.approx(stream.perplexity.dense, rel=1e-3)
     assert tensor_hashes(tmp_path / "stream") == tensor_hashes(tmp_path / "memory")
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """A prune in a fresh process (bench_scale's children) reports its own peak: ru_maxrss would carry over the
+    high-water mark of the parent's image, here a 400 MB buffer the parent holds when it spawns the child."""
+    import subprocess
+    import sys
+
+    from llmprune.runtime import peak_rss_bytes
+
+    held = bytearray(400 * 2**20)
+    held[:: 4096] = b"\x01" * len(held[:: 4096])  # touch every page: resident
+    assert peak_rss_bytes() > 400 * 2**20
+    child = subprocess.run([sys.executable, "-c", "from llmprune.runtime import peak_rss_bytes; print(peak_rss_bytes())"],
+                           capture_output=True, text=True, check=True)
+    assert int(child.stdout) < 300 * 2**20, int(child.stdout) / 2**20
+    del held
