@@ -53,7 +53,7 @@ FIELDS = {  # written into bench.json, so that every number says what it is
                "(x_floor_repeats), each prune against a floor timed just before it",
     "floor": "a bare dense forward of the calibration batches through the decoder layers (capture layer-0 "
              "inputs, then every layer over every batch; inference_mode, no hooks), timed once after a warm-up",
-    "peak_rss_bytes": "the process's RSS high-water mark (ru_maxrss) after the row: it never decreases, so it "
+    "peak_rss_bytes": "the process's RSS high-water mark (VmHWM) after the row: it never decreases, so it "
                       "includes the loaded model, the dense copy and every earlier row",
     "peak_rss_increase_bytes": "how much this row raised the high-water mark; 0 means it stayed under an "
                                "earlier peak, not that it allocated nothing",

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         def call(job, *job_args):
             if in_process:
                 return job(args, mode, *job_args)
-            # A fresh process per job: ru_maxrss is a process high-water mark, so each row gets its own.
+            # A fresh process per job: the peak RSS is a process high-water mark, so each row gets its own.
             with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
                 return pool.submit(job, args, mode, *job_args).result()
 

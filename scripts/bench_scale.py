@@ -6,7 +6,7 @@ streamed output against the in-memory one, and the calibration passes' wall time
     python scripts/bench_scale.py --config qwen3-30b-a3b --layers 4 --methods wanda --nsamples 8 --seqlen 128 \
         --out results/scale/qwen3-30b-a3b                                    # a mixture of experts, cut to 4 layers
 
-Each prune runs in a fresh process, so that its peak RSS (ru_maxrss) is its own. The random model is written
+Each prune runs in a fresh process, so that its peak RSS (VmHWM) is its own. The random model is written
 once to --model-dir (llama-1b: 4.4 GB in float32; llama-7b: 27 GB, more than many machines' RAM). The
 calibration activations, nsamples x seqlen x hidden floats, are reported beside the RSS (the goal is stated
 as peak RSS <= 0.3 x model size plus them). With --model, a real model is saved once as safetensors to
