@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import statistics
 import time
@@ -51,6 +52,8 @@ FIELDS = {  # written into bench.json, so that every number says what it is
                "prune is the whole prune() call; evaluate is the perplexity pass",
     "x_floor": "seconds.prune / floor.two_pass_s; with --repeats N, the median of N such ratios "
                "(x_floor_repeats), each prune against a floor timed just before it",
+    "run_floor": "with --keep-rows, on a row measured by an earlier run: the floor that run timed (its x_floor is "
+                 "against that floor, not this file's)",
     "floor": "a bare dense forward of the calibration batches through the decoder layers (capture layer-0 "
              "inputs, then every layer over every batch; inference_mode, no hooks), timed once after a warm-up",
     "peak_rss_bytes": "the process's RSS high-water mark (VmHWM) after the row: it never decreases, so it "
@@ -212,6 +215,26 @@ def write_json(out: Path, results: dict) -> None:
     write_json_atomically(out / "bench.json", results)
 
 
+def kept_rows(path: Path, redone: set[str], settings: dict) -> list[dict]:
+    """--keep-rows: the rows of an earlier bench.json that this run does not redo, each carrying the floor it was
+    timed against (`run_floor`), so that a 0.5B model's matrix can be measured in several runs into one file. The
+    earlier run must have cut the same calibration and held-out windows, or its perplexities would not compare."""
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    calib, evaluation = previous.get("calibration", {}), previous.get("evaluation", {})
+    then = {"text": calib.get("source"), "nsamples": calib.get("nsamples"), "seqlen": calib.get("seqlen"),
+            "seed": calib.get("seed"), "eval_windows": evaluation.get("windows"),
+            "also_eval": sorted(evaluation.get("also", {}))}
+    if settings["eval_windows"] == 0:  # all windows: whatever count the text gave then
+        then["eval_windows"] = 0
+    if then != settings:
+        raise SystemExit(f"bench_prune: error: --keep-rows: {path} was measured with {then}, this run asks for "
+                         f"{settings}; rerun with the same settings, or give --out another folder")
+    return [{"run_floor": previous["floor"]} | row for row in previous["rows"]
+            if row["method"] != "dense" and row["name"] not in redone]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama", help="anything load_model accepts: an alias (llama, "
@@ -235,6 +258,9 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=1, help="time each row's prune N times, each against a floor "
                    "timed just before it, and report the median ratio (a shared or virtual CPU's speed drifts "
                    "by tens of percent over minutes; default 1: one floor for the whole run)")
+    p.add_argument("--keep-rows", action="store_true", help="keep the rows of the bench.json already in --out that "
+                   "this run does not redo (each with the floor it was timed against), instead of replacing the "
+                   "file: a large model's matrix measured in several runs")
     return p.parse_args(argv)
 
 
@@ -253,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     other_texts = [text for text in args.also_eval.split(",") if text]
     for text in other_texts:  # a bad source fails now, not after the model is loaded
         check_source(text, "eval", seqlen, "--seqlen")
+    settings = {"text": args.text, "nsamples": nsamples, "seqlen": seqlen, "seed": SEED, "eval_windows": eval_count,
+                "also_eval": sorted(other_texts)}
+    earlier = kept_rows(out / "bench.json", {row_name(c) for c in rows}, settings) if args.keep_rows else []
 
     if args.tasks:  # an unknown task fails now, not after the floor and the dense evaluation
         from llmprune.evaluation.zeroshot import resolve_tasks
@@ -279,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
                "evaluation": {"source": args.text, "part": "eval", "windows": len(windows), "seqlen": seqlen,
                               "also": {text: len(w) for text, w in other_windows.items()}},
                "floor": floor, "dense_ppl": dense["ppl"], "memory": memory, "fields": FIELDS, "rows": [dense]}
+    results["rows"] += earlier
     write_json(out, results)  # and after every row: an interrupted run keeps what it measured
     bar = tqdm(rows, desc="bench", unit="row")
     for config in bar:

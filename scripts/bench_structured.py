@@ -61,15 +61,19 @@ FIELDS = {
 }
 
 
-def row_configs(mode_rows: str | None, round_to: int):
+def row_configs(mode_rows: str | None, round_to: int, decoder_fraction: float | None = None,
+                target_params: str | None = None):
+    """Every structure x importance x sparsity of the structure; with `decoder_fraction`, one row per structure x
+    importance instead, pruned to `target_params` (that fraction of the decoder's parameters removed)."""
     rows = []
+    sizes = [(f"{decoder_fraction:.0%}decoder", {"target_params": target_params})] if decoder_fraction else \
+        [(f"{sparsity:.0%}", {"sparsity": sparsity}) for sparsity in SPARSITIES]
     for structure, methods in STRUCTURES.items():
         for method in methods:
-            for sparsity in SPARSITIES:
-                name = f"{structure}-{method}-{sparsity:.0%}"
+            for size, sizing in sizes:
                 options = {"layer_importance": method} if structure == "layers" else {"method": method}
-                rows.append((name, "structured", StructuredConfig(structure, sparsity=sparsity, round_to=round_to,
-                                                                  **options)))
+                rows.append((f"{structure}-{method}-{size}", "structured",
+                             StructuredConfig(structure, round_to=round_to, **sizing, **options)))
     for method in UNSTRUCTURED:
         rows.append((f"unstructured-{method}-50%", "unstructured", PruneConfig(method=method, sparsity=0.5)))
     return benchlib.select_rows(rows, mode_rows, lambda row: row[0])
@@ -106,7 +110,13 @@ def interleaved(measure, dense, pruned, repeats: int, higher_is_faster: bool) ->
             "speedup": statistics.median(ratios), "pairs": pairs}
 
 
-def safetensors_bytes(model) -> int:
+def safetensors_bytes(model, tokenizer=None, keep: Path | None = None) -> int:
+    """The size of the model's safetensors files; with `keep`, saved there (with the tokenizer) to be used later."""
+    if keep is not None:
+        model.save_pretrained(keep)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(keep)
+        return sum(f.stat().st_size for f in keep.glob("*.safetensors"))
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
@@ -147,11 +157,13 @@ def bench_row(name, kind, config, dense, calibration, windows, mode, device, voc
     prune_s = time.perf_counter() - start
     params, decoder = parameters(model)
     dense_params, dense_decoder = parameters(dense)
-    row = {"name": name, "kind": kind, "sparsity": config.sparsity, "prune_s": prune_s,
+    sparsity = record["sparsity"] if kind == "structured" else config.sparsity  # a --target-params prune's own
+    row = {"name": name, "kind": kind, "sparsity": sparsity, "prune_s": prune_s,
            "ppl": perplexity(model, windows, device, progress=False), "params": params, "decoder_params": decoder,
            "params_removed_fraction": 1 - params / dense_params,
            "decoder_params_removed_fraction": 1 - decoder / dense_decoder,
-           "safetensors_bytes": safetensors_bytes(model), "zero_shot_mean": zero_shot(model, tokenizer, args.tasks,
+           "safetensors_bytes": safetensors_bytes(model, tokenizer, args.save_dir and Path(args.save_dir) / name),
+           "zero_shot_mean": zero_shot(model, tokenizer, args.tasks,
                                                                                       args.limit)}
     model.to(device)
     row |= speed(dense, model, mode, device, vocab)
@@ -238,6 +250,11 @@ def parse_args(argv):
     p.add_argument("--tasks", help="zero-shot suite per row, e.g. the offline suite name (slow; default none)")
     p.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (default 100)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cpu for this CPU benchmark)")
+    p.add_argument("--decoder-fraction", type=float, metavar="F", help="one row per structure x importance, each "
+                   "pruned to remove this fraction of the decoder layers' parameters (e.g. 0.2; embeddings kept) "
+                   "instead of 10/20/30%% of the structure; a structure that cannot remove that much records why")
+    p.add_argument("--save-dir", metavar="DIR", help="also save every pruned model (and tokenizer) as DIR/ROW, an "
+                   "ordinary HF folder for bench_deploy, recovery or zero-shot (default: not kept)")
     p.add_argument("--gpu-7b", action="store_true", help="only the random 7B-shaped bf16 timing on a CUDA GPU")
     return p.parse_args(argv)
 
@@ -258,7 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
             "prefill_speedup": results["speed"]["prefill_s"]["speedup"],
             "decode_speedup": results["speed"]["decode_tok_s"]["speedup"]}, indent=2))
         return results
+    if args.decoder_fraction is not None and not 0 < args.decoder_fraction < 1:
+        raise SystemExit(f"bench_structured: error: --decoder-fraction must be in (0, 1) (got {args.decoder_fraction})")
     mode = dict(QUICK if args.quick else FULL)
+    row_configs(args.rows, mode["round_to"], args.decoder_fraction)  # a matchless --rows fails now, not after loading
     if args.repeats:
         mode["repeats"] = args.repeats
     device = torch.device(args.device or "cpu")
@@ -286,7 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "zero_shot_mean": zero_shot(dense, tokenizer, args.tasks, args.limit)},
                "rows": []}
     print(f"dense: ppl {results['dense']['ppl']:.2f}, {params / 1e6:.1f} M parameters", flush=True)
-    for row_name, kind, config in row_configs(args.rows, mode["round_to"]):
+    target = benchlib.decoder_fraction_target(dense, args.decoder_fraction) if args.decoder_fraction else None
+    results["decoder_fraction"], results["target_params"] = args.decoder_fraction, target
+    for row_name, kind, config in row_configs(args.rows, mode["round_to"], args.decoder_fraction, target):
         row = bench_row(row_name, kind, config, dense, calibration, windows, mode, device, vocab, tokenizer, args)
         results["rows"].append(row)
         if "error" in row:

@@ -105,6 +105,17 @@ def zero_shot_mean(model, tokenizer, tasks: str | None, limit: int) -> float | N
     return None if result is None else result["mean_acc"]
 
 
+def decoder_fraction_target(model, fraction: float) -> str:
+    """--target-params (a count of the whole model) that removes ``fraction`` of the decoder layers' parameters
+    and none of the embeddings: how the issues size a structured prune of a model whose embeddings are a large
+    share of it (Qwen2.5-Coder-0.5B's untied 151,936-word embedding and head are 43% of it)."""
+    from llmprune.inputs.models import decoder_layers
+    from llmprune.runtime import parameter_count
+
+    decoder = parameter_count(decoder_layers(model)[1].parameters())
+    return str(round(parameter_count(model.parameters()) - fraction * decoder))
+
+
 RESULTS = Path(__file__).resolve().parent.parent / "results"  # the checkout's, wherever a script is run from
 
 

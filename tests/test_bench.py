@@ -87,6 +87,26 @@ def test_repeats_time_each_prune_against_its_own_floor(bench, tiny_llama_dir, tm
         bench.main(["--model", str(tiny_llama_dir), "--quick", "--out", str(out), "--repeats", "0"])
 
 
+def test_keep_rows_merges_runs_into_one_file(bench, tiny_llama_dir, tmp_path):
+    """--keep-rows: a second run adds its rows to the first run's file, whose rows keep their own figures and the
+    floor they were timed against; a run with other windows is refused before it loads the model."""
+    out = tmp_path / "results"
+    common = ["--model", str(tiny_llama_dir), "--quick", "--out", str(out)]
+    bench.main([*common, "--rows", "^wanda-50%"])
+    first = json.loads((out / "bench.json").read_text())
+    bench.main([*common, "--rows", "^magnitude-50%", "--keep-rows"])
+    merged = json.loads((out / "bench.json").read_text())
+    assert [row["name"] for row in merged["rows"]] == ["dense", "wanda-50%-uniform", "magnitude-50%-uniform"]
+    kept = merged["rows"][1]
+    assert kept["run_floor"] == first["floor"] and kept.items() >= first["rows"][1].items()
+    assert "run_floor" not in merged["rows"][2]
+    bench.main([*common, "--rows", "^wanda-50%", "--keep-rows"])  # a row redone replaces its earlier figure
+    assert [row["name"] for row in json.loads((out / "bench.json").read_text())["rows"]] == \
+        ["dense", "magnitude-50%-uniform", "wanda-50%-uniform"]
+    with pytest.raises(SystemExit, match="nsamples"):
+        bench.main([*common, "--rows", "^wanda-2:4", "--keep-rows", "--nsamples", "3"])
+
+
 def test_also_eval_measures_each_row_on_another_text(bench, tiny_llama_dir, tmp_path):
     """--also-eval code: every row also carries the perplexity on code's held-out windows, the model's own."""
     out = tmp_path / "results"

@@ -557,8 +557,9 @@ def test_bench_recover_quick_run(tmp_path):
     row = results["rows"][0]
     assert [point["tokens"] for point in row["curve"]] == [0, 256, 512, 768, 1024]
     assert row["recovery"]["sparsity_after"] == row["recovery"]["sparsity_before"] == 0.5
+    assert list(row["ppl"]) == ["wiki", "news"]  # the training text first, then one never trained on
     assert row["x_dense"]["news"] == pytest.approx(row["ppl"]["news"] / results["dense"]["ppl"]["news"])
-    assert set(row["meets"]) == {"x_dense_wiki", "minutes", "peak_rss"}
+    assert set(row["meets"]) == {"x_dense_text", "minutes", "peak_rss"}
     assert (out / "recover.png").read_bytes().startswith(b"\x89PNG")
 
 

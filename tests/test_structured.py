@@ -374,6 +374,37 @@ def test_bench_quick_writes_json_and_plot(tmp_path):
     assert rows["channels-flap-20%"]["prefill_s"]["speedup"] > 0 and rows["channels-flap-20%"]["decode_tok_s"]["pruned"] > 0
 
 
+def test_bench_structured_decoder_fraction_rows(tmp_path):
+    """--decoder-fraction 0.2: each row removes the channel count nearest to a fifth of the decoder's parameters
+    (counted here from the saved folder), a structure that cannot is recorded, and --save-dir keeps the model."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_structured.py"
+    spec = importlib.util.spec_from_file_location("bench_structured", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--out", str(tmp_path), "--repeats", "1", "--decoder-fraction", "0.2",
+                "--rows", "^(channels-flap|heads-flap)-", "--save-dir", str(tmp_path / "models")])
+    results = json.loads((tmp_path / "structured.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    assert rows.keys() == {"channels-flap-20%decoder", "heads-flap-20%decoder"}
+    assert "no --structure heads shape" in rows["heads-flap-20%decoder"]["error"]
+    weights = load_file(tmp_path / "models" / "channels-flap-20%decoder" / "model.safetensors")
+    decoder = sum(w.numel() for name, w in weights.items() if ".layers." in name)
+    dense = results["dense"]["decoder_params"]  # the tiny Llama: 6 layers, hidden 96, MLP 256, round_to 16
+    assert rows["channels-flap-20%decoder"]["decoder_params"] == decoder
+    step = 16 * 3 * 96 * 6  # one step of 16 channels in every layer's three MLP projections
+    assert abs((dense - decoder) - 0.2 * dense) <= step  # the candidate next to a fifth of the decoder
+    assert rows["channels-flap-20%decoder"]["params"] <= 1.02 * int(results["target_params"])  # at most 2% over
+    assert int(results["target_params"]) == results["dense"]["params"] - round(0.2 * dense)  # embeddings all kept
+    assert rows["channels-flap-20%decoder"]["sparsity"] == pytest.approx(1 - weights[
+        "model.layers.0.mlp.up_proj.weight"].shape[0] / 256)
+
+
 def test_chained_records_count_against_the_dense_model():
     """Two layer prunes in a row, by hand: 10 layers, [2, 5] removed, then [2, 6] of the 8 left, which are dense
     layers 3 and 8; a stage to 40% of the dense count removes 0.25 of those 8."""
