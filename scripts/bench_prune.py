@@ -165,10 +165,14 @@ def markdown(results: dict) -> str:
     floor, calib = results["floor"], results["calibration"]
     zero_shot = any("zero_shot_mean" in row for row in results["rows"])
     others = list(results["evaluation"].get("also", {}))
+    earlier = sorted({row["run_floor"]["two_pass_s"] for row in results["rows"] if "run_floor" in row})
     lines = [f"# llmprune benchmark: {results['model']}", "",
              f"Calibration {calib['nsamples']} x {calib['seqlen']} tokens of `{calib['source']}`; perplexity on "
              f"{results['evaluation']['windows']} held-out windows of it. Floor (two bare passes): "
-             f"{floor['two_pass_s']:.2f} s. Peak RSS is the process high-water mark after the row.", "",
+             f"{floor['two_pass_s']:.2f} s. Peak RSS is the process high-water mark after the row."
+             + ("" if not earlier else " Rows marked * were measured by an earlier run (--keep-rows) and timed "
+                f"against its floor ({', '.join(f'{seconds:.2f} s' for seconds in earlier)})."),
+             "",
              "| method | pattern | allocation | ppl | " + "".join(f"ppl on {text} | " for text in others)
              + "achieved | prune s | x floor | peak RSS MiB |" + (" zero-shot mean |" if zero_shot else ""),
              "|---|---|---|---:|" + "---:|" * len(others) + "---:|---:|---:|---:|" + ("---:|" if zero_shot else "")]
@@ -178,7 +182,8 @@ def markdown(results: dict) -> str:
         cells = [row["method"], pattern, row["allocation"], f"{row['ppl']:.2f}",
                  *(f"{row['ppl_on'][text]:.2f}" for text in others),
                  f"{row['achieved_sparsity']:.3f}" if pruned else "-",
-                 f"{row['seconds']['prune']:.1f}" if pruned else "-", f"{row['x_floor']:.2f}" if pruned else "-",
+                 f"{row['seconds']['prune']:.1f}" if pruned else "-",
+                 (f"{row['x_floor']:.2f}" + ("*" if "run_floor" in row else "")) if pruned else "-",
                  f"{row['peak_rss_bytes'] / 2**20:.0f}"]
         if zero_shot:
             cells.append(f"{row['zero_shot_mean']:.4f}" if "zero_shot_mean" in row else "-")

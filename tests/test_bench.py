@@ -100,6 +100,8 @@ def test_keep_rows_merges_runs_into_one_file(bench, tiny_llama_dir, tmp_path):
     kept = merged["rows"][1]
     assert kept["run_floor"] == first["floor"] and kept.items() >= first["rows"][1].items()
     assert "run_floor" not in merged["rows"][2]
+    table = (out / "bench.md").read_text()
+    assert f"| {kept['x_floor']:.2f}* |" in table and f"({first['floor']['two_pass_s']:.2f} s)" in table
     bench.main([*common, "--rows", "^wanda-50%", "--keep-rows"])  # a row redone replaces its earlier figure
     assert [row["name"] for row in json.loads((out / "bench.json").read_text())["rows"]] == \
         ["dense", "magnitude-50%-uniform", "wanda-50%-uniform"]
