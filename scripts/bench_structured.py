@@ -112,14 +112,12 @@ def interleaved(measure, dense, pruned, repeats: int, higher_is_faster: bool) ->
 
 def safetensors_bytes(model, tokenizer=None, keep: Path | None = None) -> int:
     """The size of the model's safetensors files; with `keep`, saved there (with the tokenizer) to be used later."""
-    if keep is not None:
-        model.save_pretrained(keep)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(keep)
-        return sum(f.stat().st_size for f in keep.glob("*.safetensors"))
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = keep or Path(scratch)
         model.save_pretrained(folder)
-        return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+        if keep is not None and tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def speed(dense, model, mode, device, vocab) -> dict:
@@ -163,8 +161,7 @@ def bench_row(name, kind, config, dense, calibration, windows, mode, device, voc
            "params_removed_fraction": 1 - params / dense_params,
            "decoder_params_removed_fraction": 1 - decoder / dense_decoder,
            "safetensors_bytes": safetensors_bytes(model, tokenizer, args.save_dir and Path(args.save_dir) / name),
-           "zero_shot_mean": zero_shot(model, tokenizer, args.tasks,
-                                                                                      args.limit)}
+           "zero_shot_mean": zero_shot(model, tokenizer, args.tasks, args.limit)}
     model.to(device)
     row |= speed(dense, model, mode, device, vocab)
     row["structure"] = {k: v for k, v in record.items() if k not in ("layers",)} if kind == "structured" else None
