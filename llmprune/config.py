@@ -252,7 +252,9 @@ def _knob_config(role: str, name: str, entry, given):
 RECOVERY_LOSSES = ("lm", "distill")
 RECOVERY_PARAMS = ("lora", "full")
 RECOVERY_PRECISIONS = ("float32", "bf16")
-DEFAULT_RECOVERY_LR = {"lora": 5e-4, "full": 1e-4}
+# full: 1e-4 (the rate before 2026-12-05) threw Qwen2.5-0.5B's channel prune from validation perplexity 7.68 to
+# 15.8 in 5 steps; 1e-5 took it to 6.95 in 10, and on SmolLM2-135M kept two thirds of 1e-4's gain (docs/results.md).
+DEFAULT_RECOVERY_LR = {"lora": 5e-4, "full": 1e-5}
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ class RecoverConfig:
                          "smaller model trains every weight)", group="recovery", flag="--recover-params",
                          choices=RECOVERY_PARAMS)
     steps: int = option(100, "optimizer steps", group="recovery", flag="--recover-steps")
-    lr: float | None = option(None, "AdamW learning rate (default: 5e-4 for LoRA, 1e-4 for full)",
+    lr: float | None = option(None, "AdamW learning rate (default: 5e-4 for LoRA, 1e-5 for full)",
                               group="recovery", flag="--recover-lr")
     batch: int = option(2, "windows per step", group="recovery", flag="--recover-batch")
     seqlen: int = option(256, "tokens per training window", group="recovery", flag="--recover-seqlen")
@@ -379,7 +381,8 @@ class RunConfig:
                                "openbookqa; all-offline adds piqa,lambada_openai)", group="evaluation")
     limit: int | None = option(None, "documents per zero-shot task (default: all)", group="evaluation")
     num_fewshot: int = option(0, "few-shot examples per prompt", group="evaluation")
-    eval_batch_size: int = option(16, "lm-eval batch size", group="evaluation")
+    eval_batch_size: int = option(16, "the most sequences per lm-eval batch; long ones go in smaller batches, "
+                                  "so their logits fit in half the free memory", group="evaluation")
     recover: str | None = option(None, "recover after pruning, keeping the sparsity pattern exactly: lm = next-token "
                                  "loss, distill = match the dense model's distributions (top-k KL); lora = lm "
                                  "with --recover-params lora (the default)", group="recovery",

@@ -53,13 +53,15 @@ AXES = "hidden,channels,heads,layers"
 SINGLE = ("channels", "layers", "hidden", "heads")
 FULL = {"targets": "90M,100M", "nsamples": 32, "seqlen": 512, "eval_windows": 40, "search_windows": 4,
         "search_limit": 6, "search_topk": 2, "search_steps": 15, "recover": "lm", "recover_params": "full",
-        "recover_steps": 320, "recover_seqlen": 256,
+        "recover_lr": 1e-4, "recover_steps": 320, "recover_seqlen": 256,
         "round_to": 72, "threads": 2, "rounds": 5, "pp": 512, "tg": 128}
+# recover_lr: 1e-4, full's default until 2026-12-05 (then 1e-5), the rate the 90M results were measured at; a
+# model this damaged (5x dense) recovers faster at it, and 3e-4 was worse (results/search/recipe_probe.json).
 # 72, not 64: LlamaConfig takes hidden sizes that are multiples of the head count (9 on SmolLM2), so at 64 the
 # search has no hidden width and refuses; the 2026-12-05 90M run predates that refusal and searched without hidden.
 QUICK = {"targets": "0.8,0.7", "nsamples": 4, "seqlen": 64, "eval_windows": 2, "search_windows": 2,
          "search_limit": 3, "search_topk": 2, "search_steps": 2, "recover": "distill", "recover_params": "lora",
-         "recover_steps": 2, "recover_seqlen": 64,
+         "recover_lr": 5e-4, "recover_steps": 2, "recover_seqlen": 64,
          "round_to": 8, "threads": 2, "rounds": 1, "pp": 64, "tg": 16}
 GOALS = {"cpu_minutes": 30, "ppl_x_dense": 1.5, "tg_x_dense": 1.3, "gguf_x_dense": 0.7}
 GOAL_TARGET = "90M"  # the target the goals name (the others get the same checks, for reading)
@@ -96,8 +98,9 @@ def prune_args(args, mode, out: Path, *extra: str) -> list[str]:
 
 
 def recover_args(mode) -> list[str]:
-    return ["--recover", mode["recover"], "--recover-params", mode["recover_params"], "--recover-steps",
-            str(mode["recover_steps"]), "--recover-seqlen", str(mode["recover_seqlen"])]
+    return ["--recover", mode["recover"], "--recover-params", mode["recover_params"], "--recover-lr",
+            str(mode["recover_lr"]), "--recover-steps", str(mode["recover_steps"]), "--recover-seqlen",
+            str(mode["recover_seqlen"])]
 
 
 def read_report(folder: Path) -> dict:
@@ -117,7 +120,7 @@ def search_row(target: str, args, mode, work: Path) -> dict:
                            "--search-windows", str(mode["search_windows"]), "--search-limit",
                            str(mode["search_limit"]), "--search-topk", str(mode["search_topk"]), "--search-steps",
                            str(mode["search_steps"]), "--recover-seqlen", str(mode["recover_seqlen"]),
-                           "--recover-params", mode["recover_params"],
+                           "--recover-params", mode["recover_params"], "--recover-lr", str(mode["recover_lr"]),
                            "--output", str(folder), "--overwrite"])
     row = {"name": f"{target}-search", "target": target, "search": search}
     if search["code"]:

@@ -11,7 +11,7 @@ from llmprune.errors import LLMPruneError
 from llmprune.inputs.models import decoder_layers, is_linear, weight_matrix
 from llmprune.config import RecoverConfig
 from llmprune.recovery.distill import TeacherTargets, evenly_spaced_layers, teacher_topk, topk_with_bucket
-from llmprune.recovery.loop import epoch_order
+from llmprune.recovery.loop import epoch_order, train_loop
 from llmprune.recovery.losses import distill_loss, hidden_loss, token_loss_share
 from llmprune.recovery.train import check_recovery, recovery_windows, train_recovery
 from tiny_models import VOCAB, tiny_model
@@ -536,7 +536,7 @@ def test_bad_config_values_name_the_fix(kwargs, hint):
 
 
 def test_default_learning_rate_depends_on_what_is_trained():
-    assert RecoverConfig(params="lora").lr == 5e-4 and RecoverConfig(params="full").lr == 1e-4
+    assert RecoverConfig(params="lora").lr == 5e-4 and RecoverConfig(params="full").lr == 1e-5
     assert math.isclose(RecoverConfig(params="full", lr=3e-5).lr, 3e-5)
 
 
@@ -573,3 +573,19 @@ def test_masks_found_from_zeros_or_refused_on_an_unpruned_model():
     modules = dict(model.named_modules())
     assert all(torch.equal(modules[name].weight != 0, mask) for name, mask in masks.items())
     assert stats["trained_parameters"] == sum(modules[name].weight.numel() for name in masks)  # no biases in Llama
+
+
+@pytest.mark.parametrize("lr, warns", [(5.0, True), (0.01, False)])
+def test_rising_validation_perplexity_is_reported_with_a_lower_rate(lr, warns, capsys):
+    """A run that makes validation worse than where it started (a rate too high for the model) says so and names a
+    tenth of the rate; one that improves says nothing. Here the 'model' is one weight near its optimum 1: Adam's
+    first step moves it by about lr, so lr 5 throws it far off and lr 0.01 brings it closer."""
+    weight = torch.nn.Parameter(torch.tensor(0.9))
+    result = train_loop([weight], torch.zeros(3, 1, dtype=torch.long), lambda _: (weight - 1) ** 2, lr=lr,
+                        tokens_per_step=1, validate=lambda: 1 + float(weight.detach() - 1) ** 2, eval_every=1,
+                        progress=False)
+    err = capsys.readouterr().err
+    assert (result["curve"][-1]["val_ppl"] > 1.1 * result["curve"][0]["val_ppl"]) == warns
+    assert ("raised validation perplexity" in err) == warns
+    if warns:
+        assert err.count("warning") == 1 and f"--recover-lr {lr / 10:g}" in err

