@@ -161,6 +161,14 @@ def dense_row(model, windows, device, zero_shot=dict, also=dict) -> dict:
             "rss_after_bytes": current_rss_bytes()} | scores
 
 
+def table_order(row: dict) -> tuple:
+    """A row's place in the table: methods in the matrix's order, then unstructured by sparsity, then N:M, each
+    allocation together (rows added by --keep-rows runs land in place, not at the end)."""
+    labels = ["dense", *METHODS, *(m if update == "none" else f"{m}+{update}" for m, update in NEW_METHODS)]
+    method = labels.index(row["method"]) if row["method"] in labels else len(labels)
+    return method, row.get("allocation") != "uniform", row.get("pattern", "") != "unstructured", row.get("sparsity") or 0
+
+
 def markdown(results: dict) -> str:
     floor, calib = results["floor"], results["calibration"]
     zero_shot = any("zero_shot_mean" in row for row in results["rows"])
@@ -176,7 +184,7 @@ def markdown(results: dict) -> str:
              "| method | pattern | allocation | ppl | " + "".join(f"ppl on {text} | " for text in others)
              + "achieved | prune s | x floor | peak RSS MiB |" + (" zero-shot mean |" if zero_shot else ""),
              "|---|---|---|---:|" + "---:|" * len(others) + "---:|---:|---:|---:|" + ("---:|" if zero_shot else "")]
-    for row in results["rows"]:
+    for row in sorted(results["rows"], key=table_order):
         pattern = f"{row['sparsity']:.0%} unstructured" if row["pattern"] == "unstructured" else row["pattern"]
         pruned = row["method"] != "dense"
         cells = [row["method"], pattern, row["allocation"], f"{row['ppl']:.2f}",

@@ -283,7 +283,28 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (default 100)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--in-process", action="store_true", help="no child processes (peak RSS is then cumulative)")
+    p.add_argument("--keep-rows", action="store_true", help="keep the rows of the recover.json already in --out "
+                   "that this run does not redo, instead of replacing the file: a large model's rows measured in "
+                   "several runs")
     return p.parse_args(argv)
+
+
+def kept_rows(path: Path, redone: set[str], model: str, settings: dict) -> tuple[list[dict], dict]:
+    """--keep-rows: the rows (and their prunes) of an earlier recover.json that this run does not redo. The earlier
+    run must have used the same model, text, windows and budgets, or its perplexities would not compare."""
+    if not path.exists():
+        return [], {}
+    previous = json.loads(path.read_text())
+    then = {"model": previous.get("model"), **previous.get("settings", {})}
+    now = {"model": model, **settings}
+    if then != now:
+        changed = sorted(key for key in then.keys() | now.keys() if then.get(key) != now.get(key))
+        raise SystemExit(f"bench_recover: error: --keep-rows: {path} was measured with other settings "
+                         f"({', '.join(f'{k}: {then.get(k)} then, {now.get(k)} now' for k in changed)}); rerun with "
+                         "the same settings, or give --out another folder")
+    rows = [row for row in previous["rows"] if row["name"] not in redone]
+    prunes = {name: previous["prunes"][name] for name in dict.fromkeys(row["prune"] for row in rows)}
+    return rows, prunes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -321,6 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "recovery_defaults": asdict(recovery_config("lora-lm", 1, mode)),
                    "machine": benchlib.machine_info(args.device or "auto"),
                    "dense": None, "prunes": {}, "rows": []}
+        if args.keep_rows:
+            results["rows"], results["prunes"] = kept_rows(out / "recover.json", {"/".join(row) for row in rows},
+                                                           results["model"], mode)
         save = lambda: write_json_atomically(out / "recover.json", results)  # noqa: E731
         results["dense"] = call(dense_job)
         print(f"dense: ppl {results['dense']['ppl']}", flush=True)
@@ -334,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
             for _, recipe, budget in (row for row in rows if row[0] == prune_name):
                 row = call(row_job, prune_name, folder, recipe, budget)
                 summary = summarise(prune_name, recipe, budget, row, results["prunes"][prune_name], results["dense"])
-                results["rows"].append(summary)
+                results["rows"] = [r for r in results["rows"] if r["name"] != summary["name"]] + [summary]
                 (text, ppl), (other, other_ppl) = summary["ppl"].items()
                 print(f"{summary['name']}: {text} {ppl:.2f} ({summary['x_dense'][text]:.2f}x dense), {other} "
                       f"{other_ppl:.2f}, {summary['minutes']['total']:.1f} min, peak "

@@ -562,6 +562,14 @@ def test_bench_recover_quick_run(tmp_path):
     assert set(row["meets"]) == {"x_dense_text", "minutes", "peak_rss"}
     assert (out / "recover.png").read_bytes().startswith(b"\x89PNG")
 
+    # --keep-rows: a second run adds its row to the file; one with other settings is refused before any work
+    bench.main(["--quick", "--out", str(out), "--prunes", "wanda-50%", "--rows", "lora-lm/1x", "--keep-rows"])
+    names = [row["name"] for row in json.loads((out / "recover.json").read_text())["rows"]]
+    assert names == ["wanda-50%/full-distill/4x", "wanda-50%/lora-lm/1x"]
+    with pytest.raises(SystemExit, match="budgets"):
+        bench.main(["--quick", "--out", str(out), "--prunes", "wanda-50%", "--rows", "lora-lm/1x", "--keep-rows",
+                    "--steps", "3"])
+
 
 def test_masks_found_from_zeros_or_refused_on_an_unpruned_model():
     model = tiny_model("llama")

@@ -78,6 +78,8 @@ def memory_bounded_lm(model, tokenizer, batch_size: int):
         else model.config.vocab_size
 
     class MemoryBoundedLM(HFLM):
+        _batch_end = 0  # the request index where the batch being filled ends
+
         def _batch_scheduler(self, pos, requests):
             if pos == 0 or pos >= self._batch_end:
                 _, context, continuation = requests[pos]
@@ -89,9 +91,7 @@ def memory_bounded_lm(model, tokenizer, batch_size: int):
         def _detect_batch_size(self, requests=None, pos=0):
             return logit_batch_size(self.max_length, vocab, budget, batch_size)
 
-    lm = MemoryBoundedLM(pretrained=model, tokenizer=tokenizer, batch_size="auto")
-    lm._batch_end = 0
-    return lm
+    return MemoryBoundedLM(pretrained=model, tokenizer=tokenizer, batch_size="auto")
 
 
 def task_dir() -> Path:
@@ -181,7 +181,8 @@ def evaluate_zero_shot(
     """Score `model` on lm-eval tasks; returns a JSON-able summary.
 
     tasks: task or suite names (see resolve_tasks). limit: documents per task (the first ones, as
-    lm-eval's --limit). batch_size: the most sequences per batch (fewer for long ones: memory_bounded_lm). offline: None probes the Hub (and honours HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).
+    lm-eval's --limit). batch_size: the most sequences per batch (fewer for long ones: memory_bounded_lm).
+    offline: None probes the Hub (and honours HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).
     Offline, tasks without an offline copy are skipped with a reason; if nothing is left, it raises.
 
     Returns {"tasks": {name: {"acc", "acc_stderr", "acc_norm", ..., "samples"}}, "mean_acc": mean of
