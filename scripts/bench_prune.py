@@ -241,9 +241,7 @@ def kept_rows(path: Path, redone: set[str], settings: dict) -> list[dict]:
             "also_eval": sorted(evaluation.get("also", {}))}
     if settings["eval_windows"] == 0:  # all windows: whatever count the text gave then
         then["eval_windows"] = 0
-    if then != settings:
-        raise SystemExit(f"bench_prune: error: --keep-rows: {path} was measured with {then}, this run asks for "
-                         f"{settings}; rerun with the same settings, or give --out another folder")
+    benchlib.refuse_other_settings("bench_prune", path, then, settings)
     return [{"run_floor": previous["floor"]} | row for row in previous["rows"]
             if row["method"] != "dense" and row["name"] not in redone]
 

@@ -295,13 +295,8 @@ def kept_rows(path: Path, redone: set[str], model: str, settings: dict) -> tuple
     if not path.exists():
         return [], {}
     previous = json.loads(path.read_text())
-    then = {"model": previous.get("model"), **previous.get("settings", {})}
-    now = {"model": model, **settings}
-    if then != now:
-        changed = sorted(key for key in then.keys() | now.keys() if then.get(key) != now.get(key))
-        raise SystemExit(f"bench_recover: error: --keep-rows: {path} was measured with other settings "
-                         f"({', '.join(f'{k}: {then.get(k)} then, {now.get(k)} now' for k in changed)}); rerun with "
-                         "the same settings, or give --out another folder")
+    benchlib.refuse_other_settings("bench_recover", path, {"model": previous.get("model"), **previous["settings"]},
+                                   {"model": model, **settings})
     rows = [row for row in previous["rows"] if row["name"] not in redone]
     prunes = {name: previous["prunes"][name] for name in dict.fromkeys(row["prune"] for row in rows)}
     return rows, prunes
@@ -358,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
             for _, recipe, budget in (row for row in rows if row[0] == prune_name):
                 row = call(row_job, prune_name, folder, recipe, budget)
                 summary = summarise(prune_name, recipe, budget, row, results["prunes"][prune_name], results["dense"])
-                results["rows"] = [r for r in results["rows"] if r["name"] != summary["name"]] + [summary]
+                results["rows"].append(summary)  # kept rows never share a name with a row this run does
                 (text, ppl), (other, other_ppl) = summary["ppl"].items()
                 print(f"{summary['name']}: {text} {ppl:.2f} ({summary['x_dense'][text]:.2f}x dense), {other} "
                       f"{other_ppl:.2f}, {summary['minutes']['total']:.1f} min, peak "

@@ -34,6 +34,16 @@ def select_rows(rows: list[Row], pattern: str | None, name: Callable[[Row], str]
     return selected
 
 
+def refuse_other_settings(script: str, path: Path, then: dict, now: dict) -> None:
+    """--keep-rows: stop, naming what differs, when the results already in `path` were measured with other settings
+    (their figures would not compare with this run's)."""
+    if then != now:
+        changed = ", ".join(f"{key}: {then.get(key)} then, {now.get(key)} now"
+                            for key in sorted(then.keys() | now.keys()) if then.get(key) != now.get(key))
+        raise SystemExit(f"{script}: error: --keep-rows: {path} was measured with other settings ({changed}); rerun "
+                         "with the same settings, or give --out another folder")
+
+
 def machine_info(device=None) -> dict:
     """Versions, CPUs and threads, and how busy the machine was (other processes distort timings)."""
     import torch
