@@ -65,6 +65,21 @@ def release_free_memory() -> None:
 _malloc_trim = None
 
 
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of `threshold` bytes or more with its own mmap, returned to the OS when freed (glibc's
+    mallopt M_MMAP_THRESHOLD; a no-op elsewhere). By default glibc raises that threshold to the largest block freed,
+    up to 32 MB, and serves blocks under it from heaps it keeps: a layer's transient activations, freed and then
+    allocated again a little differently, spread over more and more heap, and a streamed prune's peak creeps (on a
+    0.5B model from 0.75 to 1.25 GiB over 24 layers)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def peak_rss_bytes() -> int:
     """The process's high-water mark of resident memory: VmHWM, its own address space's. Not ru_maxrss, which
     keeps the high-water mark of the image before exec, so a child spawned by a parent that held a model

@@ -462,6 +462,52 @@ def test_safetensors_written_tensor_by_tensor_read_back_by_safetensors(tmp_path)
             assert read.dtype == tensor.dtype and read.shape == tensor.shape and torch.equal(read, tensor), name
 
 
+def test_copied_tensor_in_blocks_equals_safetensors_own_read(tmp_path):
+    """copy_safetensor (a few rows at a time, floating point converted) against safetensors' reader of the source:
+    bf16 to float32 over blocks that do not divide the rows, an integer tensor left as it is, a scalar."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llmprune.scale.checkpoint import copy_safetensor
+
+    g = torch.Generator().manual_seed(0)
+    source = {"embed": torch.randn(37, 6, generator=g).to(torch.bfloat16), "ids": torch.arange(10).reshape(5, 2),
+              "scale": torch.tensor(0.5, dtype=torch.float16)}
+    save_file(source, tmp_path / "src.safetensors")
+    for name, tensor in source.items():
+        size = copy_safetensor(tmp_path / "src.safetensors", name, tmp_path / f"{name}.safetensors", torch.float32,
+                               {"format": "pt"}, chunk_bytes=5 * 6 * 4)  # 5 rows a block: 8 blocks, the last of 2
+        with safe_open(tmp_path / f"{name}.safetensors", "pt") as f:
+            assert list(f.keys()) == [name] and f.metadata() == {"format": "pt"}
+            copied = f.get_tensor(name)
+        expected = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+        assert copied.dtype == expected.dtype and torch.equal(copied, expected), name
+        assert size == expected.numel() * expected.element_size()
+
+
+def test_streamed_capture_reads_only_the_embedding_rows_it_uses(source, monkeypatch):
+    """Within input_rows the input embedding gives the stored table's rows (read here whole, by safetensors) from a
+    table of only the distinct tokens given; outside it the parameter is the whole table's, still unread."""
+    from safetensors import safe_open
+
+    streamed = streaming.StreamedModel(source)
+    embedding = streamed.model.get_input_embeddings()
+    name = streamed.embedding_name
+    with safe_open(streamed.files[name], "pt") as f:
+        table = f.get_tensor(name)
+    ids = torch.tensor([[5, 99, 5, 3], [127, 3, 0, 64]])
+    embedding.padding_idx = 127  # as Qwen2's: an index of the whole table, past the end of the rows kept
+    sizes, lookup = [], torch.nn.functional.embedding
+    monkeypatch.setattr(torch.nn.functional, "embedding", lambda ids, weight, *a, **k: sizes.append(weight.shape[0])
+                        or lookup(ids, weight, *a, **k))
+    with streamed.input_rows(ids):
+        assert torch.equal(embedding(ids), table[ids].to(torch.float32))
+    assert sizes == [6]  # 0, 3, 5, 64, 99, 127
+    assert embedding.weight.device.type == "meta" and embedding.weight.shape == table.shape
+    with pytest.raises(LLMPruneError, match="outside the model's 128-word embedding"), streamed.input_rows(ids + 100):
+        pass
+
+
 def test_random_moe_is_written_per_expert_and_loads_as_its_fused_form(tmp_path):
     """make_random_model's MoE shape: one shard per layer under the names save_pretrained writes (per expert);
     stock from_pretrained loads it to the same weights as the fused form written with the same seed."""

@@ -271,7 +271,8 @@ def capture_layer_calls(model, layers, calibration, batch_size, device, progress
 
         return forward
 
-    model_device = next(p.device for p in model.parameters() if p.device.type != "meta")  # streamed: embeddings
+    # where the embeddings are: a streamed model's are on the CPU, by rows (StreamedModel.input_rows), not parameters
+    model_device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     for i, layer in enumerate(layers):
         layer.forward = recorder(i)
     try:

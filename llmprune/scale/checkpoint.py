@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -40,29 +41,90 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+STORED_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}  # a shard header's names
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     """A safetensors file written tensor by tensor from the tensors' own memory. safetensors' save_file first
     copies every tensor into one bytes object: twice the layer in memory, which for a layer of 128 experts is
     gigabytes. Tensors follow the header in the order given, each right after the previous one (the format's
     rule); safe_open and from_pretrained read the file as any other."""
+    with open(path, "wb") as f:
+        _write_header(f, {name: (tensor.dtype, tensor.shape) for name, tensor in tensors.items()}, metadata)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+class StoredTensor:
+    """One tensor of a safetensors file, read a range of rows at a time with pread: exactly those bytes.
+    safetensors' own slices read the whole tensor first under its pread backend, and under mmap the pages they
+    touch stay resident until the file is closed."""
+
+    def __init__(self, path: str | Path, name: str):
+        import struct
+
+        with open(path, "rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0]
+            entry = json.loads(f.read(length))[name]
+        self.path, self.dtype, self.shape = path, STORED_DTYPES[entry["dtype"]], list(entry["shape"])
+        self.begin = 8 + length + entry["data_offsets"][0]
+        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        import os
+
+        out = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        buffer, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            while done < len(buffer):  # a read may return less than asked
+                read = os.preadv(fd, [buffer[done:]], self.begin + start * self.row_bytes + done)
+                if read <= 0:
+                    raise LLMPruneError(f"{self.path} ends inside its tensor data: the file is truncated")
+                done += read
+        finally:
+            os.close(fd)
+        return out
+
+
+def copy_safetensor(source: str | Path, name: str, path: str | Path, dtype: torch.dtype | None = None,
+                    metadata: dict | None = None, chunk_bytes: int = 64 << 20) -> int:
+    """Tensor `name` of the safetensors file `source`, alone in a new file at `path`, floating point converted to
+    `dtype`; read and written a block of rows at a time, so that a 151,936-word embedding (545 MB in float32)
+    never sits in memory whole. Returns the bytes written as tensor data."""
+    stored = StoredTensor(source, name)
+    target = dtype if dtype is not None and stored.dtype.is_floating_point else stored.dtype
+    with open(path, "wb") as out:
+        _write_header(out, {name: (target, stored.shape)}, metadata)
+        if not stored.shape:  # a scalar: one row of itself
+            out.write(stored.rows(0, 1).reshape(-1).to(target).view(torch.uint8).numpy().data)
+        else:
+            step = max(1, chunk_bytes // max(1, math.prod(stored.shape[1:]) * max(stored.dtype.itemsize,
+                                                                                  target.itemsize)))
+            for start in range(0, stored.shape[0], step):
+                block = stored.rows(start, min(start + step, stored.shape[0])).to(target)
+                if block.numel():
+                    out.write(block.reshape(-1).view(torch.uint8).numpy().data)
+    return math.prod(stored.shape) * target.itemsize
+
+
+def _write_header(f, entries: dict[str, tuple[torch.dtype, tuple]], metadata: dict | None) -> None:
+    """The 8-byte length and the JSON header of a safetensors file, tensors laid out in `entries`' order."""
     import struct
 
     header, offset = {}, 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+    for name, (dtype, shape) in entries.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
         header["__metadata__"] = metadata
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, padded with spaces as safetensors does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for tensor in tensors.values():
-            if tensor.numel():
-                f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    f.write(struct.pack("<Q", len(encoded)))
+    f.write(encoded)
 
 
 def shard_name(index: int, count: int) -> str:

@@ -2,7 +2,8 @@
 only while it is worked on, pruned, and written to the output's shards as it goes.
 
     skeleton        accelerate's init_empty_weights: every parameter on the meta device, costing nothing
-    embeddings etc. the tensors outside the decoder layers (the output head only when evaluating)
+    embeddings etc. the tensors outside the decoder layers (the output head only when evaluating); of the input
+                    embedding only the rows the calibration's tokens use (input_rows)
     StreamedLayers  load(i): layer i's tensors, and only those, via safetensors.safe_open; done(i): freed
     streamed_prune  the runner's loop (unstructured or structured) with this store and a WorkFolder, whose
                     layer files become the output
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -24,8 +25,9 @@ from torch import nn
 
 from ..errors import LLMPruneError
 from ..inputs.models import DTYPES, decoder_layers, linears, weight_matrix
-from ..runtime import available_memory_bytes, release_free_memory, resolve_device
-from .checkpoint import WorkFolder, default_work_dir, settings_of, shard_name, write_safetensors
+from ..runtime import available_memory_bytes, map_large_allocations, release_free_memory, resolve_device
+from .checkpoint import STORED_DTYPES, StoredTensor, WorkFolder, copy_safetensor, default_work_dir, settings_of, \
+    shard_name, write_safetensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -84,10 +86,47 @@ class StreamedModel:
         self.converted = any(target != name for name, (target, _) in self.targets.items())
         in_layers = [n for n in self.files if self.targets[n][0].startswith(f"{self.prefix}.")]
         self.rest = [n for n in self.files if n not in in_layers]  # embeddings, final norm, head
-        head = self.model.get_output_embeddings()
-        self.head_names = [] if head is None or head.weight is self.model.get_input_embeddings().weight else \
-            [f"{name}.weight" for name, m in self.model.named_modules() if m is head]
-        self.load_tensors([n for n in self.rest if n not in self.head_names], self.model, "", "cpu")
+        head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        self.tied = head is None or head.weight is embedding.weight
+        self.head_names = [] if self.tied else [f"{name}.weight" for name, m in self.model.named_modules() if m is head]
+        # The input embedding stored as one plain tensor is read by rows (input_rows); in any other form, whole.
+        embedding_param = next(f"{name}.weight" for name, m in self.model.named_modules() if m is embedding)
+        stored = [n for n in self.rest if self.targets[n][0] == embedding_param]
+        self.embedding_name = stored[0] if len(stored) == 1 and self.targets[stored[0]][1] is None else None
+        self.load_tensors([n for n in self.rest if n not in self.head_names and n != self.embedding_name], self.model,
+                          "", "cpu")
+
+    @contextmanager
+    def input_rows(self, token_ids: torch.Tensor):
+        """Within the block, the input embedding computes from only the rows of the tokens in `token_ids`, each
+        token mapped to its row. A prune embeds its calibration once, for the capture: a 151,936-word vocabulary
+        (545 MB in float32, 0.2x of a 0.5B model) then costs a few thousand rows."""
+        if self.embedding_name is None:  # read whole at construction
+            yield
+            return
+        embedding, used = self.model.get_input_embeddings(), torch.unique(token_ids)
+        stored = StoredTensor(self.files[self.embedding_name], self.embedding_name)
+        vocab, width = stored.shape
+        if len(used) and not 0 <= int(used[0]) <= int(used[-1]) < vocab:
+            raise LLMPruneError(f"token ids {int(used[0])}..{int(used[-1])} fall outside the model's {vocab}-word "
+                                f"embedding: the calibration was tokenized for another model")
+        rows = [stored.rows(int(i), int(i) + 1).to(self.dtype) for i in used]  # one pread a row: a few thousand
+        rows = nn.Parameter(torch.cat(rows) if rows else torch.zeros(0, width, dtype=self.dtype), requires_grad=False)
+        full = embedding.weight  # stays the parameter between calls: parameter counts see the whole table
+        padding = getattr(embedding, "padding_idx", None)  # an index of the whole table; it matters to gradients only
+
+        def forward(ids, *args, **kwargs):
+            embedding.weight, embedding.padding_idx = rows, None
+            try:
+                return type(embedding).forward(embedding, torch.searchsorted(used.to(ids.device), ids), *args, **kwargs)
+            finally:
+                embedding.weight, embedding.padding_idx = full, padding
+
+        embedding.forward = forward
+        try:
+            yield
+        finally:
+            del embedding.forward  # back to the class's forward
 
     def load_tensors(self, names, module: nn.Module, strip: str, device) -> None:
         """Read the stored tensors `names` (each shard opened once, only these tensors read) into `module`'s
@@ -211,6 +250,7 @@ def streamed_prune(model_dir, out_dir, calibration, config, *, dtype: str = "flo
         check_output(out_dir, overwrite)
     if resume and parallel is not None and parallel.world > 1:
         raise LLMPruneError("--resume continues a single-process run; run it without torchrun")
+    map_large_allocations()
     streamed = StreamedModel(model_dir, dtype, trust_remote_code)
     device = resolve_device(config.device)
     layer_count = len(streamed.layers)
@@ -222,8 +262,9 @@ def streamed_prune(model_dir, out_dir, calibration, config, *, dtype: str = "flo
         work = WorkFolder(work_dir or default_work_dir(out_dir), settings, streamed.prefix, layer_count, shard_count,
                           resume, stored_form=streamed.stored_form)
     run = prune_structured if isinstance(config, StructuredConfig) else prune
-    report = run(streamed.model, calibration, config, progress, store=StreamedLayers(streamed, device),
-                 checkpoint=work, parallel=parallel, offload_activations=offload_activations)
+    with streamed.input_rows(calibration):
+        report = run(streamed.model, calibration, config, progress, store=StreamedLayers(streamed, device),
+                     checkpoint=work, parallel=parallel, offload_activations=offload_activations)
     if writer:
         with atomic_directory(out_dir, overwrite) as staging:
             write_output(streamed, work, staging, report.structure)
@@ -266,16 +307,11 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
             for name in f.keys():
                 mapping[name] = shard
                 piece = f.get_slice(name)
-                total += math.prod(piece.get_shape()) * _itemsize(piece.get_dtype())
-    for j, name in enumerate(streamed.rest):
-        with safe_open(streamed.files[name], "pt") as f:
-            tensor = f.get_tensor(name)
-        if tensor.is_floating_point():
-            tensor = tensor.to(streamed.dtype)  # as from_pretrained(dtype=...) then save_pretrained would
-        shard = shard_name(len(kept) + j, shard_count)
-        write_safetensors({name: tensor.contiguous()}, staging / shard, {"format": "pt"})
+                total += math.prod(piece.get_shape()) * STORED_DTYPES[piece.get_dtype()].itemsize
+    for j, name in enumerate(streamed.rest):  # floating point in the run's dtype, as from_pretrained(dtype=...)
+        shard = shard_name(len(kept) + j, shard_count)  # then save_pretrained would write them
+        total += copy_safetensor(streamed.files[name], name, staging / shard, streamed.dtype, {"format": "pt"})
         mapping[name] = shard
-        total += tensor.numel() * tensor.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
     (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     weights = set(streamed.files.values()) | {streamed.dir / INDEX}
@@ -290,10 +326,6 @@ def write_output(streamed: StreamedModel, work: WorkFolder, staging: Path, struc
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
-
-
 @torch.inference_mode()
 def streamed_perplexity(model_dir, windows: torch.Tensor, device=None, dtype: str = "float32", batch_size: int = 8,
                         offload_activations=None, progress: bool = True, trust_remote_code: bool = False) -> float:
@@ -304,23 +336,35 @@ def streamed_perplexity(model_dir, windows: torch.Tensor, device=None, dtype: st
 
     from tqdm.auto import tqdm
 
-    from ..evaluation.perplexity import PROBE_TOKENS, nll_sum
     from ..pruning.runner import capture_layer_calls, propagate
-    from ..recovery.chunked import split_head
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
+    map_large_allocations()
     streamed = StreamedModel(model_dir, dtype, trust_remote_code)
     store = StreamedLayers(streamed, device)
-    calls = capture_layer_calls(streamed.model, streamed.layers, windows, batch_size, device, progress,
-                                offload_activations)
+    with streamed.input_rows(windows):
+        calls = capture_layer_calls(streamed.model, streamed.layers, windows, batch_size, device, progress,
+                                    offload_activations)
     for i in tqdm(range(len(streamed.layers)), desc="perplexity (streamed)", unit="layer", disable=not progress):
         layer = store.load(i)
         propagate(layer, i, calls)
         store.done(i, layer)
-    streamed.load_tensors(streamed.rest, streamed.model, "", "cpu")  # embeddings (dropped), final norm, head
+    # The final norm and the head; the forward below also embeds the windows (for nothing: layer 0 is replaced), so
+    # the input embedding comes back by rows, or whole where it is the head.
+    streamed.load_tensors([n for n in streamed.rest if streamed.tied or n != streamed.embedding_name], streamed.model,
+                          "", "cpu")
     model_device = next(p.device for p in streamed.model.parameters() if p.device.type != "meta")
-    total, count = 0.0, 0
-    split = None
+    with nullcontext() if streamed.tied else streamed.input_rows(windows):
+        total, count = _head_nll(streamed, calls, windows, model_device)
+    return math.exp(total / count)
+
+
+def _head_nll(streamed: StreamedModel, calls, windows: torch.Tensor, model_device) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens) of the windows, given the last layer's states in `calls`."""
+    from ..evaluation.perplexity import PROBE_TOKENS, nll_sum
+    from ..recovery.chunked import split_head
+
+    total, count, split = 0.0, 0, None
     for batch, rows in enumerate(calls.batches):
         final = calls.hidden[rows].to(model_device)
         ids = windows[rows].to(model_device)
@@ -330,7 +374,7 @@ def streamed_perplexity(model_dir, windows: torch.Tensor, device=None, dtype: st
         with _replaced_layers(streamed.layers, final):
             total += nll_sum(streamed.model, ids, split)
         count += ids[:, 1:].numel()
-    return math.exp(total / count)
+    return total, count
 
 
 @contextmanager
