@@ -52,8 +52,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     with open(path, "wb") as f:
         _write_header(f, {name: (tensor.dtype, tensor.shape) for name, tensor in tensors.items()}, metadata)
         for tensor in tensors.values():
-            if tensor.numel():
-                f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            _write_data(f, tensor.detach())
 
 
 class StoredTensor:
@@ -95,18 +94,19 @@ def copy_safetensor(source: str | Path, name: str, path: str | Path, dtype: torc
     never sits in memory whole. Returns the bytes written as tensor data."""
     stored = StoredTensor(source, name)
     target = dtype if dtype is not None and stored.dtype.is_floating_point else stored.dtype
+    count = stored.shape[0] if stored.shape else 1  # a scalar is one row of itself
+    step = max(1, chunk_bytes // (math.prod(stored.shape[1:]) * max(stored.dtype.itemsize, target.itemsize) or 1))
     with open(path, "wb") as out:
         _write_header(out, {name: (target, stored.shape)}, metadata)
-        if not stored.shape:  # a scalar: one row of itself
-            out.write(stored.rows(0, 1).reshape(-1).to(target).view(torch.uint8).numpy().data)
-        else:
-            step = max(1, chunk_bytes // max(1, math.prod(stored.shape[1:]) * max(stored.dtype.itemsize,
-                                                                                  target.itemsize)))
-            for start in range(0, stored.shape[0], step):
-                block = stored.rows(start, min(start + step, stored.shape[0])).to(target)
-                if block.numel():
-                    out.write(block.reshape(-1).view(torch.uint8).numpy().data)
+        for start in range(0, count, step):
+            _write_data(out, stored.rows(start, min(start + step, count)).to(target))
     return math.prod(stored.shape) * target.itemsize
+
+
+def _write_data(f, tensor: torch.Tensor) -> None:
+    """A tensor's bytes, from its own memory (a contiguous copy only if it is a view)."""
+    if tensor.numel():
+        f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _write_header(f, entries: dict[str, tuple[torch.dtype, tuple]], metadata: dict | None) -> None:

@@ -88,13 +88,13 @@ class StreamedModel:
         self.rest = [n for n in self.files if n not in in_layers]  # embeddings, final norm, head
         head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         self.tied = head is None or head.weight is embedding.weight
-        self.head_names = [] if self.tied else [f"{name}.weight" for name, m in self.model.named_modules() if m is head]
+        head_names = [] if self.tied else [f"{name}.weight" for name, m in self.model.named_modules() if m is head]
         # The input embedding stored as one plain tensor is read by rows (input_rows); in any other form, whole.
         embedding_param = next(f"{name}.weight" for name, m in self.model.named_modules() if m is embedding)
         stored = [n for n in self.rest if self.targets[n][0] == embedding_param]
         self.embedding_name = stored[0] if len(stored) == 1 and self.targets[stored[0]][1] is None else None
-        self.load_tensors([n for n in self.rest if n not in self.head_names and n != self.embedding_name], self.model,
-                          "", "cpu")
+        self.load_tensors([n for n in self.rest if n not in head_names and n != self.embedding_name], self.model, "",
+                          "cpu")
 
     @contextmanager
     def input_rows(self, token_ids: torch.Tensor):
@@ -106,12 +106,12 @@ class StreamedModel:
             return
         embedding, used = self.model.get_input_embeddings(), torch.unique(token_ids)
         stored = StoredTensor(self.files[self.embedding_name], self.embedding_name)
-        vocab, width = stored.shape
-        if len(used) and not 0 <= int(used[0]) <= int(used[-1]) < vocab:
+        vocab = stored.shape[0]
+        if not 0 <= int(used[0]) <= int(used[-1]) < vocab:
             raise LLMPruneError(f"token ids {int(used[0])}..{int(used[-1])} fall outside the model's {vocab}-word "
                                 f"embedding: the calibration was tokenized for another model")
-        rows = [stored.rows(int(i), int(i) + 1).to(self.dtype) for i in used]  # one pread a row: a few thousand
-        rows = nn.Parameter(torch.cat(rows) if rows else torch.zeros(0, width, dtype=self.dtype), requires_grad=False)
+        rows = nn.Parameter(torch.cat([stored.rows(int(i), int(i) + 1) for i in used]).to(self.dtype),  # a pread a row
+                            requires_grad=False)
         full = embedding.weight  # stays the parameter between calls: parameter counts see the whole table
         padding = getattr(embedding, "padding_idx", None)  # an index of the whole table; it matters to gradients only
 
