@@ -99,6 +99,21 @@ def held_out(tokenizer, seqlen: int, count: int, source: str = TEXT):
     return eval_windows(text_tokens(tokenizer, "eval", source), seqlen, count)
 
 
+def validation_windows(tokens, calibration_starts: list[int], count: int, seqlen: int):
+    """`count` windows from the end of a calibration part's `tokens`, skipping any that overlaps a calibration window
+    (one starting at each of `calibration_starts`): a split to choose settings on that is neither calibration nor
+    the held-out part results are reported on."""
+    import torch
+
+    windows, end = [], tokens.numel()
+    while len(windows) < count and end >= seqlen:
+        start = end - seqlen
+        if all(start + seqlen <= s or s + seqlen <= start for s in calibration_starts):
+            windows.append(tokens[start:end])
+        end = start
+    return torch.stack(windows)
+
+
 def zero_shot(model, tokenizer, tasks: str | None, limit: int, seed: int = SEED) -> dict | None:
     """llmprune's zero-shot evaluation (0-shot, the first ``limit`` documents of each task) of a comma list of
     tasks or suites; its ``mean_acc`` is the mean accuracy over the tasks. None without tasks."""

@@ -29,22 +29,11 @@ from llmprune.output.atomic import write_json_atomically
 GRID = [(5.0, 0.08), (5.0, 0.04), (5.0, 0.15), (5.0, 0.2), (3.0, 0.08), (7.0, 0.08), (10.0, 0.08), (10.0, 0.15)]
 
 
-def validation_windows(tokens: torch.Tensor, calibration_starts: list[int], count: int, seqlen: int) -> torch.Tensor:
-    """`count` windows from the end of the calibration text, skipping any that overlaps a calibration window."""
-    windows, end = [], tokens.numel()
-    while len(windows) < count and end >= seqlen:
-        start = end - seqlen
-        if all(start + seqlen <= s or s + seqlen <= start for s in calibration_starts):
-            windows.append(tokens[start:end])
-        end = start
-    return torch.stack(windows)
-
-
 def make_windows(tokenizer, base: PruneConfig, validation_count: int) -> dict[str, torch.Tensor]:
     calib_tokens = benchlib.text_tokens(tokenizer, "calib")
     starts = calibration_starts(calib_tokens.numel(), base.nsamples, base.seqlen, base.seed)
     return {"calibration": benchlib.calibration(tokenizer, base.nsamples, base.seqlen, seed=base.seed),
-            "validation": validation_windows(calib_tokens, starts, validation_count, base.seqlen),
+            "validation": benchlib.validation_windows(calib_tokens, starts, validation_count, base.seqlen),
             "held_out": benchlib.held_out(tokenizer, base.seqlen, 40)}
 
 

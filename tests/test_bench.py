@@ -139,14 +139,15 @@ def test_row_selection(bench):
         bench.select_rows(full, "nonexistent")
 
 
-def test_owl_sweep_validation_windows_never_touch_calibration():
-    """scripts/sweep_owl.py chooses OWL's knobs on windows that share no token position with calibration."""
-    spec = importlib.util.spec_from_file_location("sweep_owl", SCRIPT.parent / "sweep_owl.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+def test_validation_windows_never_touch_calibration():
+    """The sweeps (sweep_owl.py, sweep_damping.py) choose settings on windows that share no token position with
+    calibration."""
+    spec = importlib.util.spec_from_file_location("benchlib", SCRIPT.parent / "benchlib.py")
+    benchlib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchlib)
     tokens = torch.arange(1000)
     starts = [900, 850, 100]  # windows of 50 at the end, overlapping each other, and one early
-    windows = sweep.validation_windows(tokens, starts, count=5, seqlen=50)
+    windows = benchlib.validation_windows(tokens, starts, count=5, seqlen=50)
     assert windows.shape == (5, 50)
     used = {p for s in starts for p in range(s, s + 50)}
     assert not used & set(windows.flatten().tolist())

@@ -6,7 +6,7 @@ import torch
 from llmprune.config import prune_config_from
 from llmprune.pruning.masks import nm_mask, row_mask
 from llmprune.pruning.methods import LayerTarget, get_method
-from llmprune.pruning.methods.sparsegpt import inverse_hessian_factor, upper_triangular_inverse
+from llmprune.pruning.methods.sparsegpt import inverse_hessian_factor, reverse_in_place, upper_triangular_inverse_
 
 
 def run(method, weight, statistic, segments=(), **config):
@@ -85,6 +85,47 @@ def test_sparsegpt_single_column_matches_closed_form_obs_update():
     torch.testing.assert_close(new[0].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def obs_reference(weight, hessian, sparsity, percdamp=0.01):
+    """SparseGPT over one block of every column, in float64 by the textbook route (explicit inverse, then its upper
+    Cholesky factor), each row pruning its lowest w^2 / U_jj^2 chosen once on the original weights, then the
+    column-by-column OBS update: an independent computation of the row comparison group."""
+    h = hessian.double()
+    h = h + percdamp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    w = weight.double().clone()
+    rows, cols = w.shape
+    scores = w**2 / u.diagonal() ** 2
+    count = round(cols * sparsity)
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    for r in range(rows):
+        keep[r, scores[r].argsort()[:count]] = False
+    for j in range(cols):
+        error = torch.where(keep[:, j], 0.0, w[:, j] / u[j, j])
+        w[:, j:] -= error[:, None] * u[j, j:][None, :]
+    return w * keep, keep
+
+
+def test_sparsegpt_row_comparison_matches_a_float64_reference():
+    weight, _, hessian = layer_problem(rows=12, cols=16, seed=5)
+    new, keep = run("sparsegpt", weight, hessian, sparsity=0.5, blocksize=16, sparsegpt_compare="row")
+    expected, expected_keep = obs_reference(weight, hessian, 0.5)
+    assert torch.equal(keep, expected_keep)
+    torch.testing.assert_close(new.double(), expected, rtol=1e-4, atol=1e-5)
+    _, matrix_keep = run("sparsegpt", weight, hessian, sparsity=0.5, blocksize=16)
+    assert not (matrix_keep.sum(1) == 8).all()  # the paper's group lets rows lose unequal shares: a real choice
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_sparsegpt_row_comparison_prunes_every_row_exactly_over_ragged_blocks(sparsity):
+    """24 columns in blocks of 8 (0.7 x 8 = 5.6 a block): the cumulative rounding gives each row, stacked
+    segments or not, exactly round(24 x sparsity) pruned weights."""
+    weight, _, hessian = layer_problem(rows=20, cols=24)
+    new, keep = run("sparsegpt", weight, hessian, segments=[12, 4, 4], sparsity=sparsity, blocksize=8,
+                    sparsegpt_compare="row")
+    assert ((~keep).sum(1) == round(24 * sparsity)).all()
+    assert (new[~keep] == 0).all()
+
+
 def test_sparsegpt_nothing_pruned_changes_nothing():
     weight, _, hessian = layer_problem()
     new, keep = run("sparsegpt", weight, hessian, sparsity=0.0)
@@ -145,13 +186,25 @@ def test_inverse_hessian_factor_against_float64_inverse():
 @pytest.mark.parametrize("n", [5, 8, 67])
 def test_upper_triangular_inverse_against_float64_inverse(n):
     """The blockwise inverse of an upper triangular matrix (fewer columns than blocks, an exact multiple, a
-    ragged last block) equals float64's general inverse, and is upper triangular with exact zeros below."""
+    ragged last block), written over the matrix, equals float64's general inverse and is upper triangular with
+    exact zeros below."""
     generator = torch.Generator().manual_seed(n)
     upper = torch.randn(n, n, generator=generator).triu() / n**0.5 + torch.eye(n) * 2
-    inverse = upper_triangular_inverse(upper)
-    assert torch.equal(inverse, inverse.triu())
     expected = torch.linalg.inv(upper.double())
+    inverse = upper_triangular_inverse_(upper)
+    assert inverse.data_ptr() == upper.data_ptr()  # in place: no second n x n matrix
+    assert torch.equal(inverse, inverse.triu())
     assert float((inverse.double() - expected).norm() / expected.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (5, 5), (6, 6)])
+@pytest.mark.parametrize("chunk", [1, 4, 1 << 20])
+def test_reverse_in_place_is_flip_of_both_axes(shape, chunk):
+    """Odd and even sizes (a middle element that stays), chunks smaller than, across and larger than half."""
+    matrix = torch.arange(shape[0] * shape[1], dtype=torch.float32).view(shape)
+    expected = matrix.flip(0, 1)
+    reverse_in_place(matrix, chunk=chunk)
+    assert torch.equal(matrix, expected)
 
 
 @pytest.mark.parametrize("levels", [3, 1000])

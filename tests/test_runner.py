@@ -140,6 +140,17 @@ def test_nm_pattern_exact_in_model(method, pattern):
             assert torch.equal(w, before * (w != 0))
 
 
+@pytest.mark.parametrize("compare", ["matrix", "row"])
+def test_sparsegpt_comparison_group_in_model(compare):
+    """--sparsegpt-compare row: every row of every linear loses exactly its share, which the runner's own check
+    accepts at a sparsity whose blocks round unevenly; the paper's group leaves rows unequal."""
+    model = tiny_model("llama")
+    prune(model, tokens(), PruneConfig(method="sparsegpt", sparsity=0.7, batch_size=4,
+                                       method_config={"sparsegpt_compare": compare}), progress=False)
+    rows_equal = [bool(((w == 0).sum(1) == round(w.shape[1] * 0.7)).all()) for w in dense_linears(model)]
+    assert all(rows_equal) if compare == "row" else not all(rows_equal)
+
+
 def test_nm_width_not_divisible_is_an_error():
     model = tiny_model("llama", intermediate=132)  # down_proj reads 132 inputs
     with pytest.raises(LLMPruneError, match="down_proj has 132 inputs, not divisible by M=8"):

@@ -58,7 +58,7 @@ def test_saved_config_nests_the_knobs_and_reads_back(tmp_path):
                        recover="lm", recovery=RecoverConfig(steps=3))
     config.save(tmp_path / "llmprune_config.json")
     saved = json.loads((tmp_path / "llmprune_config.json").read_text())
-    assert saved["prune"]["method_config"] == {"blocksize": 64, "percdamp": 0.01}
+    assert saved["prune"]["method_config"] == {"blocksize": 64, "percdamp": 0.01, "sparsegpt_compare": "matrix"}
     assert saved["prune"]["update_config"] is None and "blocksize" not in saved["prune"]
     assert RunConfig.from_dict(saved) == config
 

@@ -41,10 +41,14 @@ ROW_CHUNK = 2**22  # scores per chunk of rows: bounds the selection's temporarie
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Unstructured, compared within each output row: every row loses exactly floor(in * sparsity).
-    Rows are independent, so they are selected a chunk at a time: the same mask, with temporaries of one
-    chunk instead of several copies of the whole (stacked) matrix, which dominated a streamed run's memory."""
-    count = pruned_count(scores.shape[-1], sparsity)
+    """Unstructured, compared within each output row: every row loses exactly pruned_count(in, sparsity)."""
+    return row_mask_count(scores, pruned_count(scores.shape[-1], sparsity))
+
+
+def row_mask_count(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Every row loses its `count` lowest. Rows are independent, so they are selected a chunk at a time: the same
+    mask, with temporaries of one chunk instead of several copies of the whole (stacked) matrix, which dominated
+    a streamed run's memory."""
     rows = max(1, ROW_CHUNK // max(1, scores.shape[-1]))
     if scores.dim() != 2 or scores.shape[0] <= rows:
         return _prune_lowest(scores, count)

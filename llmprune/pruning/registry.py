@@ -40,6 +40,10 @@ class KnobConfig:
     def check_with(self, prune) -> None:
         """Checks that need the rest of the prune's settings (its pattern, its sparsity); none by default."""
 
+    def compares(self, default: str) -> str:
+        """The unstructured selection group these knobs give the method ("row" or "matrix"); its own by default."""
+        return default
+
 
 @dataclass(frozen=True)
 class MagnitudeConfig(KnobConfig):
@@ -64,10 +68,20 @@ class SparseGPTConfig(KnobConfig):
     blocksize: int = option(128, "SparseGPT: columns per lazy-update block", group="pruning")
     percdamp: float = option(0.01, "SparseGPT: damping added to the Hessian diagonal, as a fraction of its mean",
                              group="pruning")
+    sparsegpt_compare: str = option(
+        "matrix", "SparseGPT, unstructured: which weights of a block of columns compete for pruning: matrix (all of "
+        "each stacked matrix's, the paper's) or row (each output row loses the same share, Wanda's comparison "
+        "group; see docs/methods.md)", choices=("matrix", "row"),
+        group="pruning")
 
     def __post_init__(self):
         check_at_least(self, ("blocksize",))
         check_finite(self.percdamp, "--percdamp", positive=True)
+        if self.sparsegpt_compare not in ("matrix", "row"):
+            raise LLMPruneError(f"--sparsegpt-compare must be matrix or row (got {self.sparsegpt_compare!r})")
+
+    def compares(self, default: str) -> str:
+        return self.sparsegpt_compare
 
     def check_with(self, prune) -> None:
         if prune.nm and self.blocksize % prune.nm[1]:

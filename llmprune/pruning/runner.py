@@ -410,7 +410,8 @@ def verify_mask(group, weight, keep, rows, method: Method, sparsity, config) -> 
     if config.nm:
         n, m = config.nm
         exact = bool((keep.view(-1, cols // m, m).sum(-1) == n).all())
-    elif method.compares == "row":
+    elif (config.method_config.compares(method.compares) if isinstance(config.method_config, method.config)
+          else method.compares) == "row":
         exact = bool((keep.sum(1) == cols - pruned_count(cols, sparsity)).all())
     else:
         kept = keep.sum(1).split(rows)

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from ...errors import LLMPruneError
-from ..masks import lowest_mask, nm_mask, pruned_count
+from ..masks import lowest_mask, nm_mask, pruned_count, row_mask_count
 from ..registry import SparseGPTConfig, handles
 
 
@@ -22,24 +22,26 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int 
     10x on failure.
 
     With J the reversal permutation, the Cholesky factor L of J H J gives H = V V^T with V = J L J upper
-    triangular, so H^-1 = V^-T V^-1 and U = V^-1: one Cholesky and one triangular solve, where the textbook route
+    triangular, so H^-1 = V^-T V^-1 and U = V^-1: one Cholesky and one triangular inverse, where the textbook route
     takes a Cholesky, an explicit inverse and a second Cholesky, and rounds through the worse-conditioned H^-1.
-    At most two features x features matrices and a quarter live at once (the largest transient of a streamed
-    run's layer)."""
-    reversed_h = hessian.flip(0, 1)  # J H J, a copy: damped in place
-    diagonal = reversed_h.diagonal()
-    diagonal[diagonal == 0] = 1.0  # an input never seen in calibration: no information, keep H invertible
-    undamped = diagonal.clone()
+    All three steps work in place on one copy of H: a streamed run's largest solve (a 4,864-wide down projection)
+    holds H and one more features x features matrix, not three more."""
+    factor = hessian.flip(0, 1)  # J H J, the one copy: every step below overwrites it
+    undamped = factor.diagonal().clone()
+    undamped[undamped == 0] = 1.0  # an input never seen in calibration: no information, keep H invertible
     damp = percdamp * undamped.mean()
+    info = torch.zeros((), dtype=torch.int32, device=hessian.device)
     for attempt in range(retries + 1):
-        torch.add(undamped, damp, out=diagonal)
-        lower, info = torch.linalg.cholesky_ex(reversed_h)
+        if attempt:  # the failed factorisation overwrote the copy
+            factor.copy_(hessian)
+            reverse_in_place(factor)
+        torch.add(undamped, damp, out=factor.diagonal())
+        # LAPACK factors a column-major matrix in place: the transposed view is one, and the upper factor R
+        # (R^T R = J H J) written into it leaves R^T = L in `factor`'s own row-major layout.
+        torch.linalg.cholesky_ex(factor.mT, upper=True, out=(factor.mT, info))
         if info == 0:
-            del reversed_h
-            factor = lower.flip(0, 1)  # V
-            del lower
-            return upper_triangular_inverse(factor)
-        del lower
+            reverse_in_place(factor)  # V = J L J
+            return upper_triangular_inverse_(factor)
         if attempt < retries:
             warnings.warn(f"SparseGPT: Hessian not positive definite at damping {damp:.3g}; retrying at 10x")
             damp = damp * 10
@@ -49,21 +51,34 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int 
     )
 
 
-def upper_triangular_inverse(upper: torch.Tensor, blocks: int = 8) -> torch.Tensor:
-    """V^-1 of an upper triangular V, a block of columns at a time. Column block [a, b) of the inverse is zero
-    below row b, so it solves only V[:b, :b] against the identity's columns [a, b): about 0.4 n^3 multiply-adds
-    over 8 blocks where one solve against the whole identity takes n^3 (the solve was two thirds of the
-    inverse factor's time on Qwen2.5's 4,864-wide down projection)."""
+def reverse_in_place(matrix: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """matrix := matrix.flip(0, 1) for a contiguous matrix, without a second one: flipping both axes reverses the
+    flat storage, done by swapping a chunk from each end at a time."""
+    flat = matrix.view(-1)
+    n = flat.numel()
+    for k in range(0, n // 2, chunk):
+        m = min(chunk, n // 2 - k)
+        head = flat[k : k + m].clone()
+        flat[k : k + m] = flat[n - k - m : n - k].flip(0)
+        flat[n - k - m : n - k] = head.flip(0)
+
+
+def upper_triangular_inverse_(upper: torch.Tensor, blocks: int = 8) -> torch.Tensor:
+    """V^-1 of an upper triangular V, written over V (zeros below the diagonal stay zeros), a block of columns at
+    a time from the left. With the leading a x a block already inverted, column block [a, b) of the inverse is
+    -inv(V[:a, :a]) V[:a, a:b] inv(V[a:b, a:b]) above the diagonal block and inv(V[a:b, a:b]) on it: two
+    products and one small triangular inverse per block, temporaries of n x n/blocks (LAPACK's blocked trtri)."""
     n = upper.shape[0]
-    inverse = torch.zeros_like(upper)
     edges = [n * k // blocks for k in range(blocks + 1)]
     for a, b in zip(edges, edges[1:]):
         if a == b:
             continue
-        rhs = torch.zeros(b, b - a, dtype=upper.dtype, device=upper.device)
-        rhs[a:].fill_diagonal_(1.0)
-        inverse[:b, a:b] = torch.linalg.solve_triangular(upper[:b, :b], rhs, upper=True)
-    return inverse
+        identity = torch.eye(b - a, dtype=upper.dtype, device=upper.device)
+        diagonal_inverse = torch.linalg.solve_triangular(upper[a:b, a:b], identity, upper=True)
+        if a:
+            upper[:a, a:b] = -(upper[:a, :a] @ upper[:a, a:b]) @ diagonal_inverse
+        upper[a:b, a:b] = diagonal_inverse
+    return upper
 
 
 def _block_counts(segments: list[int], cols: int, i1: int, i2: int, sparsity: float) -> list[int]:
@@ -117,7 +132,7 @@ def column_graph(width: int, rows: int, nm, device: torch.device, dtype: torch.d
 
 
 @handles(SparseGPTConfig)
-def sparsegpt(weight, hessian, target, blocksize=128, percdamp=0.01):
+def sparsegpt(weight, hessian, target, blocksize=128, percdamp=0.01, sparsegpt_compare="matrix"):
     w = weight.clone()
     rows, cols = w.shape
     segments, sparsity, nm = list(target.segments or [rows]), target.sparsity, target.nm
@@ -129,7 +144,11 @@ def sparsegpt(weight, hessian, target, blocksize=128, percdamp=0.01):
         block, hinv_block = w[:, i1:i2], hinv[i1:i2, i1:i2]
         inv_diag_sq = torch.diag(hinv_block) ** 2
         keep_block = keep[:, i1:i2]
-        if nm is None:  # adaptive mask selection: each stacked matrix compares its whole block at once
+        if nm is None and sparsegpt_compare == "row":  # every row loses its share of the block (cumulatively
+            # rounded, so each row loses exactly pruned_count(cols, sparsity) over all blocks)
+            count = pruned_count(i2, sparsity) - pruned_count(i1, sparsity)
+            keep_block.copy_(row_mask_count(block**2 / inv_diag_sq, count))
+        elif nm is None:  # adaptive mask selection: each stacked matrix compares its whole block at once
             scores = block**2 / inv_diag_sq
             for start, size, count in zip(starts, segments, _block_counts(segments, cols, i1, i2, sparsity)):
                 keep_block[start : start + size] = lowest_mask(scores[start : start + size], count)
