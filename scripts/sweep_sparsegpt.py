@@ -71,7 +71,8 @@ def main() -> None:
 
     path = out / "sparsegpt_sweep.json"
     same = {"model": benchlib.model_name(args.model), "text": args.text, "method": "sparsegpt",
-            "seqlen": args.seqlen, "seed": benchlib.SEED}
+            "seqlen": args.seqlen, "seed": benchlib.SEED, "eval_windows": args.eval_windows,
+            "validation_windows": args.validation_windows}
     kept = []
     if args.keep_rows and path.exists():
         earlier = json.loads(path.read_text())
