@@ -152,7 +152,8 @@ def test_inverse_hessian_factor_retries_with_more_damping():
 
 @pytest.mark.parametrize("features", [40, 300])  # below and above the size at which panels start
 def test_hessian_statistic_equals_float64_product(features):
-    """The upper-triangle panels, mirrored, give 2/n X^T X over every batch, exactly symmetric."""
+    """The upper-triangle panels, held packed and then mirrored, give 2/n X^T X over every batch, exactly
+    symmetric."""
     from llmprune.pruning.statistics import Hessian
 
     generator = torch.Generator().manual_seed(3)
@@ -161,11 +162,27 @@ def test_hessian_statistic_equals_float64_product(features):
     statistic = Hessian(features, torch.device("cpu"))
     for batch in batches:
         statistic.add(batch)
+    held = sum(t.numel() for t in vars(statistic).values() if isinstance(t, torch.Tensor))
+    assert held <= (features**2 if features < 256 else 0.63 * features**2)  # the upper panels only, while summing
     hessian = statistic.finalize()
     x = torch.cat([b.reshape(-1, features) for b in batches]).double()
     exact = 2 / x.shape[0] * x.T @ x
     assert torch.equal(hessian, hessian.T)
     assert float((hessian.double() - exact).norm() / exact.norm()) < 1e-6
+
+
+def test_hessian_sums_over_processes_keep_their_shape():
+    """reduce_statistic sums the packed panels and the token count, not the fixed width: two processes that saw
+    the same batches give the one process's Hessian (sums and tokens both doubled)."""
+    from llmprune.pruning.statistics import Hessian, reduce_statistic
+
+    x = torch.randn(3, 40, 300, generator=torch.Generator().manual_seed(5))
+    alone, shared = Hessian(300, torch.device("cpu")), Hessian(300, torch.device("cpu"))
+    for statistic in (alone, shared):
+        statistic.add(x)
+    reduce_statistic(shared, lambda tensor: tensor.mul_(2))  # the all-reduce of two equal ranks
+    assert shared.tokens == 240
+    torch.testing.assert_close(shared.finalize(), alone.finalize(), rtol=0, atol=0)
 
 
 def test_inverse_hessian_factor_against_float64_inverse():

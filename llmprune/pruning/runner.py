@@ -171,6 +171,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None, config: PruneConfi
         if parallel is not None:
             parallel.broadcast(list(targets[i].values()))
         report.seconds["solve"] += elapsed(start, device)
+        del statistics, expert_statistics  # (a Hessian of the MLP width) not held while the outputs propagate
     report.moe, report.coverage = experts.summary(), experts.coverage()
     return report
 

@@ -5,9 +5,10 @@ once, returning what a method receives. Sums are accumulated in place and scaled
 same numbers as a running mean, without rescaling the accumulator on every batch. A method that needs a
 new statistic adds one class here and names its kind in `register(..., statistic=KIND)`.
 
-Contract: a kind's attributes are its running sums, tensors or int token counts, and nothing else until
-`finalize()`. Processes that saw different calibration windows then combine by summing every attribute
-(`reduce_statistic`), which is how data-parallel calibration needs no code per kind.
+Contract: a kind's public attributes are its running sums, tensors or int token counts, and nothing else until
+`finalize()`; a name with a leading underscore is fixed at construction (a shape), not a sum. Processes that saw
+different calibration windows then combine by summing every public attribute (`reduce_statistic`), which is how
+data-parallel calibration needs no code per kind.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def new_statistic(kind: str, features: int, device: torch.device):
 
 def reduce_statistic(statistic, all_reduce) -> None:
     """Sum a statistic over processes in place (`all_reduce(tensor)` sums a tensor across them)."""
-    tensors = [v for v in vars(statistic).values() if isinstance(v, torch.Tensor)]
-    for name, value in vars(statistic).items():
+    sums = {name: value for name, value in vars(statistic).items() if not name.startswith("_")}
+    tensors = [v for v in sums.values() if isinstance(v, torch.Tensor)]
+    for name, value in sums.items():
         if isinstance(value, torch.Tensor):
             all_reduce(value)
         elif isinstance(value, int):  # a token count: summed as a tensor on the statistic's device
@@ -65,21 +67,33 @@ class InputNorms:
 class Hessian:
     """2/n X^T X over the n calibration tokens (SparseGPT, ADMM): the layer-wise least-squares Hessian.
 
-    Only the upper triangle is accumulated (except for half-precision inputs on a GPU, one mixed-precision
-    product of the whole), a panel of rows at a time (rows [a, b) against columns
-    [a, n)): X^T X is symmetric, so this does 5/8 of the full product's work at 4 panels, and `finalize` mirrors
-    it into the lower triangle (which also makes the result exactly symmetric)."""
+    X^T X is symmetric, so only its upper triangle is accumulated and held, a panel of rows at a time (rows
+    [a, b) against columns [a, n)), packed one after another in `upper`: at 4 panels this does 5/8 of the full
+    product's work and holds 5/8 of its memory while the calibration batches run (the forward's own activations
+    peak then). `finalize` unpacks it into the whole matrix, mirroring each panel into the lower triangle (which
+    also makes the result exactly symmetric)."""
 
     PANELS = 4  # more, thinner panels save a little more work but run each GEMM less efficiently
 
     def __init__(self, features: int, device: torch.device):
+        self._features = features
         self.tokens = 0
-        self.total = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.upper = torch.zeros(sum((b - a) * (features - a) for a, b in self._spans()), dtype=torch.float32,
+                                 device=device)
 
-    def _edges(self) -> list[int]:
-        n = self.total.shape[0]
+    def _spans(self) -> list[tuple[int, int]]:
+        n = self._features
         panels = self.PANELS if n >= 256 else 1
-        return [n * k // panels for k in range(panels + 1)]
+        edges = [n * k // panels for k in range(panels + 1)]
+        return list(zip(edges, edges[1:]))
+
+    def _panels(self):
+        """(a, b, rows [a, b) x columns [a, n) of X^T X as a view of `upper`) for each panel."""
+        n, offset = self._features, 0
+        for a, b in self._spans():
+            size = (b - a) * (n - a)
+            yield a, b, self.upper[offset:offset + size].view(b - a, n - a)
+            offset += size
 
     def add(self, x: torch.Tensor) -> None:
         self.tokens += x.numel() // x.shape[-1]
@@ -88,21 +102,24 @@ class Hessian:
             # float32, so this is the float32 X^T X at many times the float32 rate (the GPU's cost of SparseGPT).
             x = x.reshape(-1, x.shape[-1])
             try:
-                self.total.add_(torch.mm(x.t(), x, out_dtype=torch.float32))
+                product = torch.mm(x.t(), x, out_dtype=torch.float32)
             except (TypeError, RuntimeError):  # a torch before mixed-precision mm (2.8)
-                self.total.addmm_(x.t().float(), x.float())
+                product = torch.mm(x.t().float(), x.float())
+            for a, b, panel in self._panels():
+                panel.add_(product[a:b, a:])
         else:
             x = _rows(x)
-            edges = self._edges()
-            for a, b in zip(edges, edges[1:]):
-                self.total[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+            for a, b, panel in self._panels():
+                panel.addmm_(x[:, a:b].t(), x[:, a:])
 
     def finalize(self) -> torch.Tensor:
-        edges, total = self._edges(), self.total
-        for a, b in zip(edges, edges[1:]):  # lower triangle := upper, a panel at a time (small temporaries)
-            total[b:, a:b] = total[a:b, b:].t()
+        total = torch.empty(self._features, self._features, dtype=torch.float32, device=self.upper.device)
+        for a, b, panel in self._panels():  # the panel, then its mirror below it (small temporaries)
+            total[a:b, a:] = panel
+            total[b:, a:b] = panel[:, b - a:].t()
             diagonal = total[a:b, a:b]
             diagonal.copy_(diagonal.triu() + diagonal.triu(1).t())
+        self.upper = None  # the packed sums are spent: freed before the method runs
         return total.mul_(2 / self.tokens)
 
 
