@@ -169,30 +169,35 @@ def prune_job(args, mode: dict, name: str, folder: str) -> dict:
 
 
 def row_job(args, mode: dict, prune_name: str, folder: str, recipe: str, budget: str) -> dict:
-    """Teacher pass on the dense model (distillation), then the pruned model's recovery and evaluation."""
+    """Teacher pass on the dense model (distillation), then the pruned model's recovery and evaluation. Only
+    distillation loads the dense model (its memory is given back before the pruned one loads): a row on the LM
+    loss takes its tokens from the tokenizer saved beside the prune, so its peak RSS is the recovery's own."""
     import gc
 
     from llmprune.inputs.models import decoder_layers
     from llmprune.recovery.distill import evenly_spaced_layers, teacher_topk
     from llmprune.recovery.train import recovery_windows, train_recovery
-    from llmprune.runtime import peak_rss_bytes, resolve_device
+    from llmprune.runtime import peak_rss_bytes, release_free_memory, resolve_device
 
     device = resolve_device(args.device)
     config = recovery_config(recipe, mode["budgets"][budget], mode)
     teacher, teacher_minutes = None, 0.0
-    model, tokenizer = load(args.model, device)
-    train, val = recovery_windows(benchlib.text_tokens(tokenizer, "calib", args.text), config)
     if config.loss == "distill":
+        model, tokenizer = load(args.model, device)
+        train, val = recovery_windows(benchlib.text_tokens(tokenizer, "calib", args.text), config)
         start = time.perf_counter()
         hidden_layers = evenly_spaced_layers(len(decoder_layers(model)[1]), config.distill_hidden_layers) \
             if config.distill_hidden else ()
         teacher = teacher_topk(model, train, config.distill_topk, batch_size=4, progress=not args.quick,
                                temperature=config.distill_temperature, hidden_layers=hidden_layers)
         teacher_minutes = (time.perf_counter() - start) / 60
-    del model
-    gc.collect()
+        del model
+        gc.collect()
+        release_free_memory()
 
     model, tokenizer = load(folder, device)
+    if teacher is None:
+        train, val = recovery_windows(benchlib.text_tokens(tokenizer, "calib", args.text), config)
     pruned = json.loads((Path(folder) / "bench_prune.json").read_text())
     masked = pruned["masked_linears"]
     masks = {} if masked is None else {name: model.get_submodule(name).weight != 0 for name in masked}
