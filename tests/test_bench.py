@@ -140,7 +140,7 @@ def test_row_selection(bench):
 
 
 def test_validation_windows_never_touch_calibration():
-    """The sweeps (sweep_owl.py, sweep_damping.py) choose settings on windows that share no token position with
+    """The sweeps (sweep_owl.py, sweep_sparsegpt.py) choose settings on windows that share no token position with
     calibration."""
     spec = importlib.util.spec_from_file_location("benchlib", SCRIPT.parent / "benchlib.py")
     benchlib = importlib.util.module_from_spec(spec)

@@ -144,14 +144,15 @@ def sparsegpt(weight, hessian, target, blocksize=128, percdamp=0.01, sparsegpt_c
         block, hinv_block = w[:, i1:i2], hinv[i1:i2, i1:i2]
         inv_diag_sq = torch.diag(hinv_block) ** 2
         keep_block = keep[:, i1:i2]
-        if nm is None and sparsegpt_compare == "row":  # every row loses its share of the block (cumulatively
-            # rounded, so each row loses exactly pruned_count(cols, sparsity) over all blocks)
-            count = pruned_count(i2, sparsity) - pruned_count(i1, sparsity)
-            keep_block.copy_(row_mask_count(block**2 / inv_diag_sq, count))
-        elif nm is None:  # adaptive mask selection: each stacked matrix compares its whole block at once
+        if nm is None:  # adaptive mask selection on the OBS score
             scores = block**2 / inv_diag_sq
-            for start, size, count in zip(starts, segments, _block_counts(segments, cols, i1, i2, sparsity)):
-                keep_block[start : start + size] = lowest_mask(scores[start : start + size], count)
+            if sparsegpt_compare == "row":  # every row loses its share of the block (cumulatively rounded, so
+                # each row loses exactly pruned_count(cols, sparsity) over all blocks)
+                count = pruned_count(i2, sparsity) - pruned_count(i1, sparsity)
+                keep_block.copy_(row_mask_count(scores, count))
+            else:  # the paper's: each stacked matrix compares its whole block at once
+                for start, size, count in zip(starts, segments, _block_counts(segments, cols, i1, i2, sparsity)):
+                    keep_block[start : start + size] = lowest_mask(scores[start : start + size], count)
         block_t, keep_t = block.t().contiguous(), keep_block.t().contiguous()
         loop_state = (block_t, (~keep_t).to(w.dtype), keep_t, torch.empty_like(block_t), hinv_block, inv_diag_sq)
         if w.is_cuda:  # the same kernels, replayed as one CUDA graph: no launch cost per column
