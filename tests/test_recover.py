@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from llmprune.errors import LLMPruneError
 from llmprune.inputs.models import decoder_layers, is_linear, weight_matrix
 from llmprune.config import RecoverConfig
-from llmprune.recovery.lora import MaskedLoraLinear, masked_lora_config
+from llmprune.recovery.lora import MaskedLoraLinear, MaskedLoraMatmul, masked_lora_config
 from llmprune.recovery.train import train_recovery
 
 
@@ -174,6 +174,58 @@ def test_masked_lora_trains_exactly_the_model_it_merges(build, dropout):
     modules = dict(merged.named_modules())
     for name, mask in masks.items():
         assert torch.equal(modules[name].weight != 0, mask), name
+
+
+def test_masked_lora_matmul_gradients_match_finite_differences():
+    """The hand-written backward (effective weight formed again, gradient masked) against float64 finite
+    differences of the forward, on a weight with pruned zeros and a bias."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(6, 7, generator=generator) > 0.5
+    weight = torch.randn(6, 7, generator=generator, dtype=torch.float64) * mask
+    bias = torch.randn(6, generator=generator, dtype=torch.float64)
+    x = torch.randn(2, 5, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    lora_a = torch.randn(3, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: MaskedLoraMatmul.apply(x, weight, bias, a, b, mask, 0.7),
+                                    (x, lora_a, lora_b))
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_lora_step_keeps_no_weight_sized_copy_for_backward(structured):
+    """What a LoRA training forward keeps for its backward pass: activations, and references to the model's own
+    weights and masks, but no new weight-sized tensor (an effective weight W + M * sBA per linear is a copy of every
+    adapted weight per step). Sparse: masked LoRA; structured (masks={}): plain LoRA."""
+    model = tiny_llama()
+    pruned = {} if structured else prune_rows_by_magnitude(model)
+    config = RecoverConfig(steps=1, batch=2, seqlen=24)  # 48 tokens: no activation has a weight's shape
+    windows = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    weight_shapes = {tuple(module.weight.shape) for module in (pruned or
+                     {n: m for n, m in decoder_layers(model)[1].named_modules() if is_linear(m)}).values()}
+    copies = []
+
+    def keep(tensor):
+        if tuple(tensor.shape) in weight_shapes and tensor.untyped_storage().data_ptr() not in held:
+            copies.append(tuple(tensor.shape))
+        return tensor
+
+    import llmprune.recovery.train as train_module
+
+    real_loop = train_module.train_loop
+
+    def loop(params, batches, loss_of, **kwargs):
+        def traced(window_indices):
+            held.update(t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()))
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+                return loss_of(window_indices)
+        return real_loop(params, batches, traced, **kwargs)
+
+    held: set[int] = set()
+    train_module.train_loop = loop
+    try:
+        train_recovery(model, windows, None, config, masks=None if not structured else {}, progress=False)
+    finally:
+        train_module.train_loop = real_loop
+    assert copies == []
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])

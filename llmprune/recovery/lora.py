@@ -8,6 +8,12 @@ silently drops the pruned part of the delta at the end. The price is one extra d
 linear in the backward pass (the forward stays one matmul with the effective weight); per step the perplexity is
 about the same (docs/results.md): what masking buys is that the loss optimised and reported is the loss of the
 model that ships.
+
+Memory: the effective weight ``W + M * sBA`` is a full-size tensor per linear. Left to autograd, the matmul keeps
+it for the backward pass, a copy of every adapted weight per step (1.1 GB on Qwen2.5-0.5B's channel prune, as much
+as its activations); :class:`MaskedLoraMatmul` keeps only the input and the adapters and forms the effective weight
+again, one linear at a time, in the backward pass. A structurally pruned (smaller, dense) model has no pattern to
+keep: its linears get peft's plain LoRA, whose forward never forms a full-size delta at all.
 """
 
 from __future__ import annotations
@@ -59,41 +65,91 @@ class MaskedLoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         (adapter,) = self.active_adapters
         base = self.get_base_layer()
-        delta = self.masked_delta(adapter)
         dropout = self.lora_dropout[adapter]
         if isinstance(dropout, nn.Identity):
-            # One matmul with the effective sparse weight: the backward needs only one extra (weight-gradient) matmul.
-            return F.linear(x, transpose(base.weight + delta, self.fan_in_fan_out), base.bias)
+            # One matmul with the effective sparse weight, which is not kept for the backward pass (the class below).
+            return MaskedLoraMatmul.apply(x, transpose(base.weight, self.fan_in_fan_out), base.bias,
+                                          self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                          transpose(self.keep_mask, self.fan_in_fan_out), self.scaling[adapter])
         # LoRA dropout applies to the adapter's input only, so the delta needs its own matmul.
+        delta = self.masked_delta(adapter)
         return base(x, *args, **kwargs) + F.linear(dropout(x), transpose(delta, self.fan_in_fan_out))
 
 
-def masked_lora_config(config: RecoverConfig, target_names: list[str]) -> LoraConfig:
-    """A peft LoraConfig on exactly these module names, with every linear wrapped as a MaskedLoraLinear."""
+def effective_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """``W + M * (s B A)`` in the weight's dtype, all [out, in]."""
+    return weight + (torch.mm(lora_b, lora_a) * scale * mask).to(weight.dtype)
+
+
+class MaskedLoraMatmul(torch.autograd.Function):
+    """``y = x (W + M * sBA)^T + b`` whose backward pass forms the effective weight again instead of keeping it.
+
+    Saved: the input and references to tensors the layer holds anyway (W, M, A, B); the effective weight and the
+    weight-sized gradient live one linear at a time. Gradients flow to ``x``, ``A`` and ``B`` only (W and b are
+    frozen). The backward pass runs under the forward's autocast state, so its matmuls are the ones autograd would
+    have run through autocast (bf16 training), and each gradient comes back in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, mask, scale):
+        ctx.save_for_backward(x, weight, lora_a, lora_b, mask)
+        ctx.scale = scale
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        return F.linear(x, effective_weight(weight, lora_a, lora_b, mask, scale), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, mask = ctx.saved_tensors
+        device, dtype = ctx.autocast or (x.device.type, None)
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(device, dtype=dtype, enabled=ctx.autocast is not None):
+            if ctx.needs_input_grad[0]:
+                effective = effective_weight(weight, lora_a, lora_b, mask, ctx.scale)
+                grad_x = torch.matmul(grad_out, effective).to(x.dtype)
+                del effective
+            if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+                # The effective weight's gradient, masked (d loss / d sBA), then through the product.
+                grad_weight = torch.mm(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+                grad_delta = grad_weight.to(lora_a.dtype).mul_(mask).mul_(ctx.scale)
+                del grad_weight
+                if ctx.needs_input_grad[3]:
+                    grad_a = torch.mm(lora_b.t(), grad_delta).to(lora_a.dtype)
+                if ctx.needs_input_grad[4]:
+                    grad_b = torch.mm(grad_delta, lora_a.t()).to(lora_b.dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def masked_lora_config(config: RecoverConfig, target_names: list[str], masked: bool = True) -> LoraConfig:
+    """A peft LoraConfig on exactly these module names, with every linear wrapped as a MaskedLoraLinear
+    (``masked``), or peft's plain LoRA linear (a structurally pruned model, which has no zeros to keep)."""
     lora_config = LoraConfig(
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=target_names, bias="none"
     )
-    lora_config._register_custom_module({nn.Linear: MaskedLoraLinear, Conv1D: MaskedLoraLinear})
+    if masked:
+        lora_config._register_custom_module({nn.Linear: MaskedLoraLinear, Conv1D: MaskedLoraLinear})
     return lora_config
 
 
 @contextmanager
 def masked_lora(model: nn.Module, pruned_linears: dict[str, nn.Module], config: RecoverConfig,
-                adapter_dir: str | Path | None = None) -> Iterator[tuple[nn.Module, list[str]]]:
+                adapter_dir: str | Path | None = None, masked: bool = True) -> Iterator[tuple[nn.Module, list[str]]]:
     """Wrap ``pruned_linears`` (those named in ``config.targets``) in masked LoRA and yield ``(peft model, the
     target leaf names)`` to train; on leaving, keep the raw adapter in ``adapter_dir`` (if given), merge, and
-    check every zero pattern.
+    check every zero pattern. ``masked=False`` (a structurally pruned, dense model): plain LoRA, and no pattern
+    to check (a dequantized weight's exact zero may move like any other weight).
 
     On any failure, interruption included, the untouched pruned model is handed back unwrapped. Only ``r``,
     ``alpha``, ``dropout`` and ``targets`` of ``config`` are read here: the training is the caller's. peft
     initialises the adapters from the global RNG: seed it (in a fork) before entering for a reproducible run.
     """
     names = _module_names(model, pruned_linears)
-    masks = {name: module.weight != 0 for name, module in zip(names, pruned_linears.values())}
+    masks = {name: module.weight != 0 for name, module in zip(names, pruned_linears.values())} if masked else {}
     targets = _resolve_targets(names, config.targets)
     target_names = [name for name in names if name.rsplit(".", 1)[-1] in targets]
 
-    lora_config = masked_lora_config(config, target_names)
+    lora_config = masked_lora_config(config, target_names, masked)
     had_peft_config = hasattr(model, "peft_config")
     try:
         with warnings.catch_warnings():  # peft 0.21 calls a property transformers 5 deprecates: not ours to fix

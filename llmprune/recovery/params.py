@@ -114,7 +114,7 @@ def trainee(model: nn.Module, config: RecoverConfig, masks: dict[str, torch.Tens
     result (LoRA merged) with exactly the zeros ``masks`` say (checked), in eval mode, without grad flags.
 
     ``masks``/``modules``: the pruned linears (:func:`masked_modules`); empty for a structurally smaller model
-    (LoRA then adapts every decoder linear, full trains every weight). The global RNG (LoRA's initialisation,
+    (LoRA then adapts every decoder linear, unmasked; full trains every weight). The global RNG (LoRA's initialisation,
     dropout) is seeded with ``config.seed`` in a fork, so the caller's RNG stays untouched. On failure the
     untouched pruned model is handed back.
     """
@@ -125,7 +125,8 @@ def trainee(model: nn.Module, config: RecoverConfig, masks: dict[str, torch.Tens
             if config.params == "lora":
                 from llmprune.recovery.lora import masked_lora
 
-                with masked_lora(model, modules or all_decoder_linears(model), config, adapter_dir) as (wrapped, names):
+                with masked_lora(model, modules or all_decoder_linears(model), config, adapter_dir,
+                                 masked=bool(modules)) as (wrapped, names):
                     yield Trainee(wrapped, [p for p in wrapped.parameters() if p.requires_grad], names)
             else:  # adapter_dir: LoRA only (train_recovery refuses it for full before any work)
                 with masked_gradients(model, modules, masks) as params:

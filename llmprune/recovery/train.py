@@ -25,7 +25,7 @@ from llmprune.recovery.distill import TeacherTargets, capture_layer_outputs, out
 from llmprune.recovery.losses import hidden_loss, next_token_labels, token_loss_share
 from llmprune.recovery.loop import epoch_order, train_loop
 from llmprune.recovery.params import all_decoder_linears, check_params, masked_modules, resolve_masks, trainee
-from llmprune.runtime import parameter_count, peak_rss_bytes
+from llmprune.runtime import map_large_allocations, parameter_count, peak_rss_bytes
 
 
 def recovery_windows(tokens: torch.Tensor, config: RecoverConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,12 @@ def train_recovery(
     ``--distill-hidden`` matches layer outputs by their place in the dense model); None: nothing removed.
 
     The model comes back in eval mode, no grad flags, with exactly the zeros its masks say (checked).
+    Process-wide side effect: glibc serves allocations of 1 MiB or more with their own mmap from here on
+    (:func:`llmprune.runtime.map_large_allocations`): each step's activations, freed by its backward pass, were
+    otherwise kept on glibc's heaps and the next step's landed beside them: a peak well above one step's needs,
+    traded for some time a step in page faults (docs/results.md, the recovery of the channel prune).
     """
+    map_large_allocations()
     device = next(model.parameters()).device
     _check_windows(train_windows, val_windows, config)
     _check_teacher(model, train_windows, teacher, config)
