@@ -265,7 +265,7 @@ def load(config: RunConfig, plan: Plan, progress: bool):
 
         backend = getattr(tokenizer, "backend_tokenizer", None)
         check_gguf_export(model.config.to_dict(), json.loads(backend.to_str()) if backend else None,
-                          config.gguf_outtype)
+                          config.gguf_outtype, width_pruned=bool({"heads", "hidden"} & set(pc.axes)))
     if config.output:
         check_free_space(config.output, sum(p.numel() * p.element_size() for p in model.parameters()))
     return model, tokenizer, source

@@ -305,6 +305,27 @@ def test_qwen2_sliding_window_is_refused(qwen2_dir, tmp_path):
         check_gguf_export(config, None, "f16")
 
 
+def test_qwen2_with_pruned_heads_or_hidden_size_is_refused_before_writing(qwen2_dir, tmp_path):
+    """llama.cpp's qwen2 loader expects q_proj as wide as the hidden size (measured: a hidden-pruned
+    Qwen2.5-0.5B, 768 wide with 14 heads of 64, fails to load with "attn_q.weight has wrong shape"). A saved
+    model of that shape is refused with the fix before any byte is written; so is a run that will prune heads or
+    the hidden size, before it prunes; a dense Qwen2 still passes."""
+    import shutil
+
+    from llmprune.output.export import check_gguf_export
+
+    narrowed = tmp_path / "hidden-pruned"
+    shutil.copytree(qwen2_dir, narrowed, ignore=shutil.ignore_patterns("*.gguf"))
+    config = json.loads((narrowed / "config.json").read_text())
+    (narrowed / "config.json").write_text(json.dumps(config | {"hidden_size": 48, "head_dim": 16}))
+    with pytest.raises(LLMPruneError, match=r"query width \(heads x head_dim = 64\) to equal the hidden size \(48\)"):
+        export_gguf(narrowed, tmp_path / "out.gguf", "f16")
+    assert list(tmp_path.glob("*.gguf")) == []
+    with pytest.raises(LLMPruneError, match="prune channels or layers"):
+        check_gguf_export(config, None, "f16", width_pruned=True)
+    assert check_gguf_export(config, None, "f16").arch == "QWEN2"
+
+
 @pytest.mark.slow
 def test_real_qwen2_tokenizer_exports_as_llama_cpp_wrote_it(tmp_path):
     """The real Qwen2.5-Coder tokenizer (read from the published GGUF, which llama.cpp's converter wrote) beside a

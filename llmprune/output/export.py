@@ -34,12 +34,15 @@ class GGUFArchitecture:
     permute_qk: bool  # llama.cpp rotates adjacent pairs, transformers rotates halves
     hidden_act: str = "silu"
     unsupported: tuple[str, ...] = ()  # config.json flags llama.cpp's architecture has no counterpart for
+    # llama.cpp's loader expects q_proj to be hidden_size wide (not heads x head_dim): no head or hidden pruning
+    query_width_is_hidden: bool = False
 
 
 # config.json `model_type` -> how llama.cpp names it. Mistral (sliding window) is an entry away once tested.
 ARCHITECTURES = {
     "llama": GGUFArchitecture(arch="LLAMA", permute_qk=True),
-    "qwen2": GGUFArchitecture(arch="QWEN2", permute_qk=False, unsupported=("use_sliding_window",)),
+    "qwen2": GGUFArchitecture(arch="QWEN2", permute_qk=False, unsupported=("use_sliding_window",),
+                              query_width_is_hidden=True),
 }
 
 # A tokenizer.json pre-tokenizer, reduced to a signature, -> the `tokenizer.ggml.pre` name that selects the same
@@ -108,10 +111,13 @@ class _Plan:
     vocab: dict  # tokens, token types, merges, pre-tokenizer, special ids, chat template
 
 
-def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str) -> GGUFArchitecture:
+def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str,
+                      width_pruned: bool = False) -> GGUFArchitecture:
     """What can be checked from a model's config and tokenizer alone: a prune run with `--save-format gguf`
     calls this on the loaded model before pruning (`model.config.to_dict()`,
-    `json.loads(tokenizer.backend_tokenizer.to_str())`), so that a long run cannot end in a refusal."""
+    `json.loads(tokenizer.backend_tokenizer.to_str())`, ``width_pruned`` when the run prunes heads or the hidden
+    size),
+    so that a long run cannot end in a refusal."""
     if outtype not in GGUF_OUTTYPES:
         raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(GGUF_OUTTYPES)}")
     model_type = config.get("model_type")
@@ -125,6 +131,13 @@ def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str) -
         if config.get(flag):
             raise LLMPruneError(f"{flag} is set in the {model_type} config, which llama.cpp's "
                                 f"{arch.arch.lower()} architecture cannot express: export a model without it")
+    heads = config.get("num_attention_heads")
+    query_width = (config.get("head_dim") or config["hidden_size"] // heads) * heads if heads else None
+    if arch.query_width_is_hidden and (width_pruned or query_width not in (None, config["hidden_size"])):
+        raise LLMPruneError(f"llama.cpp's {arch.arch.lower()} architecture needs the query width (heads x head_dim"
+                            f" = {query_width}) to equal the hidden size ({config['hidden_size']}), which pruning "
+                            f"heads or the hidden size breaks: prune channels or layers of a {model_type} model "
+                            f"that is to be exported to GGUF")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise LLMPruneError(f"rope scaling '{rope.get('rope_type', rope.get('type'))}' is not exported yet: "
