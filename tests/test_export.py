@@ -326,6 +326,25 @@ def test_qwen2_with_pruned_heads_or_hidden_size_is_refused_before_writing(qwen2_
     assert check_gguf_export(config, None, "f16").arch == "QWEN2"
 
 
+@pytest.mark.parametrize("structure", ["heads", "hidden"])
+def test_prune_run_refuses_a_qwen2_gguf_it_would_narrow_before_pruning(qwen2_dir, tmp_path, structure, monkeypatch):
+    """--save-format gguf with --structure heads or hidden on a Qwen2: one line before any calibration or pruning,
+    and no output folder."""
+    from llmprune import pipeline
+    from llmprune.config import PruneConfig, RunConfig
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started before the refusal")
+
+    monkeypatch.setattr(pipeline, "calibration_data", no_calibration)
+    run = RunConfig(model=str(qwen2_dir), prune=PruneConfig(structure=structure, sparsity=0.25, round_to=16,
+                                                            nsamples=2, seqlen=32),
+                    calib="code", eval="none", output=str(tmp_path / "out"), save_format="gguf")
+    with pytest.raises(LLMPruneError, match="prune channels or layers"):
+        pipeline.run(run, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_real_qwen2_tokenizer_exports_as_llama_cpp_wrote_it(tmp_path):
     """The real Qwen2.5-Coder tokenizer (read from the published GGUF, which llama.cpp's converter wrote) beside a
