@@ -191,7 +191,7 @@ def test_masked_lora_matmul_gradients_match_finite_differences():
 
 
 @pytest.mark.parametrize("structured", [False, True])
-def test_lora_step_keeps_no_weight_sized_copy_for_backward(structured):
+def test_lora_step_keeps_no_weight_sized_copy_for_backward(structured, monkeypatch):
     """What a LoRA training forward keeps for its backward pass: activations, and references to the model's own
     weights and masks, but no new weight-sized tensor (an effective weight W + M * sBA per linear is a copy of every
     adapted weight per step). Sparse: masked LoRA; structured (masks={}): plain LoRA."""
@@ -201,7 +201,7 @@ def test_lora_step_keeps_no_weight_sized_copy_for_backward(structured):
     windows = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     weight_shapes = {tuple(module.weight.shape) for module in (pruned or
                      {n: m for n, m in decoder_layers(model)[1].named_modules() if is_linear(m)}).values()}
-    copies = []
+    copies, held = [], set()
 
     def keep(tensor):
         if tuple(tensor.shape) in weight_shapes and tensor.untyped_storage().data_ptr() not in held:
@@ -219,12 +219,8 @@ def test_lora_step_keeps_no_weight_sized_copy_for_backward(structured):
                 return loss_of(window_indices)
         return real_loop(params, batches, traced, **kwargs)
 
-    held: set[int] = set()
-    train_module.train_loop = loop
-    try:
-        train_recovery(model, windows, None, config, masks=None if not structured else {}, progress=False)
-    finally:
-        train_module.train_loop = real_loop
+    monkeypatch.setattr(train_module, "train_loop", loop)
+    train_recovery(model, windows, None, config, masks=None if not structured else {}, progress=False)
     assert copies == []
 
 

@@ -116,8 +116,7 @@ def check_gguf_export(config: dict, tokenizer_spec: dict | None, outtype: str,
     """What can be checked from a model's config and tokenizer alone: a prune run with `--save-format gguf`
     calls this on the loaded model before pruning (`model.config.to_dict()`,
     `json.loads(tokenizer.backend_tokenizer.to_str())`, ``width_pruned`` when the run prunes heads or the hidden
-    size),
-    so that a long run cannot end in a refusal."""
+    size), so that a long run cannot end in a refusal."""
     if outtype not in GGUF_OUTTYPES:
         raise LLMPruneError(f"unknown --outtype '{outtype}': choose one of {', '.join(GGUF_OUTTYPES)}")
     model_type = config.get("model_type")

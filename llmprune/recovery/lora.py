@@ -52,7 +52,10 @@ class MaskedLoraLinear(PeftLoraLinear):
         self.register_buffer("keep_mask", self.get_base_layer().weight != 0, persistent=False)
 
     def masked_delta(self, adapter: str) -> torch.Tensor:
-        return (super().get_delta_weight(adapter) * self.keep_mask).to(self.get_base_layer().weight.dtype)
+        delta = masked_lora_delta(self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                  transpose(self.keep_mask, self.fan_in_fan_out), self.scaling[adapter],
+                                  self.get_base_layer().weight.dtype)
+        return transpose(delta, self.fan_in_fan_out)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The delta peft merges. A kept weight that would land exactly on 0 (an exact cancellation, plausible in
@@ -76,10 +79,17 @@ class MaskedLoraLinear(PeftLoraLinear):
         return base(x, *args, **kwargs) + F.linear(dropout(x), transpose(delta, self.fan_in_fan_out))
 
 
+def masked_lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, mask: torch.Tensor, scale: float,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``M * (s B A)`` in ``dtype``, all [out, in]: the one place the masked delta is formed (merge, dropout
+    path, and the fused forward and backward below)."""
+    return (torch.mm(lora_b, lora_a) * scale * mask).to(dtype)
+
+
 def effective_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """``W + M * (s B A)`` in the weight's dtype, all [out, in]."""
-    return weight + (torch.mm(lora_b, lora_a) * scale * mask).to(weight.dtype)
+    return weight + masked_lora_delta(lora_a, lora_b, mask, scale, weight.dtype)
 
 
 class MaskedLoraMatmul(torch.autograd.Function):
