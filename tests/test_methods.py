@@ -304,8 +304,9 @@ def paper_sparsegpt(weight, hessian, sparsity=0.5, nm=None, segments=None, block
     dict(sparsity=0.7, blocksize=40),  # blocks of 40, 40 and a last one of 16
     dict(sparsity=0.6, blocksize=32, segments=(12, 8, 4)),  # q/k/v stacked on one Hessian
     dict(pattern="2:4", blocksize=32),
+    dict(pattern="2:4", blocksize=40),  # N:M over blocks of 40, 40 and a last one of 16
     dict(pattern="4:8", blocksize=16, segments=(16, 8)),
-], ids=["50%", "70%-uneven-blocks", "60%-stacked", "2:4", "4:8-stacked"])
+], ids=["50%", "70%-uneven-blocks", "60%-stacked", "2:4", "2:4-uneven-blocks", "4:8-stacked"])
 def test_sparsegpt_equals_the_papers_algorithm(case, dtype, rtol):
     """Several blocks of a 24 x 96 layer (correlated inputs, H from real X): the lazily batched implementation
     prunes exactly the paper's weights and leaves the others within `rtol` of its updates."""
