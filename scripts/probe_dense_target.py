@@ -13,8 +13,8 @@ R = ridge * diag(H), and ||X_d W^T - X_p V^T||^2 = ||X_p (W' - V)^T||^2 + const 
 runs unchanged on W' in place of W (--ridge 0 is the method as it is: W' = W). The ridge pulls W' towards W, scaled
 per input as ADMM scales its damping. This is a prototype beside the runner: the dense model's activations are
 carried as a second stream, one more forward per layer, nothing else of the runner (checkpoints, streaming) is
-used. Per group of linears it records how far W' moves from W and how much of the fit to the dense outputs that
-gains on the calibration tokens. Writes <out>/dense_target.json (rows added to those already there).
+used. Per group of linears it records how far W' moves from W and what fraction of the error the earlier layers
+left, ||(X_d - X_p) W^T||^2, W' removes on the calibration tokens. Writes <out>/dense_target.json (rows added to those already there).
 """
 
 from __future__ import annotations
