@@ -63,13 +63,22 @@ def prune_to_dense_target(model, calibration, config: PruneConfig, ridge: float)
     groups_seen = []
     for i, layer in enumerate(layers):
         names = {module: name for name, module in targets[i].items()}
-        sums, dense_inputs, stream = {}, {}, ["dense"]
+        # Linears that read one input tensor (q/k/v, gate/up) share one set of sums and are pruned stacked, as in
+        # the runner's collect_statistics: the leader of each is learnt from the first batch, by tensor identity.
+        sums, dense_inputs, stream, leader, previous = {}, {}, ["dense"], {}, [None, None]
 
         def hook(module, args):
-            name, x = names[module], args[0].reshape(-1, args[0].shape[-1]).float()
+            name, x = names[module], args[0]
             if stream[0] == "dense":
-                dense_inputs[name] = x
+                if leader.get(name, name) == name:  # (the first batch keeps them all: no leader is known yet)
+                    dense_inputs[name] = x.reshape(-1, x.shape[-1]).float()
                 return
+            if name not in leader:
+                leader[name] = leader[previous[1]] if x is previous[0] else name
+            previous[:] = [x, name]
+            if leader[name] != name:
+                return
+            x = x.reshape(-1, x.shape[-1]).float()
             if name not in sums:
                 sums[name] = [torch.zeros(x.shape[1], x.shape[1]) for _ in range(3)]
             sums[name][0].addmm_(x.t(), x)  # H
@@ -85,21 +94,20 @@ def prune_to_dense_target(model, calibration, config: PruneConfig, ridge: float)
             layer(calls.hidden[rows], *calls.args[b][i], **calls.kwargs[b][i])
             dense_hidden[rows] = dense_out
             dense_inputs.clear()
+            previous[:] = [None, None]
         for handle in handles:
             handle.remove()
         tokens = calls.hidden.shape[0] * calls.hidden.shape[1]
-        groups: dict[str, list[str]] = {}  # linears reading one input are pruned stacked, as the runner does
+        groups: dict[str, list[str]] = {}
         for name in targets[i]:
-            short = name.rsplit(".", 1)[-1]
-            groups.setdefault({"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
-                               "up_proj": "gate_up"}.get(short, short), []).append(name)
-        for group_name, group in groups.items():
+            groups.setdefault(leader[name], []).append(name)
+        for group in groups.values():
             hessian, cross, dense_hessian = (s.mul(2 / tokens) for s in sums[group[0]])
             modules = [targets[i][name] for name in group]
             rows = [weight_matrix(m).shape[0] for m in modules]
             weight = torch.cat([weight_matrix(m).float() for m in modules])
             moved = dense_target_weights(weight, cross, hessian, ridge).float() if ridge else weight
-            groups_seen.append({"layer": i, "group": group_name,
+            groups_seen.append({"layer": i, "group": "+".join(n.rsplit(".", 1)[-1] for n in group),
                                 "moved": float((moved - weight).norm() / weight.norm()),
                                 "fit_gain": fit_gain(weight, moved, dense_hessian, cross, hessian)})
             statistic = hessian if method.statistic == "hessian" else hessian.diagonal().mul(tokens / 2).sqrt()
