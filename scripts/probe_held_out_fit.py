@@ -17,12 +17,17 @@ to the dense layer's outputs on the calibration inputs (the layer's own output, 
 cannot fix alone, through attention and the MLP's gate), the mask held; the error of the layer's update,
 ||f'(x) - f(x)||^2 / ||f(x) - x||^2, on both sets after each epoch. Adds a run to <out>/held_out_fit.json
 (one with the same settings is replaced).
+
+With `--whole-model V,...` it prunes the whole model instead, by the runner, once per variant (`sparsegpt`, or an
+ADMM variant: the runner's gradual-ADMM kernel is swapped for it while it runs), and adds each perplexity on the
+held-out windows to the file's `whole_model` list.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import math
 import time
 from pathlib import Path
@@ -58,16 +63,48 @@ def admm_obs(weight, hessian, target, iterations=20, steps=15, rho=1.0, damp=0.1
                     else gradual_mask(scores, target.sparsity if final else sparsity, target))
         z = (w + u) * keep
         u += w - z
-    return problem.unscale(z)
+    return problem.unscale(z), keep
 
 
 def prune_variant(variant: str, weight, hessian, target):
-    if variant == "admm-obs":
-        return admm_obs(weight, hessian, target)
+    """(pruned weight, keep mask) of a variant: a method's name, `admm-obs`, either with `-damp=X`."""
     name, _, damp = variant.partition("-damp=")
+    if name == "admm-obs":
+        return admm_obs(weight, hessian, target, damp=float(damp or 0.1))
     method = get_method(name)
     knobs = method.config().knobs() | ({"admm_damp": float(damp)} if damp else {})
-    return method.fn(weight.clone(), hessian.clone(), target, **knobs)[0]
+    return method.fn(weight.clone(), hessian.clone(), target, **knobs)
+
+
+def whole_model_perplexity(model, calibration, windows, config, variant) -> tuple[float, float]:
+    """The runner prunes the whole model by gradual ADMM with its kernel swapped for the variant's (the knobs
+    the runner passes are the variant's own): perplexity on the held-out windows, and the prune's seconds."""
+    from llmprune import prune
+    from llmprune.evaluation.perplexity import perplexity
+    from llmprune.pruning.registry import HANDLERS, AdmmConfig
+
+    runners = HANDLERS[AdmmConfig]
+    name, _, damp = variant.partition("-damp=")
+    if variant == "sparsegpt":  # the runner's SparseGPT as it is, for the ratio in the same run
+        return whole_model_perplexity(model, calibration, windows, replace(config, method="sparsegpt"), "admm")
+    if name not in ("admm", "admm-obs"):
+        raise SystemExit(f"--whole-model takes sparsegpt or ADMM variants (admm, admm-obs, either with -damp=X), "
+                         f"not {variant}")
+
+    def kernel(weight, hessian, target, admm_iterations, admm_rho, admm_damp, admm_gradual_steps):
+        admm_damp = float(damp) if damp else admm_damp
+        if name == "admm":
+            return runners(weight, hessian, target, admm_iterations, admm_rho, admm_damp, admm_gradual_steps)
+        return admm_obs(weight, hessian, target, admm_iterations, admm_gradual_steps, admm_rho, admm_damp)
+
+    HANDLERS[AdmmConfig] = kernel
+    try:
+        started = time.perf_counter()
+        prune(model, calibration, config, progress=False)
+        seconds = time.perf_counter() - started
+    finally:
+        HANDLERS[AdmmConfig] = runners
+    return perplexity(model, windows, "cpu", progress=False), seconds
 
 
 def relative_error(weight, pruned, hessian) -> float:
@@ -97,7 +134,7 @@ def fine_tune_block(layer, index, calibration, held_out, targets, config, epochs
     for group in share_groups(targets, statistics):
         weight, rows = stacked(targets, group)
         target = LayerTarget(config.sparsity, config.nm, rows)
-        pruned = prune_variant("admm", weight, statistics[group[0]]["hessian"], target)
+        pruned, _ = prune_variant("admm", weight, statistics[group[0]]["hessian"], target)
         for name, part in zip(group, pruned.split(rows)):
             with torch.no_grad():
                 set_weight_matrix(targets[name], part)
@@ -149,6 +186,8 @@ def main() -> None:
     parser.add_argument("--held-out-windows", type=int, default=16)
     parser.add_argument("--block-epochs", type=int, default=0)
     parser.add_argument("--block-lr", type=float, default=1e-4)
+    parser.add_argument("--whole-model", default="", help="comma list of sparsegpt and ADMM variants (admm, "
+                        "admm-obs, ...-damp=X): instead of the layers, prune the whole model with each and measure perplexity")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     out = benchlib.results_folder(args.model, args.text) if args.out is None else Path(args.out)
@@ -156,6 +195,8 @@ def main() -> None:
     config = PruneConfig(method="admm", nsamples=args.nsamples, seqlen=args.seqlen, **shape)
     wanted = [int(i) for i in args.layers.split(",")]
     model, tokenizer, _ = load_model(args.model, "float32")
+    if args.whole_model:
+        return whole_model_runs(args, model, tokenizer, config, out)
     layers, targets = check_model(model, config)
     with torch.inference_mode():
         calls = [capture_layer_calls(model, layers, windows, 2, torch.device("cpu"), progress=False)
@@ -171,7 +212,7 @@ def main() -> None:
                 target = LayerTarget(config.sparsity, config.nm, group_rows)
                 row = {"layer": i, "group": "+".join(n.rsplit(".", 1)[-1] for n in group), "errors": {}}
                 for variant in args.variants.split(","):
-                    pruned = prune_variant(variant, weight, cal[group[0]]["hessian"], target)
+                    pruned, _ = prune_variant(variant, weight, cal[group[0]]["hessian"], target)
                     row["errors"][variant] = {"calibration": relative_error(weight, pruned, cal[group[0]]["hessian"]),
                                               "held_out": relative_error(weight, pruned, held[group[0]]["hessian"])}
                 rows.append(row)
@@ -200,10 +241,31 @@ def main() -> None:
            "machine": benchlib.machine_info("cpu"), "summary_against_first": summary, "groups": rows,
            "blocks": blocks}
     same = {"model": benchlib.model_name(args.model), "text": args.text}
-    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    saved = json.loads(path.read_text()) if path.exists() else {}
     key = ("pattern", "layers", "nsamples", "seqlen", "held_out_windows", "block_epochs")
-    runs = [r for r in runs if any(r[k] != run[k] for k in key)] + [run]  # a run with the same settings is replaced
-    write_json_atomically(path, {**same, "runs": runs})
+    runs = [r for r in saved.get("runs", []) if any(r[k] != run[k] for k in key)] + [run]  # same settings: replaced
+    write_json_atomically(path, {**saved, **same, "runs": runs})
+    print(f"wrote {path}")
+
+
+def whole_model_runs(args, model, tokenizer, config, out: Path) -> None:
+    """Adds each variant's whole-model row to <out>/held_out_fit.json's `whole_model` list (same settings: replaced)."""
+    calibration = benchlib.calibration(tokenizer, args.nsamples, args.seqlen, args.text)
+    windows = benchlib.held_out(tokenizer, args.seqlen, args.held_out_windows, args.text)
+    dense = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    path = out / "held_out_fit.json"
+    for variant in args.whole_model.split(","):
+        model.load_state_dict(dense)
+        ppl, seconds = whole_model_perplexity(model, calibration, windows, config, variant)
+        print(f"{variant}, {args.pattern}, whole model: perplexity {ppl:.2f} (prune {seconds:.0f} s)", flush=True)
+        row = {"variant": variant, "pattern": args.pattern, "nsamples": args.nsamples, "seqlen": args.seqlen,
+               "eval_windows": args.held_out_windows, "ppl": ppl, "prune_s": round(seconds, 1),
+               "machine": benchlib.machine_info("cpu")}
+        saved = json.loads(path.read_text()) if path.exists() else {
+            "model": benchlib.model_name(args.model), "text": args.text, "runs": []}
+        key = ("variant", "pattern", "nsamples", "seqlen", "eval_windows")
+        saved["whole_model"] = [r for r in saved.get("whole_model", []) if any(r[k] != row[k] for k in key)] + [row]
+        write_json_atomically(path, saved)
     print(f"wrote {path}")
 
 

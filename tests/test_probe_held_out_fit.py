@@ -51,12 +51,12 @@ def test_obs_saliency_is_the_runners_admm_when_inputs_are_uncorrelated(probe):
     admm = get_method("admm")
     diagonal = torch.diag(torch.rand(16, generator=generator) + 0.5)
     expected, _ = admm.fn(weight, diagonal, target, **admm.config().knobs())
-    assert torch.equal(probe.admm_obs(weight, diagonal, target), expected)
+    assert torch.equal(probe.admm_obs(weight, diagonal, target)[0], expected)
     x = torch.randn(32, 16, generator=generator)
     x[:, 1] = x[:, 0] + 0.01 * x[:, 1]  # input 1 all but repeats input 0
     correlated = x.t() @ x
     runner, _ = admm.fn(weight, correlated, target, **admm.config().knobs())
-    assert not torch.equal(probe.admm_obs(weight, correlated, target) != 0, runner != 0)
+    assert not torch.equal(probe.admm_obs(weight, correlated, target)[1], runner != 0)
 
 
 def test_a_run_writes_each_group_and_the_block_curve(probe, tmp_path, monkeypatch):
@@ -78,3 +78,29 @@ def test_a_run_writes_each_group_and_the_block_curve(probe, tmp_path, monkeypatc
         curve = block["curve"]
         assert [c["epoch"] for c in curve] == [0, 1, 2]
         assert curve[-1]["calibration"] < curve[0]["calibration"]  # Adam fits the calibration windows
+
+
+def test_whole_model_admm_is_the_runners_and_the_kernel_is_given_back(probe, tmp_path):
+    """Through the swapped kernel, variant `admm` prunes exactly as the runner does; `admm-obs` does not; the
+    runner's kernel is in place again afterwards."""
+    from llmprune import PruneConfig, prune
+    from llmprune.evaluation.perplexity import perplexity
+    from llmprune.inputs.data import calibration_windows, eval_windows, tokenize
+    from llmprune.inputs.models import load_model
+    from llmprune.pruning.registry import HANDLERS, AdmmConfig
+
+    path = save_tiny_model_dir(tmp_path / "tiny", text=load_text("wiki", "calib")[:20_000], vocab_size=600, layers=2)
+    model, tokenizer, _ = load_model(str(path), "float32")
+    calibration = calibration_windows(tokenize(tokenizer, load_text("wiki", "calib")[:20_000]), 4, 32, 0)
+    windows = eval_windows(tokenize(tokenizer, load_text("wiki", "eval")[:20_000]), 32, 4)
+    config = PruneConfig(method="admm", pattern="2:4", nsamples=4, seqlen=32)
+    dense = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    runner_kernel = HANDLERS[AdmmConfig]
+    prune(model, calibration, config, progress=False)
+    expected = perplexity(model, windows, "cpu", progress=False)
+    model.load_state_dict(dense)
+    assert probe.whole_model_perplexity(model, calibration, windows, config, "admm")[0] == expected
+    assert HANDLERS[AdmmConfig] is runner_kernel
+    model.load_state_dict(dense)
+    assert probe.whole_model_perplexity(model, calibration, windows, config, "admm-obs")[0] != expected
+    assert HANDLERS[AdmmConfig] is runner_kernel
